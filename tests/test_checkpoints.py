@@ -1,0 +1,123 @@
+"""Checkpoint writing/loading and model construction from every kind of weights file."""
+import os
+import pickle
+
+import pytest
+import torch
+import torchvision
+
+import common
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = common.build_model("none")
+    checkpoint = {"model": model.state_dict(), "epoch": 3, "best_val_acc": 0.5, "args": {"lr": 1e-4, "name": "x"},
+                  "history": [{"epoch": 1, "val_acc": 0.4}], "level": "level1", "rng": common.rng_state(),
+                  "versions": common.library_versions()}
+    path = tmp_path / "a" / "ckpt.pth"
+    common.save_checkpoint(path, checkpoint)
+    loaded = common.load_checkpoint(path, "level1")
+    assert loaded["epoch"] == 3 and loaded["args"] == {"lr": 1e-4, "name": "x"}
+    assert loaded["history"] == checkpoint["history"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded["model"][key], value)
+    with pytest.raises(common.UserError, match="written by level1, not level3"):
+        common.load_checkpoint(path, "level3")
+
+
+def test_crash_while_saving_keeps_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pth"
+    common.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "epoch": 1})
+    before = path.read_bytes()
+
+    def crashing_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        common.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "epoch": 2})
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["last.pth"]  # no temp file left behind
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_code_executing_pickle_is_refused(tmp_path):
+    marker = tmp_path / "code_ran"
+    payload = _RunsCode()
+    payload.marker = marker
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"model": payload}, f)
+    with pytest.raises(common.UserError, match="refused"):
+        common.load_file(path)
+    # torch.save's zip format too
+    torch.save({"model": payload, "epoch": 1}, tmp_path / "evil_zip.pth")
+    with pytest.raises(common.UserError, match="refused"):
+        common.load_file(tmp_path / "evil_zip.pth")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "random", "directory"])
+def test_unreadable_files_are_one_line_errors(tmp_path, kind):
+    path = tmp_path / "bad.pth"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        torch.save({"model": {"w": torch.ones(1000)}, "epoch": 1}, path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif kind == "random":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "directory":
+        path.mkdir()
+    with pytest.raises(common.UserError) as error:
+        common.load_file(path)
+    assert "\n" not in str(error.value) and str(path) in str(error.value)
+
+
+def test_imagenet_state_dict_loads_all_but_the_head(tmp_path):
+    imagenet = torchvision.models.resnet50(weights=None)  # stands in for the real ImageNet weights
+    path = tmp_path / "resnet50_imagenet.pth"
+    torch.save(imagenet.state_dict(), path)
+    model = common.build_model(str(path))
+    assert model.fc.out_features == 10
+    assert torch.equal(model.conv1.weight, imagenet.conv1.weight)
+    assert torch.equal(model.layer4[2].bn3.running_var, imagenet.layer4[2].bn3.running_var)
+
+
+def test_ten_class_checkpoint_loads_whole_including_prefixed_keys(tmp_path):
+    trained = common.build_model("none")
+    prefixed = {"module._orig_mod." + k: v for k, v in trained.state_dict().items()}
+    torch.save({"state_dict": prefixed}, tmp_path / "seed_format.pth")
+    model = common.build_model(str(tmp_path / "seed_format.pth"))
+    for key, value in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
+
+
+@pytest.mark.parametrize("kind", ["resnet18", "five_classes", "not_a_state_dict"])
+def test_wrong_architecture_or_classes_is_a_clear_error(tmp_path, kind):
+    if kind == "resnet18":
+        state = torchvision.models.resnet18(num_classes=10).state_dict()
+    elif kind == "five_classes":
+        state = torchvision.models.resnet50(num_classes=5).state_dict()
+    else:
+        state = {"epoch": 3}
+    torch.save(state, tmp_path / "other.pth")
+    with pytest.raises(common.UserError) as error:
+        common.build_model(str(tmp_path / "other.pth"))
+    assert "\n" not in str(error.value)
+
+
+def test_dropout_keeps_torchvision_key_names():
+    plain, with_dropout = common.build_model("none"), common.build_model("none", dropout=0.3)
+    assert plain.state_dict().keys() == with_dropout.state_dict().keys()
+    with_dropout.train()
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(0)
+    a = with_dropout(x)
+    torch.manual_seed(1)
+    assert not torch.equal(a, with_dropout(x))  # dropout is active in training mode
