@@ -549,7 +549,12 @@ def mix_batch(images, targets, mix_prob, switch_prob, mixup_alpha, cutmix_alpha,
     alpha = cutmix_alpha if use_cutmix else mixup_alpha
     if alpha <= 0:
         return images, targets, None
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    if generator is None:
+        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    else:  # torch.distributions takes no generator: sample under a seed drawn from it
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
+            lam = float(torch.distributions.Beta(alpha, alpha).sample())
     if use_cutmix:
         return cutmix(images, targets, cutmix_box(lam, *images.shape[-2:], generator=generator))
     mixed_images, mixed_targets = mixup(images, targets, lam)

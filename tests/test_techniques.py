@@ -22,7 +22,15 @@ from torchvision.transforms import v2
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
-torch.set_num_threads(1)  # two cores: tiny tensors are faster single-threaded, and results are reproducible
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors run faster single-threaded; restored afterwards so other test files are unaffected."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_model(seed=0, num_classes=10):
@@ -410,15 +418,16 @@ def test_recompute_bn_matches_update_bn():
         torch.utils.data.TensorDataset(inputs, torch.zeros(44, dtype=torch.long)), batch_size=8)
     common.recompute_bn(ours, loader)
     update_bn(loader, reference)
-    norms = [(a, b) for a, b in zip(ours.modules(), reference.modules()) if isinstance(a, nn.modules.batchnorm._BatchNorm)]
-    assert len(norms) == 2
-    for a, b in zip(norms, [n for n in model.modules() if isinstance(n, nn.modules.batchnorm._BatchNorm)]):
-        ours_bn, reference_bn = a
+    def norms(module):
+        return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    assert len(norms(model)) == 2
+    for ours_bn, reference_bn, before in zip(norms(ours), norms(reference), norms(model)):
         torch.testing.assert_close(ours_bn.running_mean, reference_bn.running_mean, atol=1e-5, rtol=0)
         torch.testing.assert_close(ours_bn.running_var, reference_bn.running_var, atol=1e-5, rtol=0)
-        assert int(ours_bn.num_batches_tracked) == int(reference_bn.num_batches_tracked)
-        assert ours_bn.momentum == b.momentum  # momentum restored
-        assert not torch.allclose(ours_bn.running_mean, b.running_mean, atol=1e-3)  # the stats did change
+        assert int(ours_bn.num_batches_tracked) == int(reference_bn.num_batches_tracked) == 6
+        assert ours_bn.momentum == before.momentum  # momentum restored
+        assert not torch.allclose(ours_bn.running_mean, before.running_mean, atol=1e-3)  # the stats did change
     assert not ours.training  # the train / eval flag is restored
     assert_params_close(ours, model, atol=0)  # only statistics change
 
@@ -507,6 +516,21 @@ def test_metrics_with_an_absent_class():
 
 def test_expected_calibration_error_hand_computed():
     assert common.expected_calibration_error(PROBS, TRUE, n_bins=15) == pytest.approx(0.41, abs=1e-6)
+    # The bins themselves (the table above): only 6, 8, 11 and 14 are occupied.
+    rows = common.reliability_bins(PROBS, TRUE, n_bins=15)
+    assert len(rows) == 15
+    assert {b: count for b, (_, _, count) in enumerate(rows) if count} == {6: 1, 8: 2, 11: 1, 14: 2}
+    assert rows[14][0] == pytest.approx(0.96) and rows[14][1] == pytest.approx(0.5)
+    assert rows[8][0] == pytest.approx(0.565) and rows[8][1] == pytest.approx(1.0)
+    # The lowest bins (20 classes allow a top probability under 2/15): 0.06 -> bin 0 (0, 0.067], right;
+    # 0.10 -> bin 1 (0.067, 0.133], wrong. ECE = 1/2 |1 - 0.06| + 1/2 |0 - 0.10| = 0.47 + 0.05 = 0.52.
+    low = torch.stack([torch.full((20,), 0.94 / 19), torch.full((20,), 0.90 / 19)])
+    low[0, 0], low[1, 1] = 0.06, 0.10
+    assert common.expected_calibration_error(low, torch.tensor([0, 5]), n_bins=15) == pytest.approx(0.52, abs=1e-6)
+    # Bins are (lo, hi]: with 10 bins a confidence of exactly 0.5 shares bin (0.4, 0.5] with 0.45.
+    # Right at 0.5, wrong at 0.45: ECE = |1/2 - 0.475| = 0.025 (with [lo, hi) bins it would be 0.475).
+    edge = torch.tensor([[0.5, 0.25, 0.25], [0.45, 0.30, 0.25]])
+    assert common.expected_calibration_error(edge, torch.tensor([0, 1]), n_bins=10) == pytest.approx(0.025, abs=1e-6)
     # Perfectly confident and always right: ECE 0. Always wrong at confidence 1: ECE 1.
     sure = F.one_hot(TRUE, 3).float()
     assert common.expected_calibration_error(sure, TRUE) == pytest.approx(0.0, abs=1e-12)
@@ -583,6 +607,15 @@ def test_tta_translations_move_content_and_fill_zeros():
     assert torch.equal(common.TTA_VIEWS["flip"](images), images.flip(-1))
     constant = torch.full((1, 3, 32, 32), 0.7)
     torch.testing.assert_close(common.TTA_VIEWS["zoom"](constant), constant)
+    # Zoom by s = 1.125 about the centre c = 15.5 (upsample 32 -> 36 with bilinear, align_corners=False, crop
+    # rows/columns 2..37): output pixel j samples the input at (j + 2 + 0.5) / s - 0.5 = (j - c) / s + c. On a
+    # horizontal ramp (value = column index) that whole row is linear, with no border clamping (0.44 .. 30.56).
+    ramp = torch.arange(32.0).expand(1, 3, 32, 32)
+    expected = (torch.arange(32.0) - 15.5) / 1.125 + 15.5
+    torch.testing.assert_close(common.TTA_VIEWS["zoom"](ramp), expected.expand(1, 3, 32, 32), atol=1e-5, rtol=0)
+    cifar = torch.rand(2, 3, 32, 32)  # 32 -> 36: 2 px cropped each side, a centred zoom commutes with the mirror
+    torch.testing.assert_close(common.TTA_VIEWS["flip_zoom"](cifar), common.TTA_VIEWS["zoom"](cifar).flip(-1),
+                               atol=1e-6, rtol=0)
 
 
 class FlipInvariant(nn.Module):
