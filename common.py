@@ -248,12 +248,18 @@ def default_workers():
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
+def _ignore_sigint(worker_id):
+    """Workers ignore Ctrl-C: the main process finishes its step and saves; a worker killed by the same
+    terminal signal would instead make the next batch fail with 'DataLoader worker exited unexpectedly'."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset, batch_size, sampler=None, workers=0, device=None, drop_last=False):
     """A DataLoader that keeps the device fed: pinned memory on CUDA, persistent workers."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
         pin_memory=device is not None and device.type == "cuda", persistent_workers=workers > 0,
-        drop_last=drop_last)
+        drop_last=drop_last, worker_init_fn=_ignore_sigint if workers > 0 else None)
 
 
 @dataclass
@@ -451,12 +457,12 @@ def train_mode(model, trainable_groups):
                 module.eval()
 
 
-def param_groups_no_bn_decay(parameters_by_name, weight_decay, lr):
+def param_groups_no_bn_decay(parameters_by_name, weight_decay, lr, only_trainable=True):
     """Two optimizer groups: weight decay on conv/linear weights, none on BatchNorm weights and biases
     (decaying a BN scale or a bias only shrinks the network's output range; Goyal et al. 2017, sec. 3)."""
     decay, no_decay = [], []
     for name, p in parameters_by_name:
-        if p.requires_grad:
+        if p.requires_grad or not only_trainable:
             (no_decay if p.ndim <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay, "lr": lr},
             {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
@@ -964,6 +970,19 @@ class StopOnInterrupt:
         self.requested = True
         print("\ninterrupt: finishing this step and saving the last checkpoint (Ctrl-C again to abort)",
               file=sys.stderr, flush=True)
+
+
+def resume_from(path, level, model):
+    """Load `level`'s checkpoint at `path` into `model` and restore the RNG state it saved; returns the
+    checkpoint, whose epoch / step_in_epoch / best_val_acc / history say where the run continues."""
+    checkpoint = load_checkpoint(path, level)
+    if checkpoint.get("model_source", "raw") != "raw":
+        raise UserError(f"{path} holds {checkpoint['model_source']} weights (a best checkpoint): resume with "
+                        f"{Path(path).with_name(level + '_last.pth')}")
+    load_backbone_weights(model, checkpoint["model"], path)
+    set_rng_state(checkpoint["rng"])
+    print(f"resumed from {path}: {checkpoint['epoch']} epochs done (+{checkpoint['step_in_epoch']} steps)")
+    return checkpoint
 
 
 def library_versions():

@@ -175,19 +175,17 @@ def main(args):
     model = common.build_model(args.weights).to(device, memory_format=torch.channels_last)
     total_epochs = args.head_epochs + args.epochs
     checkpoint_dir, results_dir = Path(args.checkpoint_dir), Path(args.results_dir)
+
     def stage_of(epoch):
         return "head" if epoch < args.head_epochs else "full"
 
     # Resume: the position is (completed epochs, steps into the next one); the optimiser state carries over
     # only if the next step is in the same stage as the one that saved it.
     start_epoch, skip_steps, best_val_acc, history = 0, 0, -1.0, []
-    resumed = common.load_checkpoint(args.resume, LEVEL) if args.resume else None
+    resumed = common.resume_from(args.resume, LEVEL, model) if args.resume else None
     if resumed:
-        common.load_backbone_weights(model, resumed["model"], args.resume)
         start_epoch, skip_steps = resumed["epoch"], resumed["step_in_epoch"]
         best_val_acc, history = resumed["best_val_acc"], resumed["history"]
-        common.set_rng_state(resumed["rng"])
-        print(f"resumed from {args.resume}: {start_epoch} epochs done (+{skip_steps} steps)")
     optimizer, trainable, stage = None, None, None
 
     stop = common.StopOnInterrupt()
