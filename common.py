@@ -9,6 +9,7 @@ Sections: errors and CLI - data - device-side preprocessing - model - training-m
 MixUp/CutMix, label smoothing, random erasing - EMA and SWA - evaluation and TTA - metrics - calibration -
 checkpoints and results - distributed (torchrun).
 """
+import argparse
 import copy
 import math
 import os
@@ -851,6 +852,30 @@ def classification_report(probs, labels, classes):
     }
 
 
+def most_confused_pairs(cm, classes, k=5):
+    """The k largest off-diagonal cells of a confusion matrix: (true class, predicted class, count)."""
+    off_diagonal = torch.as_tensor(cm).clone()
+    off_diagonal.fill_diagonal_(0)
+    counts, flat = off_diagonal.flatten().sort(descending=True)
+    n = off_diagonal.shape[0]
+    return [(classes[i // n], classes[i % n], int(c)) for c, i in zip(counts[:k].tolist(), flat[:k].tolist()) if c > 0]
+
+
+def confident_mistakes(probs, labels, k=16):
+    """Indices of the k wrong predictions made with the highest confidence, most confident first."""
+    confidence, preds = probs.max(-1)
+    wrong = torch.nonzero(preds != labels).flatten()
+    order = confidence[wrong].argsort(descending=True, stable=True)
+    return wrong[order][:k].tolist()
+
+
+def timed_predict(model, loader, device, img_size, views, average="softmax", temperature=1.0):
+    """predict() and the images per second it ran at (predict ends in a device sync, so the clock is honest)."""
+    started = time.time()
+    probs, labels = predict(model, loader, device, img_size, views, average, temperature=temperature)
+    return probs, labels, len(labels) / (time.time() - started)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Calibration: temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural Networks", sec. 4.2)
 
@@ -1016,9 +1041,7 @@ def write_json(path, obj):
 
 def plot_curves(history, path, title, extra_val_keys=()):
     """Loss and accuracy per epoch, train vs validation (plus e.g. the EMA model's validation accuracy)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [row["train_loss"] for row in history], label="train")
@@ -1042,9 +1065,7 @@ def plot_curves(history, path, title, extra_val_keys=()):
 
 def plot_confusion_matrix(cm, classes, path, title):
     """Two panels: raw counts and row-normalised (each row = one true class, sums to 1)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     cm = torch.as_tensor(cm)
     normalised = (cm.double() / cm.sum(1, keepdim=True).clamp_min(1)).numpy()
     fig, axes = plt.subplots(1, 2, figsize=(14, 6))
@@ -1063,6 +1084,91 @@ def plot_confusion_matrix(cm, classes, path, title):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_reliability(bins_before, bins_after, path, title):
+    """Reliability diagrams (Guo et al. 2017, fig. 1): accuracy per confidence bin vs the diagonal."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    for ax, (name, bins) in zip(axes, (("before temperature scaling", bins_before),
+                                       ("after temperature scaling", bins_after))):
+        n_bins = len(bins)
+        centres = [(i + 0.5) / n_bins for i in range(n_bins)]
+        accuracies = [acc if count else 0 for _, acc, count in bins]
+        ax.bar(centres, accuracies, width=1 / n_bins, edgecolor="black", label="accuracy")
+        ax.plot([0, 1], [0, 1], "r--", label="perfect calibration")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=name)
+        ax.legend(loc="upper left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_image_grid(images, captions, path, title, columns=8):
+    """32x32 images (N x 32 x 32 x 3 uint8) in a grid, each with a caption (e.g. true / predicted / p)."""
+    plt = _pyplot()
+    rows = max(1, math.ceil(len(images) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.9), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, captions):
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(caption, fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_bars(names, values, path, title, ylabel, reference=None):
+    """A horizontal bar chart (ablations, level summary); `reference` draws a vertical line (the baseline)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.5))
+    ax.barh(range(len(names)), values, color="tab:blue")
+    for i, value in enumerate(values):
+        ax.text(value, i, f" {value:.4f}", va="center", fontsize=8)
+    if reference is not None:
+        ax.axvline(reference, color="red", linestyle="--", label="baseline")
+        ax.legend(loc="lower right")
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names)
+    ax.invert_yaxis()
+    low = min(values) if values else 0
+    ax.set_xlim(max(0.0, low - 0.05), min(1.0, max(values, default=1) + 0.05))
+    ax.set(xlabel=ylabel, title=title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def args_to_argv(parser, args, skip=()):
+    """The command-line flags that reproduce `args` (those that differ from the parser's defaults)."""
+    argv = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in skip or action.dest == "help":
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        flag = max(action.option_strings, key=len)
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(flag)
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
 
 
 class Progress:

@@ -67,7 +67,8 @@ def get_args_parser():
     optim.add_argument("--min-lr", type=float, default=1e-6, help="LR at the end of each cosine (default: 1e-06)")
     unfreeze = parser.add_argument_group("progressive unfreezing, discriminative LRs, long low-LR fine-tuning")
     unfreeze.add_argument("--unfreeze-every", type=int, default=1,
-                          help="stage 2: unfreeze one more group (layer4, layer3, ..., stem) every N epochs (default: 1)")
+                          help="stage 2: unfreeze one more group (layer4, layer3, ..., stem) every N epochs; 0 = all at "
+                               "once (default: 1)")
     unfreeze.add_argument("--unfreeze-warmup-epochs", type=float, default=0.5,
                           help="LR warmup of each newly unfrozen group, in epochs (default: 0.5)")
     # 0.7 per stage: the stem learns at 0.7^5 = 17 % of the head's LR. Lower layers hold generic features
@@ -121,9 +122,10 @@ def validate_args(args):
             raise common.UserError(f"--{name.replace('_', '-')} must be in [0, 1) (got {getattr(args, name)})")
     if not 0 < args.lr_decay <= 1:
         raise common.UserError(f"--lr-decay must be in (0, 1] (got {args.lr_decay})")
-    common.check_positive(args, "unfreeze_every", "final_lr", "stop_after_epochs")
-    if args.final_epochs < 0:
-        raise common.UserError(f"--final-epochs must be >= 0 (got {args.final_epochs})")
+    common.check_positive(args, "final_lr", "stop_after_epochs")
+    for name in ("final_epochs", "unfreeze_every"):
+        if getattr(args, name) < 0:
+            raise common.UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
     if args.subset is not None and args.subset < args.batch_size:
         raise common.UserError(f"--subset ({args.subset}) must be at least --batch-size ({args.batch_size})")
 
@@ -135,7 +137,7 @@ DEPTH = {"fc": 0, **{group: i + 1 for i, group in enumerate(UNFREEZE_ORDER)}}
 
 def unfreeze_epoch(group, args):
     """The epoch (0-based) from which `group` trains: fc from the start, layer4 when stage 2 starts, then one
-    more group every --unfreeze-every epochs."""
+    more group every --unfreeze-every epochs (0: all together, as in Level 2)."""
     return 0 if group == "fc" else args.head_epochs + UNFREEZE_ORDER.index(group) * args.unfreeze_every
 
 

@@ -1,0 +1,576 @@
+"""Level 4 - Level 3 plus SWA, advanced TTA, calibration, error analysis and real ablation studies.
+
+What this level adds to level3.py:
+  - Stochastic Weight Averaging (Izmailov et al. 2018): after Level 3's schedule, --swa-epochs at --swa-lr
+    (constant or cyclic), averaging the weights once per epoch (or every --swa-every steps); BatchNorm
+    statistics of the average recomputed on the clean training images; validation picks raw, EMA or SWA;
+  - advanced TTA: every named view set (flip, flip+translate, flip+translate+scale), softmax or logit
+    averaging, with accuracy, ECE and images/s for each;
+  - calibration: temperature scaling (Guo et al. 2017) fitted on validation only and stored in the best
+    checkpoint; ECE, NLL and Brier before and after; reliability diagrams;
+  - error analysis: confusion matrix, per-class precision/recall/F1, most-confused pairs, most confident mistakes;
+  - --ablate: a declared grid of real, shorter runs, each switching one technique off; --summary: all levels.
+
+    python level4.py --epochs 30
+    python level4.py --ablate --ablate-epochs 5          # results/ablation.md, .json, .png
+    python level4.py --summary                            # results/summary.md from results/level*.json
+    python evaluate.py checkpoints/level4_best.pth --tta
+"""
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import common
+
+LEVEL = "level4"
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py (default: ./data)")
+    data.add_argument("--img-size", type=int, default=224,
+                      help="side the 32-px images are upsampled to on the device; 224 is ImageNet's (default: 224)")
+    data.add_argument("--subset", type=int, default=None, help="train on the first N training images (default: all)")
+    data.add_argument("--eval-subset", type=int, default=None,
+                      help="validate and test on the first N images only, for quick trials (default: all)")
+    data.add_argument("-j", "--workers", type=int, default=common.default_workers(),
+                      help=f"DataLoader worker processes (default: {common.default_workers()})")
+    model = parser.add_argument_group("model")
+    model.add_argument("--weights", default="imagenet",
+                       help="imagenet, none (random init) or PATH to a state_dict/checkpoint (default: imagenet)")
+    # Mild: RandAugment, MixUp/CutMix, smoothing and erasing already regularise strongly; more dropout on a
+    # 2048-d pooled feature mostly slows the head down.
+    model.add_argument("--dropout", type=float, default=0.1, help="dropout before the head (default: 0.1)")
+    optim = parser.add_argument_group("optimisation")
+    # Defaults from common fine-tuning practice, not tuned here (no ImageNet weights on our machines):
+    # a linear probe tolerates a high LR (1e-3) and converges in a few epochs; full fine-tuning of a
+    # pretrained network wants ~10x less (1e-4) so the ImageNet features are adapted, not overwritten;
+    # AdamW's decoupled decay of 0.05 is the usual value for fine-tuning with AdamW (e.g. DeiT, ConvNeXt).
+    optim.add_argument("--head-epochs", type=int, default=2, help="stage 1: epochs training the head only (default: 2)")
+    optim.add_argument("--head-lr", type=float, default=1e-3, help="stage 1 learning rate (default: 0.001)")
+    optim.add_argument("--epochs", type=int, default=30,
+                       help="stage 2: epochs of the cosine, while the groups unfreeze (default: 30)")
+    optim.add_argument("--lr", type=float, default=1e-4, help="stage 2 learning rate (default: 0.0001)")
+    optim.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=0.05,
+                       help="AdamW weight decay, not applied to BatchNorm and biases (default: 0.05)")
+    optim.add_argument("-b", "--batch-size", type=int, default=128, help="images per step (default: 128)")
+    # Warmup keeps the first large updates (driven by a still-poor head) from wrecking pretrained features;
+    # the head stage trains on frozen features and needs none, so there the schedule is cosine only.
+    optim.add_argument("--warmup-epochs", type=float, default=1.0,
+                       help="stage 2: linear LR warmup, in epochs (default: 1.0)")
+    optim.add_argument("--min-lr", type=float, default=1e-6, help="LR at the end of each cosine (default: 1e-06)")
+    unfreeze = parser.add_argument_group("progressive unfreezing, discriminative LRs, long low-LR fine-tuning")
+    unfreeze.add_argument("--unfreeze-every", type=int, default=1,
+                          help="stage 2: unfreeze one more group (layer4, layer3, ..., stem) every N epochs; 0 = all at "
+                               "once (default: 1)")
+    unfreeze.add_argument("--unfreeze-warmup-epochs", type=float, default=0.5,
+                          help="LR warmup of each newly unfrozen group, in epochs (default: 0.5)")
+    # 0.7 per stage: the stem learns at 0.7^5 = 17 % of the head's LR. Lower layers hold generic features
+    # (edges, textures) that transfer as they are (Yosinski et al. 2014), so they should move least.
+    unfreeze.add_argument("--lr-decay", type=float, default=0.7,
+                          help="each group's LR = this times the LR of the group above it (default: 0.7)")
+    # After the cosine has annealed, a few epochs at a small constant LR let the weights settle (and give the
+    # EMA a stable stretch to average); 5e-6 is 1/20 of --lr, above --min-lr so the weights still move.
+    unfreeze.add_argument("--final-epochs", type=int, default=5,
+                          help="epochs at --final-lr after the cosine, 0 = off (default: 5)")
+    unfreeze.add_argument("--final-lr", type=float, default=5e-6, help="LR of the final epochs (default: 5e-06)")
+    swa = parser.add_argument_group("SWA (stochastic weight averaging)")
+    # A constant LR a fifth of --lr keeps the weights exploring the basin the cosine found, without leaving
+    # it (Izmailov et al. use a high constant or cyclic LR; fine-tuning a pretrained net wants it lower).
+    swa.add_argument("--swa-epochs", type=int, default=5, help="epochs of SWA after the schedule, 0 = off (default: 5)")
+    swa.add_argument("--swa-lr", type=float, default=2e-5, help="SWA learning rate (default: 2e-05)")
+    swa.add_argument("--swa-schedule", choices=["constant", "cyclic"], default="constant",
+                     help="constant LR, or cyclic: from --swa-lr down to a tenth over each averaging cycle "
+                          "(default: constant)")
+    swa.add_argument("--swa-every", type=int, default=0,
+                     help="average every N steps; 0 = once per epoch, at its end (default: 0)")
+    ema = parser.add_argument_group("EMA of weights")
+    # 0.999 averages over the last ~1,000 steps: about 3 epochs of 45,000 images at batch 128.
+    ema.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay per step, 0 = no EMA (default: 0.999)")
+    aug = parser.add_argument_group("augmentation and regularisation")
+    aug.add_argument("--randaug-n", type=int, default=2, help="RandAugment: ops per image, 0 = off (default: 2)")
+    aug.add_argument("--randaug-m", type=int, default=9, help="RandAugment: magnitude, 0..30 (default: 9)")
+    # MixUp/CutMix values of timm/DeiT (alpha 0.8 / 1.0, switch 0.5), applied to half of the batches as the
+    # seed project did: with a short fine-tuning schedule, mixing every batch slows convergence.
+    aug.add_argument("--mix-prob", type=float, default=0.5,
+                     help="probability that a batch is mixed (MixUp or CutMix), 0 = off (default: 0.5)")
+    aug.add_argument("--switch-prob", type=float, default=0.5,
+                     help="probability of CutMix rather than MixUp for a mixed batch (default: 0.5)")
+    aug.add_argument("--mixup-alpha", type=float, default=0.8, help="MixUp: lam ~ Beta(a, a), 0 = off (default: 0.8)")
+    aug.add_argument("--cutmix-alpha", type=float, default=1.0, help="CutMix: lam ~ Beta(a, a), 0 = off (default: 1.0)")
+    aug.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing epsilon (default: 0.1)")
+    aug.add_argument("--erase-prob", type=float, default=0.25, help="random erasing probability (default: 0.25)")
+    aug.add_argument("--tta-set", default="flip+translate", choices=list(common.TTA_SETS),
+                     help="test-time augmentation views for the final test report (default: flip+translate)")
+    parser.add_argument("--tta-average", choices=["softmax", "logit"], default="softmax",
+                        help="how the TTA views are combined (default: softmax)")
+    studies = parser.add_argument_group("ablation and summary")
+    studies.add_argument("--ablate", action="store_true", help="run the ablation grid instead of one run")
+    studies.add_argument("--ablate-epochs", type=int, default=5, help="--epochs of each ablation run (default: 5)")
+    studies.add_argument("--ablate-sizes", type=int, nargs="+", default=[128, 160, 224],
+                         help="input sizes the ablation compares (default: 128 160 224)")
+    studies.add_argument("--summary", action="store_true",
+                         help="only write results/summary.md and summary.png from the results/level*.json")
+    run = parser.add_argument_group("run")
+    run.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cpu, ... (default: auto)")
+    run.add_argument("--seed", type=int, default=0, help="seeds the split, augmentation and init (default: 0)")
+    run.add_argument("--resume", default=None, help="continue from a checkpoint, e.g. checkpoints/level3_last.pth")
+    run.add_argument("--stop-after-epochs", type=int, default=None,
+                     help="save and stop after N epochs of this run, to --resume later (default: run to the end)")
+    run.add_argument("--checkpoint-dir", default="checkpoints", help="where .pth files go (default: checkpoints)")
+    run.add_argument("--results-dir", default="results", help="where JSON and PNG results go (default: results)")
+    run.add_argument("--print-freq", type=int, default=50, help="print a step line every N steps (default: 50)")
+    return parser
+
+
+def validate_args(args):
+    common.check_common_args(args)
+    for name in ("mix_prob", "switch_prob", "erase_prob", "label_smoothing"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise common.UserError(f"--{name.replace('_', '-')} must be between 0 and 1 (got {getattr(args, name)})")
+    if args.randaug_n < 0 or not 0 <= args.randaug_m <= 30:
+        raise common.UserError("--randaug-n must be >= 0 and --randaug-m between 0 and 30")
+    for name in ("dropout", "ema_decay"):
+        if not 0 <= getattr(args, name) < 1:
+            raise common.UserError(f"--{name.replace('_', '-')} must be in [0, 1) (got {getattr(args, name)})")
+    if not 0 < args.lr_decay <= 1:
+        raise common.UserError(f"--lr-decay must be in (0, 1] (got {args.lr_decay})")
+    common.check_positive(args, "final_lr", "stop_after_epochs")
+    common.check_positive(args, "swa_lr", "ablate_epochs")
+    if any(size < 32 for size in args.ablate_sizes):
+        raise common.UserError("--ablate-sizes must all be at least 32")
+    for name in ("final_epochs", "unfreeze_every", "swa_epochs", "swa_every"):
+        if getattr(args, name) < 0:
+            raise common.UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    if args.subset is not None and args.subset < args.batch_size:
+        raise common.UserError(f"--subset ({args.subset}) must be at least --batch-size ({args.batch_size})")
+
+
+# Unfreezing order, and each stage's depth below the head (its LR is --lr-decay ** depth times the head's).
+UNFREEZE_ORDER = ("layer4", "layer3", "layer2", "layer1", "stem")
+DEPTH = {"fc": 0, **{group: i + 1 for i, group in enumerate(UNFREEZE_ORDER)}}
+
+
+def unfreeze_epoch(group, args):
+    """The epoch (0-based) from which `group` trains: fc from the start, layer4 when stage 2 starts, then one
+    more group every --unfreeze-every epochs (0: all together, as in Level 2)."""
+    return 0 if group == "fc" else args.head_epochs + UNFREEZE_ORDER.index(group) * args.unfreeze_every
+
+
+def trainable_groups(epoch, args):
+    return [group for group in common.LAYER_GROUPS if unfreeze_epoch(group, args) <= epoch]
+
+
+def make_optimizer(model, args, device):
+    """One AdamW for the whole run: two parameter groups per stage (with and without weight decay), each
+    tagged with its stage. Frozen parameters get no gradient, so AdamW leaves them (and their moments)
+    alone until they unfreeze: no optimiser rebuilt mid-run, and resume restores one state."""
+    param_groups = []
+    for group in common.LAYER_GROUPS:
+        named = [(name, p) for module in common.layer_group_modules(model)[group] for name, p in module.named_parameters()]
+        for param_group in common.param_groups_no_bn_decay(named, args.weight_decay, args.lr, only_trainable=False):
+            param_groups.append({**param_group, "stage_name": group})
+    return common.adamw(param_groups, args.lr, args.weight_decay, device)
+
+
+def lr_at(step, group, steps_per_epoch, args):
+    """The LR of stage `group` at optimiser `step` (counted from the start of the run): the base LR (head
+    stage cosine | stage 2 warmup + cosine | constant --final-lr), times --lr-decay ** depth, times the
+    group's own linear warmup from the step it was unfrozen."""
+    head_steps, main_steps = args.head_epochs * steps_per_epoch, args.epochs * steps_per_epoch
+    swa_start, swa_cycle = swa_steps(steps_per_epoch, args)
+    if step >= swa_start and args.swa_schedule == "cyclic":  # Izmailov et al. 2018, eq. 2: alpha1 -> alpha2
+        position = ((step - swa_start) % swa_cycle + 1) / swa_cycle
+        base = (1 - position) * args.swa_lr + position * args.swa_lr / 10
+    elif step >= swa_start:
+        base = args.swa_lr
+    elif step < head_steps:
+        base = common.warmup_cosine_lr(step, head_steps, 0, args.head_lr, args.min_lr)
+    elif step < head_steps + main_steps:
+        warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+        base = common.warmup_cosine_lr(step - head_steps, main_steps, warmup_steps, args.lr, args.min_lr)
+    else:
+        base = args.final_lr
+    warmup_steps = round(args.unfreeze_warmup_epochs * steps_per_epoch)
+    steps_unfrozen = step - unfreeze_epoch(group, args) * steps_per_epoch
+    warmup = 1.0 if group == "fc" or warmup_steps == 0 else min(1.0, (steps_unfrozen + 1) / warmup_steps)
+    return base * args.lr_decay ** DEPTH[group] * warmup
+
+
+def swa_steps(steps_per_epoch, args):
+    """(first step of the SWA phase, steps per averaging cycle)."""
+    start = (args.head_epochs + args.epochs + args.final_epochs) * steps_per_epoch
+    return start, args.swa_every or steps_per_epoch
+
+
+def set_group_lrs(optimizer, step, steps_per_epoch, args):
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr_at(step, param_group["stage_name"], steps_per_epoch, args)
+
+
+def train_one_epoch(model, model_ema, model_swa, trainable, loader, optimizer, device, args, epoch, stop, progress,
+                    first_step, steps_per_epoch):
+    """One pass over the training loader. The loss is summed on the device (no host sync per step) and read
+    once at the end; `.item()` only happens on the steps that print. `first_step` is the run's step count
+    at the start of this pass (the LR schedule is a function of it). The EMA follows every step; SWA takes
+    a snapshot at the end of each averaging cycle of the SWA phase."""
+    swa_start, swa_cycle = swa_steps(steps_per_epoch, args)
+    common.train_mode(model, trainable)
+    loss_sum = torch.zeros((), device=device)
+    images_seen = steps = 0
+    for images, labels in loader:
+        set_group_lrs(optimizer, first_step + steps, steps_per_epoch, args)
+        images = common.prepare_batch(images, device, args.img_size)
+        labels = labels.to(device, non_blocking=True)
+        targets = common.one_hot_smoothed(labels, smoothing=args.label_smoothing)
+        images, targets, _ = common.mix_batch(images, targets, args.mix_prob, args.switch_prob, args.mixup_alpha,
+                                              args.cutmix_alpha)
+        images = common.random_erasing(images, args.erase_prob)
+        with common.autocast(device):
+            logits = model(images)
+        loss = common.soft_target_cross_entropy(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if model_ema is not None:
+            model_ema.update(model)
+        step = first_step + steps
+        if model_swa is not None and step >= swa_start and (step + 1 - swa_start) % swa_cycle == 0:
+            model_swa.update(model)
+        loss_sum += loss.detach() * len(labels)
+        images_seen += len(labels)
+        steps += 1
+        if steps % args.print_freq == 0:
+            progress.step_line(epoch, steps, len(loader), loss.item())
+        if stop.requested:
+            break
+    progress.end_line()
+    return {"train_loss": float(loss_sum) / max(images_seen, 1), "steps": steps, "images": images_seen}
+
+
+def make_checkpoint(model, optimizer, model_ema, model_swa, epoch, step_in_epoch, best_val_acc, history, args,
+                    model_source="raw"):
+    """Everything --resume needs: model, optimiser, EMA, SWA, position (completed epochs + steps into the next;
+    the LR schedule is a function of it), best score, history, RNG state, args - and the library versions.
+    `model` holds the weights named by `model_source` (raw or EMA), so evaluate.py reads any checkpoint."""
+    weights = model_ema.module if model_source == "ema" else model
+    return {"level": LEVEL, "model": weights.state_dict(), "model_source": model_source,
+            "optimizer": optimizer.state_dict(), "model_ema": model_ema.state_dict() if model_ema else None,
+            "model_swa": model_swa.state_dict() if model_swa else None,
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "best_val_acc": best_val_acc, "history": history,
+            "rng": common.rng_state(), "args": vars(args), "versions": common.library_versions()}
+
+
+def validate_epoch(model, model_ema, val_loader, device, args):
+    """Validation loss/accuracy of the raw weights and of the EMA; which of the two is better."""
+    val_loss, val_acc = common.evaluate_loss_acc(model, val_loader, device, args.img_size)
+    row = {"val_loss": val_loss, "val_acc": val_acc, "val_loss_ema": None, "val_acc_ema": None, "better": "raw"}
+    if model_ema is not None:
+        row["val_loss_ema"], row["val_acc_ema"] = common.evaluate_loss_acc(model_ema.module, val_loader, device,
+                                                                           args.img_size)
+        row["better"] = "ema" if row["val_acc_ema"] > val_acc else "raw"
+    return row
+
+
+def finish_swa(model_swa, data, device, args):
+    """SWA's BatchNorm statistics: the average of weights needs its own, from one pass over the clean
+    (un-augmented, un-mixed) training images (Izmailov et al. 2018, sec. 3.2)."""
+    clean = common.CifarDataset(data.train.images, data.train.labels)
+    loader = common.make_loader(clean, 2 * args.batch_size, workers=args.workers, device=device)
+    with common.autocast(device):
+        common.recompute_bn(model_swa.module, loader, lambda images: common.prepare_batch(images, device, args.img_size))
+
+
+def candidate_models(model, model_ema, model_swa):
+    """The final weights of the run: raw, EMA and SWA (those that exist)."""
+    models = {"raw": model}
+    if model_ema is not None:
+        models["ema"] = model_ema.module
+    if model_swa is not None and model_swa.num_averaged > 0:
+        models["swa"] = model_swa.module
+    return models
+
+
+def tta_table(model, loader, device, classes, args, temperature):
+    """Accuracy, ECE and images/s of every named TTA view set (with the fitted temperature applied)."""
+    rows = {}
+    for name, views in common.TTA_SETS.items():
+        probs, labels, images_per_s = common.timed_predict(model, loader, device, args.img_size, views,
+                                                           args.tta_average, temperature)
+        report = common.classification_report(probs, labels, classes)
+        rows[name] = {"views": len(views), "acc1": report["acc1"], "ece": report["ece"], "nll": report["nll"],
+                      "images_per_s": images_per_s}
+        print(f"  TTA {name:<22} {len(views)} views: acc1 {report['acc1']:.4f} ece {report['ece']:.4f} "
+              f"{images_per_s:.0f} img/s")
+    return rows
+
+
+def calibrate(model, val_loader, test_loader, device, classes, args, results_dir):
+    """Temperature scaling (Guo et al. 2017): fit T on validation logits only, then report the test set's ECE,
+    NLL and Brier score before and after, and draw the reliability diagrams."""
+    val_logits, val_labels = common.predict_logits(model, val_loader, device, args.img_size)
+    temperature = common.fit_temperature(val_logits, val_labels)
+    test_logits, test_labels = common.predict_logits(model, test_loader, device, args.img_size)
+    before, after = test_logits.softmax(-1), (test_logits / temperature).softmax(-1)
+    calibration = {"temperature": temperature, "fitted_on": f"validation ({len(val_labels)} images)"}
+    for name, probs in (("before", before), ("after", after)):
+        calibration[name] = {"ece": common.expected_calibration_error(probs, test_labels),
+                             "nll": common.negative_log_likelihood(probs, test_labels),
+                             "brier": common.brier_score(probs, test_labels),
+                             "acc1": float((probs.argmax(-1) == test_labels).double().mean())}
+    common.plot_reliability(common.reliability_bins(before, test_labels), common.reliability_bins(after, test_labels),
+                            results_dir / f"{LEVEL}_reliability.png", f"{LEVEL} test set, T = {temperature:.3f}")
+    print(f"calibration: T = {temperature:.4f} (fitted on validation); test ECE {calibration['before']['ece']:.4f} -> "
+          f"{calibration['after']['ece']:.4f}, NLL {calibration['before']['nll']:.4f} -> {calibration['after']['nll']:.4f}")
+    return calibration, after, test_labels
+
+
+def error_analysis(probs, labels, data, results_dir):
+    """Confusion matrix, per-class precision/recall/F1, the most-confused pairs and a grid of the most
+    confident mistakes - where the model is wrong, and how sure it was."""
+    report = common.classification_report(probs, labels, data.classes)
+    common.plot_confusion_matrix(report["confusion_matrix"], data.classes, results_dir / f"{LEVEL}_confusion.png",
+                                 f"{LEVEL}: test set ({len(labels)} images)")
+    pairs = common.most_confused_pairs(report["confusion_matrix"], data.classes, k=5)
+    mistakes = common.confident_mistakes(probs, labels, k=24)
+    confidence, preds = probs.max(-1)
+    captions = [f"{data.classes[labels[i]]} -> {data.classes[preds[i]]}\np={confidence[i]:.2f}" for i in mistakes]
+    common.plot_image_grid(data.test.images[mistakes], captions, results_dir / f"{LEVEL}_mistakes.png",
+                           "most confident mistakes (true -> predicted, confidence)")
+    print("most confused (true -> predicted): " + ", ".join(f"{t} -> {p} ({n})" for t, p, n in pairs))
+    return {"most_confused": [{"true": t, "predicted": p, "count": n} for t, p, n in pairs],
+            "confident_mistakes": [{"index": i, "true": data.classes[labels[i]], "predicted": data.classes[preds[i]],
+                                    "confidence": float(confidence[i])} for i in mistakes]}
+
+
+def final_evaluation(model, model_ema, model_swa, data, val_loader, device, args, best_val_acc, history, started):
+    """SWA's BatchNorm pass, then validation picks among the best checkpoint (raw or EMA) and SWA; the
+    chosen weights are calibrated, tested once (with each TTA set) and analysed. All three are reported."""
+    checkpoint_dir, results_dir = Path(args.checkpoint_dir), Path(args.results_dir)
+    if model_swa is not None and model_swa.num_averaged > 0:
+        finish_swa(model_swa, data, device, args)
+    finals = candidate_models(model, model_ema, model_swa)
+    val = {name: common.evaluate_loss_acc(m, val_loader, device, args.img_size)[1] for name, m in finals.items()}
+    best = common.load_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", LEVEL)
+    if val.get("swa", -1.0) > best_val_acc:  # SWA wins on validation: it becomes the best checkpoint
+        best_val_acc = val["swa"]
+        best = {**best, "model": model_swa.module.state_dict(), "model_source": "swa", "best_val_acc": best_val_acc}
+    print("validation, final weights: " + ", ".join(f"{name} {acc:.4f}" for name, acc in val.items())
+          + f" | chosen: {best['model_source']} ({best_val_acc:.4f})")
+    chosen = common.build_model("none", args.dropout).to(device, memory_format=torch.channels_last)
+    chosen.load_state_dict(best["model"])
+
+    test_loader = common.make_loader(data.test, 2 * args.batch_size, workers=args.workers, device=device)
+    calibration, probs, labels = calibrate(chosen, val_loader, test_loader, device, data.classes, args, results_dir)
+    common.save_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", {**best, "temperature": calibration["temperature"]})
+    test = common.classification_report(probs, labels, data.classes)
+    print("test, every set of TTA views:")
+    tta = tta_table(chosen, test_loader, device, data.classes, args, calibration["temperature"])
+    analysis = error_analysis(probs, labels, data, results_dir)
+    test_of_finals = {name: common.classification_report(common.predict(m, test_loader, device, args.img_size)[0],
+                                                         labels, data.classes)["acc1"] for name, m in finals.items()}
+    return {"level": LEVEL, "args": vars(args), "device": common.device_name(device), "commit": common.git_commit(),
+            "versions": common.library_versions(), "history": history, "best_val_acc": best_val_acc,
+            "best_epoch": best["epoch"], "best_model_source": best["model_source"], "val_final": val,
+            "test_final": test_of_finals, "test": test, "test_tta": tta[args.tta_set], "tta_set": args.tta_set,
+            "tta_sets": tta, "calibration": calibration, "errors": analysis, "seconds": time.time() - started}
+
+
+def ablation_grid(args):
+    """The declared grid: each row switches one technique off or changes one value of the full recipe."""
+    rows = [("baseline", "the full Level 4 recipe", []),
+            ("no_randaugment", "RandAugment off", ["--randaug-n", "0"]),
+            ("no_mixup_cutmix", "MixUp/CutMix off", ["--mix-prob", "0"]),
+            ("no_label_smoothing", "label smoothing 0", ["--label-smoothing", "0"]),
+            ("no_random_erasing", "random erasing off", ["--erase-prob", "0"]),
+            ("no_ema", "EMA off", ["--ema-decay", "0"]),
+            ("no_swa", "SWA off", ["--swa-epochs", "0"]),
+            ("no_tta", "test-time augmentation off", ["--tta-set", "none"]),
+            ("no_progressive_unfreezing", "all groups unfrozen at once", ["--unfreeze-every", "0"])]
+    rows += [(f"img_size_{size}", f"input {size} px", ["--img-size", str(size)])
+             for size in args.ablate_sizes if size != args.img_size]  # the baseline row already has that size
+    return rows
+
+
+def run_ablation(args):
+    """Run every row of the grid as a real, shorter training run (--epochs = --ablate-epochs) and write
+    ablation.json, ablation.md (each row with its command) and a bar chart. Finished rows are kept: an
+    interrupted ablation, re-run with the same command, continues with the rows that are missing."""
+    parser = get_args_parser()
+    results_dir = Path(args.results_dir)
+    skip = {"ablate", "ablate_epochs", "ablate_sizes", "summary", "epochs", "checkpoint_dir", "results_dir",
+            "resume", "stop_after_epochs"}
+    base_argv = common.args_to_argv(parser, args, skip) + ["--epochs", str(args.ablate_epochs)]
+    path = results_dir / "ablation.json"
+    done = {row["name"]: row for row in json.loads(path.read_text())["rows"]} if path.is_file() else {}
+    rows = []
+    for name, change, flags in ablation_grid(args):
+        argv = base_argv + flags + ["--checkpoint-dir", str(Path(args.checkpoint_dir) / "ablation" / name),
+                                    "--results-dir", str(results_dir / "ablation" / name)]
+        command = "python level4.py " + shlex.join(argv)
+        if name in done and done[name]["command"] == command:
+            print(f"ablation {name}: done earlier, kept")
+            rows.append(done[name])
+            continue
+        print(f"ablation {name}: {command}", flush=True)
+        row_args = parser.parse_args(argv)
+        validate_args(row_args)
+        result = main(row_args)
+        rows.append({"name": name, "change": change, "command": command, "acc1": result["test"]["acc1"],
+                     "tta_acc1": result["test_tta"]["acc1"], "ece": result["test"]["ece"],
+                     "best_val_acc": result["best_val_acc"], "model_source": result["best_model_source"],
+                     "seconds": result["seconds"], "device": result["device"], "commit": result["commit"]})
+        common.write_json(path, {"rows": rows + [r for n, r in done.items() if n not in {x["name"] for x in rows}]})
+    common.write_json(path, {"rows": rows})
+    write_ablation_report(rows, results_dir)
+    return rows
+
+
+def write_ablation_report(rows, results_dir):
+    """ablation.md: one line per row (test accuracy with the row's TTA, difference to the baseline, command)."""
+    baseline = next(row["tta_acc1"] for row in rows if row["name"] == "baseline")
+    lines = ["# Ablation (computed by `python level4.py --ablate`; every row is a real training run)", "",
+             f"Device: {rows[0]['device']}; commit: {rows[0]['commit']}. Test accuracy uses each row's TTA "
+             f"setting; the baseline is {baseline:.4f}.", "",
+             "| row | change | test acc1 (TTA) | vs baseline | test acc1 (no TTA) | ECE | best of | seconds | command |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['name']} | {row['change']} | {row['tta_acc1']:.4f} | {row['tta_acc1'] - baseline:+.4f} | "
+                     f"{row['acc1']:.4f} | {row['ece']:.4f} | {row['model_source']} | {row['seconds']:.0f} | "
+                     f"`{row['command']}` |")
+    (results_dir / "ablation.md").write_text("\n".join(lines) + "\n")
+    common.plot_bars([row["name"] for row in rows], [row["tta_acc1"] for row in rows], results_dir / "ablation.png",
+                     "ablation: test accuracy per row", "test top-1 (with the row's TTA)", reference=baseline)
+    print(f"wrote {results_dir / 'ablation.json'}, {results_dir / 'ablation.md'} and {results_dir / 'ablation.png'}")
+
+
+def write_summary(args):
+    """results/summary.md and summary.png from whichever results/level*.json exist: one row per level."""
+    results_dir = Path(args.results_dir)
+    rows = []
+    for level in ("level1", "level2", "level3", "level4"):
+        path = results_dir / f"{level}.json"
+        if path.is_file():
+            result = json.loads(path.read_text())
+            rows.append({"level": level, "acc1": result["test"]["acc1"],
+                         "tta_acc1": result.get("test_tta", {}).get("acc1"), "ece": result["test"]["ece"],
+                         "epochs": len(result["history"]), "seconds": result["seconds"], "device": result["device"],
+                         "commit": result["commit"], "test_images": result["test"]["num_images"]})
+    if not rows:
+        raise common.UserError(f"no results/level*.json in {results_dir}: run a level first, e.g. python level1.py")
+    lines = ["# Summary across levels (`python level4.py --summary`, from the results/level*.json that exist)", "",
+             "| level | test acc1 | with TTA | ECE | epochs | wall time (s) | test images | device | commit |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        tta = f"{row['tta_acc1']:.4f}" if row["tta_acc1"] is not None else "-"
+        lines.append(f"| {row['level']} | {row['acc1']:.4f} | {tta} | {row['ece']:.4f} | {row['epochs']} | "
+                     f"{row['seconds']:.0f} | {row['test_images']} | {row['device']} | {row['commit']} |")
+    (results_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    common.plot_bars([row["level"] for row in rows], [row["acc1"] for row in rows], results_dir / "summary.png",
+                     "test accuracy per level (no TTA)", "test top-1")
+    print("\n".join(lines))
+    return rows
+
+
+def main(args):
+    if args.summary:
+        return write_summary(args)
+    if args.ablate:
+        return run_ablation(args)
+    device = common.resolve_device(args.device)
+    common.seed_everything(args.seed)
+    print(f"{LEVEL}: device {common.device_name(device)}, {args.img_size} px, weights {args.weights}")
+
+    # Data: augmentation on 32-px uint8 images in the workers; upsampling and normalisation on the device.
+    data = common.build_datasets(args, common.train_transform(args.randaug_n, args.randaug_m))
+    train_sampler = common.EpochSampler(len(data.train), args.seed)
+    # drop_last: a last batch of one image would break BatchNorm (and small ones make noisy steps).
+    train_loader = common.make_loader(data.train, args.batch_size, train_sampler, args.workers, device, drop_last=True)
+    val_loader = common.make_loader(data.val, 2 * args.batch_size, workers=args.workers, device=device)
+    print(f"data: {len(data.train)} train, {len(data.val)} validation, {len(data.test)} test images")
+
+    model = common.build_model(args.weights, args.dropout).to(device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, args, device)
+    model_ema = common.ModelEma(model, args.ema_decay) if args.ema_decay > 0 else None
+    model_swa = common.SwaAverage(model) if args.swa_epochs > 0 else None
+    total_epochs = args.head_epochs + args.epochs + args.final_epochs + args.swa_epochs
+    steps_per_epoch = len(data.train) // args.batch_size
+    checkpoint_dir, results_dir = Path(args.checkpoint_dir), Path(args.results_dir)
+
+    # Resume: the position is (completed epochs, steps into the next one); schedule and unfreezing are
+    # functions of it, so restoring model, optimiser, EMA and RNG continues the run exactly.
+    start_epoch, skip_steps, best_val_acc, history = 0, 0, -1.0, []
+    resumed = common.resume_from(args.resume, LEVEL, model) if args.resume else None
+    if resumed:
+        start_epoch, skip_steps = resumed["epoch"], resumed["step_in_epoch"]
+        best_val_acc, history = resumed["best_val_acc"], resumed["history"]
+        optimizer.load_state_dict(resumed["optimizer"])
+        if model_ema is not None and resumed["model_ema"] is not None:
+            model_ema.load_state_dict(resumed["model_ema"])
+        if model_swa is not None and resumed["model_swa"] is not None:
+            model_swa.load_state_dict(resumed["model_swa"])
+
+    stop = common.StopOnInterrupt()
+    progress = common.Progress(total_epochs, start_epoch)
+    end_epoch = total_epochs if args.stop_after_epochs is None else min(total_epochs, start_epoch + args.stop_after_epochs)
+    for epoch in range(start_epoch, end_epoch):
+        trainable = trainable_groups(epoch, args)
+        common.set_trainable(model, trainable)
+        train_sampler.set_epoch(epoch, skip=skip_steps * args.batch_size)
+        started = time.time()
+        train_stats = train_one_epoch(model, model_ema, model_swa, trainable, train_loader, optimizer, device, args,
+                                      epoch, stop, progress, epoch * steps_per_epoch + skip_steps, steps_per_epoch)
+        if stop.requested:  # save the exact position, then leave
+            steps_done = skip_steps + train_stats["steps"]
+            common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", make_checkpoint(
+                model, optimizer, model_ema, model_swa, epoch, steps_done, best_val_acc, history, args))
+            print(f"interrupted: saved {checkpoint_dir / f'{LEVEL}_last.pth'}; continue with "
+                  f"--resume {checkpoint_dir / f'{LEVEL}_last.pth'}")
+            sys.exit(130)
+        skip_steps = 0
+        val = validate_epoch(model, model_ema, val_loader, device, args)
+        seconds = time.time() - started
+        head_lr = next(group["lr"] for group in optimizer.param_groups if group["stage_name"] == "fc")
+        row = {"epoch": epoch + 1, "trainable": trainable, "lr": head_lr, **train_stats, **val,
+               "seconds": seconds, "images_per_s": train_stats["images"] / seconds}
+        history.append(row)
+        if max(val["val_acc"], val["val_acc_ema"] or -1.0) > best_val_acc:
+            best_val_acc = max(val["val_acc"], val["val_acc_ema"] or -1.0)
+            common.save_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", make_checkpoint(
+                model, optimizer, model_ema, model_swa, epoch + 1, 0, best_val_acc, history, args, model_source=val["better"]))
+        common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", make_checkpoint(
+            model, optimizer, model_ema, model_swa, epoch + 1, 0, best_val_acc, history, args))
+        elapsed, eta = progress.eta(epoch)
+        ema_text = f" ema {val['val_acc_ema']:.4f}" if model_ema is not None else ""
+        print(f"epoch {epoch + 1}/{total_epochs} [{'+'.join(trainable)}] lr {head_lr:.2e} train loss "
+              f"{row['train_loss']:.4f} | val loss {val['val_loss']:.4f} acc {val['val_acc']:.4f}{ema_text} | "
+              f"{row['images_per_s']:.0f} img/s | {elapsed:.0f} s elapsed, ETA {eta:.0f} s", flush=True)
+        print("json: " + json.dumps(row), flush=True)
+    if end_epoch < total_epochs:
+        print(f"stopped after {end_epoch} of {total_epochs} epochs (--stop-after-epochs); continue with "
+              f"--resume {checkpoint_dir / f'{LEVEL}_last.pth'}")
+        return
+
+    # Final: SWA's BatchNorm pass; validation picks raw, EMA or SWA; calibrate, test once, analyse.
+    results = final_evaluation(model, model_ema, model_swa, data, val_loader, device, args, best_val_acc, history,
+                               progress.start)
+    common.write_json(results_dir / f"{LEVEL}.json", results)
+    common.plot_curves(history, results_dir / f"{LEVEL}_curves.png", f"{LEVEL}: {args.weights} weights, {args.img_size} px",
+                       extra_val_keys=("val_acc_ema",) if model_ema is not None else ())
+    test, tta = results["test"], results["test_tta"]
+    print(f"test ({test['num_images']} images, {results['best_model_source']} weights, T = "
+          f"{results['calibration']['temperature']:.3f}): acc1 {test['acc1']:.4f} ece {test['ece']:.4f} "
+          f"(before temperature scaling {results['calibration']['before']['ece']:.4f})")
+    print(f"final: acc1={test['acc1']:.4f} tta_acc1={tta['acc1']:.4f} val_acc1={results['best_val_acc']:.4f} "
+          f"ece={test['ece']:.4f} seconds={results['seconds']:.0f}")
+    return results
+
+
+if __name__ == "__main__":
+    common.run_main(main, get_args_parser(), validate_args)
