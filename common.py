@@ -11,6 +11,7 @@ checkpoints and results - distributed (torchrun).
 """
 import argparse
 import copy
+import functools
 import math
 import os
 import pickle
@@ -31,6 +32,7 @@ import torchvision
 from torchvision.transforms import v2
 
 NUM_CLASSES = 10
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR_FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 # The pretrained backbone saw ImageNet images normalised with these statistics, so ours must match them.
@@ -48,7 +50,8 @@ class UserError(Exception):
 
 
 def run_main(main, parser, validate=None):
-    """Parse the command line, validate it and run `main(args)`; a UserError becomes a one-line error."""
+    """Parse the command line, validate it and run `main(args)`; a UserError (or running out of device
+    memory) becomes a one-line error and exit code 2, without a traceback."""
     args = parser.parse_args()
     try:
         if validate is not None:
@@ -57,6 +60,56 @@ def run_main(main, parser, validate=None):
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not isinstance(error, torch.OutOfMemoryError) and "out of memory" not in str(error):
+            raise
+        print(f"error: out of device memory at --batch-size {getattr(args, 'batch_size', '?')} and --img-size "
+              f"{getattr(args, 'img_size', '?')}: lower --batch-size (e.g. to half) or --img-size", file=sys.stderr)
+        sys.exit(2)
+
+
+# Smoke-run settings (--quick): small enough for a 2-core CPU in a minute or two, every stage still runs.
+QUICK_SETTINGS = {"subset": 128, "eval_subset": 128, "img_size": 32, "batch_size": 32, "head_epochs": 1, "epochs": 1,
+                  "final_epochs": 1, "swa_epochs": 1, "workers": 2}
+
+
+def apply_quick(args):
+    """--quick: shrink the run to a smoke test (QUICK_SETTINGS) and write under quick/ sub-folders, so a
+    real run's checkpoints and results are never touched. Says what it changed."""
+    changed = []
+    for name, value in QUICK_SETTINGS.items():
+        if hasattr(args, name) and getattr(args, name) != value:
+            value = min(value, getattr(args, name)) if name == "workers" else value
+            setattr(args, name, value)
+            changed.append(f"--{name.replace('_', '-')} {value}")
+    args.checkpoint_dir = str(Path(args.checkpoint_dir) / "quick")
+    args.results_dir = str(Path(args.results_dir) / "quick")
+    print(f"smoke run (--quick): {', '.join(changed)}; writing to {args.checkpoint_dir}/ and {args.results_dir}/ "
+          f"(the numbers mean nothing: it only shows that everything runs)", flush=True)
+
+
+def planned_epochs(args):
+    """All epochs a run's arguments (a dict, as stored in checkpoints) ask for, over every stage."""
+    return sum(int(args.get(name) or 0) for name in ("head_epochs", "epochs", "final_epochs", "swa_epochs"))
+
+
+def check_overwrite(checkpoint_dir, level, args):
+    """Keep a longer run's best checkpoint from being replaced by accident: refuse unless --overwrite.
+    Otherwise say that the old files stay until this run writes its first checkpoint (atomic rename)."""
+    path = Path(checkpoint_dir) / f"{level}_best.pth"
+    if not path.is_file():
+        return
+    try:
+        old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        old_args, old_acc = old.get("args", {}), old.get("best_val_acc", float("nan"))
+    except Exception:  # unreadable: nothing worth protecting, it will be replaced
+        old_args, old_acc = {}, float("nan")
+    old_epochs, new_epochs = planned_epochs(old_args), planned_epochs(vars(args))
+    if old_epochs > new_epochs and not args.overwrite:
+        raise UserError(f"{path} is from a longer run ({old_epochs} epochs, validation accuracy {old_acc:.4f}) than "
+                        f"this one ({new_epochs}): pass --overwrite to replace it, or --checkpoint-dir to write elsewhere")
+    print(f"note: {path} exists (validation accuracy {old_acc:.4f}); it stays until this run writes its first "
+          f"checkpoint, which replaces it")
 
 
 def check_positive(args, *names):
@@ -149,6 +202,13 @@ def load_cifar10(data_dir):
     folder = Path(data_dir) / CIFAR_FOLDER
     if not folder.is_dir():
         download_cifar10(data_dir)
+    # Kept in memory per folder and file state: ablation rows and tests in one process read it once.
+    stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.iterdir()) if p.is_file())
+    return _load_cifar10_cached(folder.resolve(), stamp)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_cifar10_cached(folder, stamp):
     train = [_read_batch(folder / name) for name in TRAIN_BATCHES]
     test_images, test_labels = _read_batch(folder / "test_batch")
     meta = _read_pickle(folder / "batches.meta")
@@ -1001,8 +1061,8 @@ def resume_from(path, level, model):
     """Load `level`'s checkpoint at `path` into `model` and restore the RNG state it saved; returns the
     checkpoint, whose epoch / step_in_epoch / best_val_acc / history say where the run continues."""
     checkpoint = load_checkpoint(path, level)
-    if checkpoint.get("model_source", "raw") != "raw":
-        raise UserError(f"{path} holds {checkpoint['model_source']} weights (a best checkpoint): resume with "
+    if not checkpoint.get("resumable", True):
+        raise UserError(f"{path} is a best checkpoint, kept for evaluation only: resume with "
                         f"{Path(path).with_name(level + '_last.pth')}")
     load_backbone_weights(model, checkpoint["model"], path)
     set_rng_state(checkpoint["rng"])

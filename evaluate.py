@@ -7,10 +7,12 @@ so it is the same 5,000 images the run selected its epoch on.
     python evaluate.py checkpoints/level1_best.pth
     python evaluate.py checkpoints/level2_best.pth --tta                  # the TTA views the level used
     python evaluate.py checkpoints/level4_best.pth --tta flip+translate+scale --split val
+    python evaluate.py checkpoints/level4_best.pth --images my_photos/ cat.jpg    # your own pictures
 """
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import common
@@ -36,6 +38,8 @@ def get_args_parser():
     parser.add_argument("-j", "--workers", type=int, default=common.default_workers(),
                         help=f"DataLoader workers (default: {common.default_workers()})")
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: auto)")
+    parser.add_argument("--images", nargs="+", default=None, metavar="PATH",
+                        help="predict your own JPEG/PNG files or folders of them instead of a split (default: off)")
     return parser
 
 
@@ -81,19 +85,76 @@ def print_report(report, classes, header):
               f"{report['recall'][name]:>9.4f}{report['f1'][name]:>8.4f}")
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def image_files(paths):
+    """The JPEG/PNG files named by `paths` (files, or folders searched one level deep), in a stable order."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(path)
+    return files
+
+
+def load_as_cifar(path):
+    """An image file -> 32x32x3 uint8, made as CIFAR-10's images were: a centre square, area-downsampled."""
+    from PIL import Image
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        square = image.crop((left, top, left + side, top + side))
+        return np.asarray(square.resize((32, 32), Image.BOX))  # BOX = the mean over each source area
+
+
+def predict_images(args, model, device, img_size, views, temperature):
+    """Top-3 predictions for the user's own images, printed, plus a JSON and a PNG sheet."""
+    images, names = [], []
+    for path in image_files(args.images):
+        try:
+            images.append(load_as_cifar(path))
+            names.append(str(path))
+        except Exception as error:  # unreadable or not an image: say which, keep going
+            print(f"skipped {path}: not a readable image ({type(error).__name__})")
+    if not images:
+        raise common.UserError("no readable JPEG/PNG image among --images: give image files or folders holding them")
+    classes = common.CIFAR10_CLASSES
+    dataset = common.CifarDataset(np.stack(images), np.zeros(len(images), dtype=np.int64))
+    loader = common.make_loader(dataset, args.batch_size, workers=0, device=device)
+    probs, _ = common.predict(model, loader, device, img_size, views, args.tta_average, temperature=temperature)
+    rows, captions = [], []
+    for name, p in zip(names, probs):
+        top = p.topk(3)
+        ranked = [(classes[i], float(q)) for q, i in zip(top.values, top.indices)]
+        print(f"{name}: " + ", ".join(f"{c} {q:.3f}" for c, q in ranked))
+        rows.append({"file": name, "top3": ranked, "probs": dict(zip(classes, p.tolist()))})
+        captions.append(f"{Path(name).name[:18]}\n{ranked[0][0]} {ranked[0][1]:.2f}")
+    out = Path(args.out)
+    common.write_json(out / "predictions.json", {"checkpoint": str(args.checkpoint), "temperature": temperature,
+                                                 "tta_views": views, "images": rows})
+    common.plot_image_grid(np.stack(images), captions, out / "predictions.png", f"{Path(args.checkpoint).name}: top-1")
+    print(f"wrote {out / 'predictions.json'} and {out / 'predictions.png'}")
+
+
 def main(args):
     device = common.resolve_device(args.device)
+    print(f"device: {common.device_name(device)}")
     model, train_args, checkpoint = load_model(args.checkpoint)
     model = model.to(device, memory_format=torch.channels_last)
     img_size = args.img_size or train_args.get("img_size", 224)
-    dataset, classes = split_dataset(args, train_args)
-    loader = common.make_loader(dataset, args.batch_size, workers=args.workers, device=device)
-
     tta_set = None if args.tta is None else (train_args.get("tta_set", "flip") if args.tta == "default" else args.tta)
     views = common.TTA_SETS[tta_set] if tta_set else ["identity"]
     temperature = 1.0 if args.no_temperature else float(checkpoint.get("temperature", 1.0))
     if temperature != 1.0:
         print(f"applying the calibration temperature stored in the checkpoint: T = {temperature:.4f}")
+    if args.images:
+        return predict_images(args, model, device, img_size, views, temperature)
+
+    dataset, classes = split_dataset(args, train_args)
+    loader = common.make_loader(dataset, args.batch_size, workers=args.workers, device=device)
     probs, labels = common.predict(model, loader, device, img_size, views, args.tta_average, temperature=temperature)
     report = common.classification_report(probs, labels, classes)
 

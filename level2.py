@@ -80,6 +80,10 @@ def get_args_parser():
     run.add_argument("--checkpoint-dir", default="checkpoints", help="where .pth files go (default: checkpoints)")
     run.add_argument("--results-dir", default="results", help="where JSON and PNG results go (default: results)")
     run.add_argument("--print-freq", type=int, default=50, help="print a step line every N steps (default: 50)")
+    run.add_argument("--quick", action="store_true",
+                     help="smoke run: tiny subset, 32 px, one epoch per stage, under checkpoints/quick/ (default: off)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="allow replacing the best checkpoint of a longer run (default: refuse)")
     return parser
 
 
@@ -160,6 +164,10 @@ def timed_test(model, loader, device, img_size, views, classes):
 
 
 def main(args):
+    if args.quick:
+        common.apply_quick(args)
+    if not args.resume:
+        common.check_overwrite(args.checkpoint_dir, LEVEL, args)
     device = common.resolve_device(args.device)
     common.seed_everything(args.seed)
     print(f"{LEVEL}: device {common.device_name(device)}, {args.img_size} px, weights {args.weights}")

@@ -107,6 +107,10 @@ def get_args_parser():
     run.add_argument("--checkpoint-dir", default="checkpoints", help="where .pth files go (default: checkpoints)")
     run.add_argument("--results-dir", default="results", help="where JSON and PNG results go (default: results)")
     run.add_argument("--print-freq", type=int, default=50, help="print a step line every N steps (default: 50)")
+    run.add_argument("--quick", action="store_true",
+                     help="smoke run: tiny subset, 32 px, one epoch per stage, under checkpoints/quick/ (default: off)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="allow replacing the best checkpoint of a longer run (default: refuse)")
     return parser
 
 
@@ -216,13 +220,15 @@ def train_one_epoch(model, model_ema, trainable, loader, optimizer, device, args
 
 
 def make_checkpoint(model, optimizer, model_ema, epoch, step_in_epoch, best_val_acc, history, args,
-                    model_source="raw"):
+                    model_source="raw", resumable=True):
     """Everything --resume needs: model, optimiser, EMA, position (completed epochs + steps into the next;
     the LR schedule is a function of it), best score, history, RNG state, args - and the library versions.
-    `model` holds the weights named by `model_source` (raw or EMA), so evaluate.py reads any checkpoint."""
+    `model` holds the weights named by `model_source` (raw or EMA), so evaluate.py reads any checkpoint.
+    A best checkpoint (resumable=False) leaves out the averaged models' states: it is for evaluation."""
     weights = model_ema.module if model_source == "ema" else model
     return {"level": LEVEL, "model": weights.state_dict(), "model_source": model_source,
-            "optimizer": optimizer.state_dict(), "model_ema": model_ema.state_dict() if model_ema else None,
+            "optimizer": optimizer.state_dict(), "resumable": resumable,
+            "model_ema": model_ema.state_dict() if model_ema and resumable else None,
             "epoch": epoch, "step_in_epoch": step_in_epoch, "best_val_acc": best_val_acc, "history": history,
             "rng": common.rng_state(), "args": vars(args), "versions": common.library_versions()}
 
@@ -246,6 +252,10 @@ def timed_test(model, loader, device, img_size, views, classes):
 
 
 def main(args):
+    if args.quick:
+        common.apply_quick(args)
+    if not args.resume:
+        common.check_overwrite(args.checkpoint_dir, LEVEL, args)
     device = common.resolve_device(args.device)
     common.seed_everything(args.seed)
     print(f"{LEVEL}: device {common.device_name(device)}, {args.img_size} px, weights {args.weights}")
@@ -303,7 +313,8 @@ def main(args):
         if max(val["val_acc"], val["val_acc_ema"] or -1.0) > best_val_acc:
             best_val_acc = max(val["val_acc"], val["val_acc_ema"] or -1.0)
             common.save_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", make_checkpoint(
-                model, optimizer, model_ema, epoch + 1, 0, best_val_acc, history, args, model_source=val["better"]))
+                model, optimizer, model_ema, epoch + 1, 0, best_val_acc, history, args, model_source=val["better"],
+                resumable=False))
         common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", make_checkpoint(
             model, optimizer, model_ema, epoch + 1, 0, best_val_acc, history, args))
         elapsed, eta = progress.eta(epoch)

@@ -76,3 +76,47 @@ def final_line(stdout):
     """The `final: k=v ...` line every script ends with, as a dict of floats."""
     line = [line for line in stdout.splitlines() if line.startswith("final:")][-1]
     return {key: float(value) for key, value in (item.split("=") for item in line.split()[1:])}
+
+
+def run_cli(module, *args):
+    """Run a script's command line in this process (sys.argv, run_main, exit code, captured output): the
+    same path as `python script.py ...` without the interpreter start-up, for the many bad-input checks."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    import common
+    stdout, stderr = io.StringIO(), io.StringIO()
+    old_argv, sys.argv = sys.argv, [module.__file__, *map(str, args)]
+    returncode = 0
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            common.run_main(module.main, module.get_args_parser(), module.validate_args)
+    except SystemExit as exit_:
+        returncode = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = old_argv
+    return SimpleNamespace(returncode=returncode, stdout=stdout.getvalue(), stderr=stderr.getvalue())
+
+
+def run_quick(level, tmp_path, data_root):
+    """`levelN.py --quick` as a user would run it, with a real run's best checkpoint already in place: the
+    smoke run must write only under quick/ and leave that checkpoint byte-identical. Returns
+    (CompletedProcess, results dict, checkpoint folder of the quick run)."""
+    import json
+
+    import torch
+    real = tmp_path / "ck" / f"{level}_best.pth"
+    real.parent.mkdir(parents=True)
+    torch.save({"model": {"w": torch.arange(5.0)}, "epoch": 40, "args": {"epochs": 40}, "best_val_acc": 0.97}, real)
+    before = real.read_bytes()
+    result = run_script(f"{level}.py", "--quick", "--weights", "none", "--data-dir", data_root, "-j", "0",
+                        "--checkpoint-dir", tmp_path / "ck", "--results-dir", tmp_path / "res")
+    assert result.returncode == 0, result.stderr
+    assert "smoke run (--quick)" in result.stdout
+    assert real.read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [real.name, "quick"]
+    assert [p.name for p in (tmp_path / "res").iterdir()] == ["quick"]
+    assert (tmp_path / "ck" / "quick" / f"{level}_best.pth").is_file()
+    assert (tmp_path / "res" / "quick" / f"{level}_curves.png").stat().st_size > 0
+    return result, json.loads((tmp_path / "res" / "quick" / f"{level}.json").read_text()), tmp_path / "ck" / "quick"

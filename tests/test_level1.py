@@ -5,9 +5,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import final_line, run_script
+from conftest import final_line, run_cli, run_quick, run_script
 
 import common
+import evaluate
 import level1
 
 TINY = ["--weights", "none", "--img-size", "32", "--subset", "64", "--eval-subset", "64", "--batch-size", "32",
@@ -56,28 +57,72 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path, data_root):
     assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
 
 
-def test_level1_end_to_end_then_evaluate(tmp_path, data_root):
-    result = run_script("level1.py", *TINY, "--data-dir", data_root, "--checkpoint-dir", tmp_path / "ck",
-                        "--results-dir", tmp_path / "res")
-    assert result.returncode == 0, result.stderr
-    for name in ("ck/level1_best.pth", "ck/level1_last.pth", "res/level1.json", "res/level1_curves.png"):
-        assert (tmp_path / name).stat().st_size > 0, name
-    results = json.loads((tmp_path / "res" / "level1.json").read_text())
+def test_level1_quick_end_to_end_then_evaluate(tmp_path, data_root):
+    result, results, checkpoints = run_quick("level1", tmp_path, data_root)
+    assert (checkpoints / "level1_last.pth").stat().st_size > 0
     assert [row["epoch"] for row in results["history"]] == [1, 2]
     assert [row["stage"] for row in results["history"]] == ["head", "full"]
-    assert results["test"]["num_images"] == 64 and results["commit"]
+    assert results["test"]["num_images"] == 128 and results["commit"]
     assert final_line(result.stdout)["acc1"] == pytest.approx(results["test"]["acc1"], abs=1e-4)
 
-    evaluated = run_script("evaluate.py", tmp_path / "ck" / "level1_best.pth", "--data-dir", data_root,
-                           "--subset", "64", "--out", tmp_path / "eval", "-j", "0")
+    evaluated = run_script("evaluate.py", checkpoints / "level1_best.pth", "--data-dir", data_root,
+                           "--subset", "128", "--out", tmp_path / "eval", "-j", "0")
     assert evaluated.returncode == 0, evaluated.stderr
     report = json.loads((tmp_path / "eval" / "eval_level1_best_test.json").read_text())
     assert (tmp_path / "eval" / "eval_level1_best_test_confusion.png").stat().st_size > 0
-    # The same checkpoint on the same 64 test images: evaluate.py agrees with the level's own final test.
+    # The same checkpoint on the same 128 test images: evaluate.py agrees with the level's own final test.
     assert report["acc1"] == pytest.approx(results["test"]["acc1"], abs=1e-6)
     assert final_line(evaluated.stdout)["acc1"] == pytest.approx(report["acc1"], abs=1e-4)
-    assert sum(map(sum, report["confusion_matrix"])) == 64
+    assert sum(map(sum, report["confusion_matrix"])) == 128
     assert "per_class_acc" in report and "ece" in report and "nll" in report
+
+
+def test_a_longer_runs_best_checkpoint_needs_overwrite(tmp_path, synthetic_root):
+    longer = {"model": {}, "epoch": 30, "args": {"head_epochs": 2, "epochs": 30}, "best_val_acc": 0.97}
+    common.save_checkpoint(tmp_path / "level1_best.pth", longer)
+    before = (tmp_path / "level1_best.pth").read_bytes()
+    flags = [*TINY, "--data-dir", synthetic_root, "--checkpoint-dir", tmp_path, "--results-dir", tmp_path / "res"]
+    assert_one_line_error(run_cli(level1, *flags), "longer run", "--overwrite")
+    assert (tmp_path / "level1_best.pth").read_bytes() == before
+    replaced = run_cli(level1, *flags, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert "stays until this run writes its first checkpoint" in replaced.stdout
+    assert common.load_checkpoint(tmp_path / "level1_best.pth")["epoch"] <= 2
+
+
+def test_device_auto_resolves_to_what_is_there():
+    expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    assert common.resolve_device("auto").type == expected
+
+
+def test_evaluate_own_images_top3_sheet_and_unreadable_files(tmp_path):
+    from PIL import Image
+    checkpoint = tmp_path / "model.pth"
+    torch.save(common.build_model("none").state_dict(), checkpoint)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (120, 90, 3), dtype=np.uint8)).save(folder / "tall.png")
+    Image.fromarray(rng.integers(0, 256, (40, 64, 3), dtype=np.uint8)).save(folder / "wide.jpg")
+    Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(tmp_path / "grey.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    result = run_cli(evaluate, checkpoint, "--images", folder, tmp_path / "grey.png", "--out", tmp_path / "out",
+                     "--img-size", "32")
+    assert result.returncode == 0, result.stderr
+    top3_lines = [line for line in result.stdout.splitlines() if line.count(",") == 2 and ": " in line]
+    assert len(top3_lines) == 3
+    assert "skipped" in result.stdout and "broken.png" in result.stdout
+    predictions = json.loads((tmp_path / "out" / "predictions.json").read_text())["images"]
+    assert len(predictions) == 3
+    for row in predictions:
+        assert sum(row["probs"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert [p for _, p in row["top3"]] == sorted(row["probs"].values(), reverse=True)[:3]
+    assert (tmp_path / "out" / "predictions.png").stat().st_size > 0
+    # Area downsampling: a flat colour stays exactly that colour at 32 px.
+    Image.fromarray(np.full((64, 48, 3), 200, dtype=np.uint8)).save(tmp_path / "flat.png")
+    assert (evaluate.load_as_cifar(tmp_path / "flat.png") == 200).all()
+    only_broken = run_cli(evaluate, checkpoint, "--images", folder / "broken.png", "--out", tmp_path / "out2")
+    assert_one_line_error(only_broken, "no readable")
 
 
 def assert_one_line_error(result, *fragments):
@@ -92,7 +137,7 @@ def assert_one_line_error(result, *fragments):
 @pytest.mark.parametrize("flag,value", [("--epochs", "0"), ("--batch-size", "-1"), ("--lr", "0"),
                                         ("--subset", "0"), ("--img-size", "16")])
 def test_bad_numbers_are_one_line_errors(flag, value, data_root):
-    assert_one_line_error(run_script("level1.py", "--data-dir", data_root, "--weights", "none", flag, value),
+    assert_one_line_error(run_cli(level1, "--data-dir", data_root, "--weights", "none", flag, value),
                           flag.lstrip("-").split("-")[0])
 
 
@@ -105,7 +150,7 @@ def test_corrupt_data_is_one_line_error(tmp_path):
     from conftest import write_synthetic_cifar
     write_synthetic_cifar(tmp_path / "cifar-10-batches-py")
     (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"\x00" * 100)
-    assert_one_line_error(run_script("level1.py", "--data-dir", tmp_path, "--weights", "none"), "data_batch_2")
+    assert_one_line_error(run_cli(level1, "--data-dir", tmp_path, "--weights", "none"), "data_batch_2")
 
 
 def test_imagenet_weights_offline_names_file_cache_and_alternatives(tmp_path, synthetic_root):
@@ -144,7 +189,9 @@ def make_bad_checkpoint(tmp_path, kind):
 def test_evaluate_bad_checkpoints_are_one_line_errors(tmp_path, kind, synthetic_root):
     path = make_bad_checkpoint(tmp_path, kind)
     before = sorted(p.name for p in tmp_path.iterdir())
-    result = run_script("evaluate.py", path, "--data-dir", synthetic_root, "-j", "0")
+    # One of them through a real interpreter start, the rest in-process (same code path, faster).
+    run = run_script if kind == "code" else lambda script, *args: run_cli(evaluate, *args)
+    result = run("evaluate.py", path, "--data-dir", synthetic_root, "-j", "0")
     assert_one_line_error(result, str(path))
     assert "code ran" not in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing on disk touched
@@ -152,5 +199,5 @@ def test_evaluate_bad_checkpoints_are_one_line_errors(tmp_path, kind, synthetic_
 
 def test_resume_from_bad_checkpoint_is_one_line_error(tmp_path, synthetic_root):
     path = make_bad_checkpoint(tmp_path, "random")
-    assert_one_line_error(run_script("level1.py", "--data-dir", synthetic_root, "--weights", "none", "--resume",
+    assert_one_line_error(run_cli(level1, "--data-dir", synthetic_root, "--weights", "none", "--resume",
                                      path, "--checkpoint-dir", tmp_path / "ck"), str(path))

@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from conftest import final_line, run_script
+from conftest import final_line, run_cli, run_quick, run_script
 from test_level1 import assert_one_line_error, run_in_process
 
 import level2
@@ -49,12 +49,8 @@ def test_tiny_run_is_deterministic(tmp_path, data_root, tiny_run):
 
 
 def test_level2_end_to_end_then_evaluate_tta(tmp_path, data_root):
-    result = run_script("level2.py", *TINY, "--head-epochs", "1", "--subset", "64", "--eval-subset", "64",
-                        "--data-dir", data_root, "--checkpoint-dir", tmp_path / "ck", "--results-dir", tmp_path / "res")
-    assert result.returncode == 0, result.stderr
-    results = json.loads((tmp_path / "res" / "level2.json").read_text())
-    assert (tmp_path / "res" / "level2_curves.png").stat().st_size > 0
-    assert (tmp_path / "ck" / "level2_last.pth").stat().st_size > 0
+    result, results, checkpoints = run_quick("level2", tmp_path, data_root)
+    assert (checkpoints / "level2_last.pth").stat().st_size > 0
     assert "train_acc" not in results["history"][0]  # no accuracy against mixed targets
     assert results["tta_set"] == "flip+translate" and results["tta_images_per_s"] > 0
     final = final_line(result.stdout)
@@ -62,8 +58,8 @@ def test_level2_end_to_end_then_evaluate_tta(tmp_path, data_root):
     # The LR follows the schedule: warmup in the full stage means its first epoch ends below --lr.
     assert results["history"][1]["lr"] < 1e-4
 
-    evaluated = run_script("evaluate.py", tmp_path / "ck" / "level2_best.pth", "--tta", "--data-dir", data_root,
-                           "--subset", "64", "--out", tmp_path / "eval", "-j", "0")
+    evaluated = run_script("evaluate.py", checkpoints / "level2_best.pth", "--tta", "--data-dir", data_root,
+                           "--subset", "128", "--out", tmp_path / "eval", "-j", "0")
     assert evaluated.returncode == 0, evaluated.stderr
     report = json.loads((tmp_path / "eval" / "eval_level2_best_test_tta-flip+translate.json").read_text())
     assert report["tta_views"] == ["identity", "flip", "shift_right", "shift_left", "shift_down", "shift_up"]
@@ -72,5 +68,5 @@ def test_level2_end_to_end_then_evaluate_tta(tmp_path, data_root):
 
 @pytest.mark.parametrize("flag,value", [("--mix-prob", "1.5"), ("--erase-prob", "-0.1"), ("--randaug-m", "40")])
 def test_bad_technique_values_are_one_line_errors(flag, value, data_root):
-    assert_one_line_error(run_script("level2.py", "--data-dir", data_root, "--weights", "none", flag, value),
+    assert_one_line_error(run_cli(level2, "--data-dir", data_root, "--weights", "none", flag, value),
                           flag.lstrip("-").split("-")[0])

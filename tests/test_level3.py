@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, final_line, run_script
+from conftest import ROOT, final_line, run_cli, run_quick, run_script
 from test_level1 import assert_one_line_error, run_in_process, tiny_loader
 
 import common
@@ -147,11 +147,11 @@ def test_resume_is_exact(tmp_path, data_root):
 def test_resume_from_another_level_or_corrupt_file_is_a_clear_error(tmp_path, synthetic_root):
     checkpoint = {"level": "level2", "model": common.build_model("none").state_dict(), "epoch": 1}
     common.save_checkpoint(tmp_path / "level2_last.pth", checkpoint)
-    result = run_script("level3.py", "--data-dir", synthetic_root, "--weights", "none", "--resume",
+    result = run_cli(level3, "--data-dir", synthetic_root, "--weights", "none", "--resume",
                         tmp_path / "level2_last.pth", "--checkpoint-dir", tmp_path)
     assert_one_line_error(result, "level2", "level3_last.pth")
     (tmp_path / "corrupt.pth").write_bytes(b"PK\x03\x04 not really a zip")
-    result = run_script("level3.py", "--data-dir", synthetic_root, "--weights", "none", "--resume",
+    result = run_cli(level3, "--data-dir", synthetic_root, "--weights", "none", "--resume",
                         tmp_path / "corrupt.pth", "--checkpoint-dir", tmp_path)
     assert_one_line_error(result, "corrupt.pth")
 
@@ -176,17 +176,14 @@ def test_sigint_saves_a_loadable_last_checkpoint_and_resume_finishes(tmp_path, d
     assert len(json.loads((tmp_path / "level3.json").read_text())["history"]) == 3  # 1 head + 2 epochs
 
 
-def test_level3_end_to_end_then_evaluate_both_checkpoints(tmp_path, data_root):
-    result = run_script("level3.py", *TINY, "--data-dir", data_root, "--checkpoint-dir", tmp_path / "ck",
-                        "--results-dir", tmp_path / "res")
-    assert result.returncode == 0, result.stderr
-    results = json.loads((tmp_path / "res" / "level3.json").read_text())
+def test_level3_quick_end_to_end_then_evaluate_both_checkpoints(tmp_path, data_root):
+    result, results, checkpoints = run_quick("level3", tmp_path, data_root)
     assert results["best_model_source"] in ("raw", "ema")
+    assert len(results["history"]) == 3  # one epoch per stage: head, cosine, final low LR
     assert all(row["val_acc_ema"] is not None for row in results["history"])
-    assert (tmp_path / "res" / "level3_curves.png").stat().st_size > 0
     assert final_line(result.stdout)["acc1"] == pytest.approx(results["test"]["acc1"], abs=1e-4)
     for name in ("level3_best.pth", "level3_last.pth"):
-        evaluated = run_script("evaluate.py", tmp_path / "ck" / name, "--data-dir", data_root, "--subset", "16",
+        evaluated = run_script("evaluate.py", checkpoints / name, "--data-dir", data_root, "--subset", "128",
                                "--out", tmp_path / "eval", "-j", "0")
         assert evaluated.returncode == 0, evaluated.stderr
         assert 0 <= final_line(evaluated.stdout)["acc1"] <= 1

@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import final_line, run_script
+from conftest import final_line, run_quick, run_script
 from test_level1 import assert_one_line_error, run_in_process
 from test_level3 import without_timing
 
@@ -40,16 +40,14 @@ def test_swa_snapshots_once_per_cycle_and_schedule():
 @pytest.fixture(scope="module")
 def level4_run(tmp_path_factory, data_root):
     out = tmp_path_factory.mktemp("level4")
-    result = run_script("level4.py", *TINY, "--data-dir", data_root, "--checkpoint-dir", out / "ck",
-                        "--results-dir", out / "res")
-    assert result.returncode == 0, result.stderr
-    return out, result, json.loads((out / "res" / "level4.json").read_text())
+    result, results, _ = run_quick("level4", out, data_root)
+    return out, result, results
 
 
 def test_level4_end_to_end_outputs(level4_run):
     out, result, results = level4_run
     for name in ("level4_curves.png", "level4_reliability.png", "level4_confusion.png", "level4_mistakes.png"):
-        assert (out / "res" / name).stat().st_size > 0, name
+        assert (out / "res" / "quick" / name).stat().st_size > 0, name
     assert set(results["val_final"]) == {"raw", "ema", "swa"} and set(results["test_final"]) == {"raw", "ema", "swa"}
     assert results["best_model_source"] in ("raw", "ema", "swa")
     assert set(results["tta_sets"]) == set(common.TTA_SETS)
@@ -59,22 +57,22 @@ def test_level4_end_to_end_outputs(level4_run):
     assert calibration["before"]["acc1"] == calibration["after"]["acc1"]  # scaling never changes the arg-max
     assert len(results["errors"]["confident_mistakes"]) <= 24
     assert final_line(result.stdout)["acc1"] == pytest.approx(results["test"]["acc1"], abs=1e-4)
-    best = common.load_checkpoint(out / "ck" / "level4_best.pth", "level4")
+    best = common.load_checkpoint(out / "ck" / "quick" / "level4_best.pth", "level4")
     assert best["temperature"] == pytest.approx(calibration["temperature"])
 
 
 def test_evaluate_applies_the_stored_temperature_and_tta_sets(level4_run, data_root):
     out, _, results = level4_run
-    evaluated = run_script("evaluate.py", out / "ck" / "level4_best.pth", "--tta", "--data-dir", data_root,
-                           "--subset", "32", "--out", out / "eval", "-j", "0")
+    evaluated = run_script("evaluate.py", out / "ck" / "quick" / "level4_best.pth", "--tta", "--data-dir", data_root,
+                           "--subset", "128", "--out", out / "eval", "-j", "0")
     assert evaluated.returncode == 0, evaluated.stderr
     assert "applying the calibration temperature stored in the checkpoint" in evaluated.stdout
     report = json.loads((out / "eval" / "eval_level4_best_test_tta-flip+translate.json").read_text())
     assert report["temperature"] == pytest.approx(results["calibration"]["temperature"])
     assert report["acc1"] == pytest.approx(results["tta_sets"]["flip+translate"]["acc1"], abs=1e-6)
     assert report["ece"] == pytest.approx(results["tta_sets"]["flip+translate"]["ece"], abs=1e-5)
-    scaled = run_script("evaluate.py", out / "ck" / "level4_best.pth", "--tta", "flip+translate+scale",
-                        "--tta-average", "logit", "--data-dir", data_root, "--subset", "32", "--out", out / "eval",
+    scaled = run_script("evaluate.py", out / "ck" / "quick" / "level4_best.pth", "--tta", "flip+translate+scale",
+                        "--tta-average", "logit", "--data-dir", data_root, "--subset", "128", "--out", out / "eval",
                         "-j", "0")
     assert scaled.returncode == 0, scaled.stderr
     report = json.loads((out / "eval" / "eval_level4_best_test_tta-flip+translate+scale.json").read_text())
