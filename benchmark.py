@@ -22,7 +22,8 @@ Reading the ratio (level_img_s / bare_img_s): about 1.0 means the loop is free; 
 look at the pipeline first (raise -j/--workers: if the ratio rises, the workers were the bottleneck), then at
 the device-side extras of the level (MixUp, erasing, the EMA update). A ratio a little above 1 is noise.
 On the CPU the ratio says little about a GPU: augmentation and model share the same cores there.
-With --compile both steps are compiled; the compile happens in the warm-up steps, which are timed apart.
+With --compile both steps (and the evaluation) are compiled; compiling happens in the warm-up steps, which
+are not timed, so keep --warmup-steps >= 1 with it.
 """
 import argparse
 import gc
@@ -53,8 +54,9 @@ def get_args_parser():
                       help="levels whose training step is timed (default: 1 2 3 4)")
     what.add_argument("--img-size", type=int, default=224, help="side the images are upsampled to (default: 224)")
     what.add_argument("-b", "--batch-size", type=int, default=256, help="images per training step (default: 256)")
-    what.add_argument("--steps", type=int, default=50, help="timed training steps of each kind; evaluation times as many batches, at most one pass over the "
-                           "validation split (default: 50)")
+    what.add_argument("--steps", type=int, default=50,
+                      help="timed training steps of each kind; evaluation times as many batches, at most one pass "
+                           "over the validation split (default: 50)")
     what.add_argument("--warmup-steps", type=int, default=10,
                       help="untimed steps first: cuDNN autotuning, compile, DataLoader workers (default: 10)")
     what.add_argument("--tta-set", default="flip+translate", choices=list(common.TTA_SETS),
@@ -250,10 +252,13 @@ def level_step(level, level_args, data, args, device):
                    stop=SimpleNamespace(requested=False), progress=common.Progress(1),
                    steps_per_epoch=len(data.train) // args.batch_size)
     stream = batch_stream(loader)
+
+    def train_steps(count):
+        return call_train_one_epoch(module, context, FirstBatches(stream, count, loader))
+
     if args.warmup_steps:
-        call_train_one_epoch(module, context, FirstBatches(stream, args.warmup_steps, loader))
-    seconds, stats = timed(device, lambda: call_train_one_epoch(module, context, FirstBatches(stream, args.steps,
-                                                                                                loader)))
+        train_steps(args.warmup_steps)
+    seconds, stats = timed(device, lambda: train_steps(args.steps))
     stream.close()  # ends the loader's iterator (and its prefetching) before the evaluation is timed
     return stats["images"] / seconds, peak_memory_mb(device), context["model"]
 
@@ -267,17 +272,22 @@ def eval_img_s(model, data, args, device):
     The eval batch is the levels' (twice the training batch); drop_last keeps every batch the same shape,
     so a compiled model does not recompile for the last one inside the timed region."""
     loader = common.make_loader(data.val, 2 * args.batch_size, workers=args.workers, device=device, drop_last=True)
-    count = min(args.steps, len(loader))
     stream = batch_stream(loader)
-    rates = []
-    for views in (["identity"], common.TTA_SETS[args.tta_set]):
-        if args.warmup_steps:
-            common.predict(model, FirstBatches(stream, 1, loader), device, args.img_size, views)
-        seconds, (_, labels) = timed(device, lambda: common.predict(model, FirstBatches(stream, count, loader), device,
-                                                                    args.img_size, views))
-        rates.append(len(labels) / seconds)
+    count = min(args.steps, len(loader))
+    rates = [predict_img_s(model, stream, loader, views, count, args, device)
+             for views in (["identity"], common.TTA_SETS[args.tta_set])]
     stream.close()
     return rates
+
+
+def predict_img_s(model, stream, loader, views, count, args, device):
+    def predict(batches):
+        return common.predict(model, FirstBatches(stream, batches, loader), device, args.img_size, views)
+
+    if args.warmup_steps:  # one batch: cuDNN picks its kernels, compile traces the eval-mode graph
+        predict(1)
+    seconds, (_, labels) = timed(device, lambda: predict(count))
+    return len(labels) / seconds
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -289,9 +299,11 @@ def benchmark_level(level, args, device):
     module = LEVELS[level]
     level_args = level_args_for(module, args)
     data = common.build_datasets(level_args, level_transform(level_args))
-    if len(data.val) < 2 * args.batch_size:
-        raise common.UserError(f"the validation split ({len(data.val)} images) holds no full evaluation batch of "
-                               f"{2 * args.batch_size}: lower --batch-size")
+    for split, dataset, batch in (("training", data.train, args.batch_size), ("validation", data.val,
+                                                                              2 * args.batch_size)):
+        if len(dataset) < batch:  # both loaders drop the last, partial batch
+            raise common.UserError(f"the {split} split ({len(dataset)} images) holds no full batch of {batch}: "
+                                   f"lower --batch-size")
     reset_peak_memory(device)
     bare = bare_step_img_s(level_args, args, device)
     bare_memory, _ = peak_memory_mb(device)
@@ -327,7 +339,7 @@ def print_block(row, args):
 
 def main(args):
     device = common.resolve_device(args.device)
-    print(f"benchmark: device {common.device_name(device)}, torch {torch.__version__}, commit {common.git_commit()}",
+    print(f"setup: device {common.device_name(device)}, torch {torch.__version__}, commit {common.git_commit()}",
           flush=True)
     rows = []
     for level in args.level:

@@ -512,6 +512,7 @@ def train_mode(model, trainable_groups):
     """model.train(), except that frozen groups keep BatchNorm in eval mode: their running statistics stay
     those of the pretrained network instead of drifting towards CIFAR-10 while the weights cannot adapt."""
     model.train()
+    model = unwrap(model)
     for group in LAYER_GROUPS:
         if group not in trainable_groups:
             for module in layer_group_modules(model)[group]:
@@ -674,6 +675,7 @@ class ModelEma:
 
     @torch.no_grad()
     def update(self, model):
+        model = unwrap(model)
         decay = self.current_decay()
         ema_params = [p for p in self.module.parameters() if p.dtype.is_floating_point]
         params = [p.detach() for p in model.parameters() if p.dtype.is_floating_point]
@@ -701,6 +703,7 @@ class SwaAverage:
 
     @torch.no_grad()
     def update(self, model):
+        model = unwrap(model)
         ema_params = list(self.module.parameters())
         params = [p.detach() for p in model.parameters()]
         if self.num_averaged == 0:
@@ -817,8 +820,9 @@ def predict_logits(model, loader, device, img_size):
 
 
 @torch.no_grad()
-def evaluate_loss_acc(model, loader, device, img_size):
-    """Validation loss and top-1 (fractions), summed on the device and read once at the end."""
+def evaluate_loss_acc(model, loader, device, img_size, dist=None):
+    """Validation loss and top-1 (fractions), summed on the device and read once at the end. Under torchrun
+    each rank sees its shard (see `shard`) and the sums are all-reduced: exact over the whole split."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -830,7 +834,11 @@ def evaluate_loss_acc(model, loader, device, img_size):
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         correct += (logits.argmax(-1) == labels).sum()
         count += len(labels)
-    return float(loss_sum) / max(count, 1), float(correct) / max(count, 1)
+    totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(count), device=device).double()])
+    if dist is not None:
+        all_reduce_sum(totals, dist)
+    loss_sum, correct, count = totals.tolist()
+    return loss_sum / max(count, 1), correct / max(count, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -992,6 +1000,9 @@ def atomic_write(path, write):
 
 
 def save_checkpoint(path, checkpoint):
+    """torch.save through atomic_write. Under torchrun only rank 0 writes (every rank holds the same state)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
     atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
@@ -1042,11 +1053,14 @@ def set_rng_state(state):
 
 class StopOnInterrupt:
     """The first Ctrl-C (SIGINT) only sets `requested`: the loop finishes its current step, saves
-    levelN_last.pth and exits, so no step is half-done in the checkpoint. A second Ctrl-C stops at once."""
+    levelN_last.pth and exits, so no step is half-done in the checkpoint. A second Ctrl-C stops at once.
+    Not under torchrun (enabled=False): ranks could stop at different steps and wait for each other forever,
+    so there Ctrl-C ends the run and --resume starts from the last end-of-epoch checkpoint."""
 
-    def __init__(self):
+    def __init__(self, enabled=True):
         self.requested = False
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        if enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
         if self.requested:
@@ -1285,7 +1299,83 @@ def init_distributed(device_arg):
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_main:  # only rank 0 talks; the other ranks' errors still reach stderr
+        sys.stdout = open(os.devnull, "w")
     return dist, device
+
+
+def unwrap(model):
+    """The plain model inside a DistributedDataParallel and/or torch.compile wrapper."""
+    model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return getattr(model, "_orig_mod", model)
+
+
+def wrap_ddp(model, dist, device):
+    """DistributedDataParallel over the parameters that train now (a no-op in one process). DDP registers the
+    trainable parameters when it is built, so after (un)freezing a group the wrapper is built again."""
+    if not dist.enabled:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class AllReduceBatchNorm2d(nn.BatchNorm2d):
+    """SyncBatchNorm for CPU processes (torch's needs a GPU): in training, the batch statistics are those of
+    the global batch - per-channel sums of x and x^2 all-reduced over the ranks with a differentiable
+    all-reduce, so the backward pass is synchronised too (as in Ioffe & Szegedy 2015, over the whole batch)."""
+
+    def forward(self, x):
+        if not (self.training and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+        local_count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+        sums = torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), local_count])
+        sums = all_reduce(sums)
+        count = sums[-1]
+        mean = sums[: self.num_features] / count
+        var = sums[self.num_features: 2 * self.num_features] / count - mean * mean
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.lerp_(mean.detach(), momentum)
+            self.running_var.lerp_(var.detach() * count / (count - 1), momentum)  # unbiased, as BatchNorm
+        scale = self.weight / torch.sqrt(var + self.eps)
+        return x * scale.view(1, -1, 1, 1) + (self.bias - mean * scale).view(1, -1, 1, 1)
+
+
+def convert_sync_bn(model, device):
+    """--sync-bn: BatchNorm statistics over the global batch. nn.SyncBatchNorm on GPUs; AllReduceBatchNorm2d
+    on CPU processes (gloo). Parameters and buffers are kept (same objects): optimiser and EMA still see them."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if type(child) is nn.BatchNorm2d:
+            replacement = AllReduceBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                               child.track_running_stats)
+            replacement.weight, replacement.bias = child.weight, child.bias
+            replacement.running_mean, replacement.running_var = child.running_mean, child.running_var
+            replacement.num_batches_tracked = child.num_batches_tracked
+            replacement.train(child.training)
+            setattr(model, name, replacement)
+        else:
+            convert_sync_bn(child, device)
+    return model
+
+
+def shard(dataset, dist):
+    """This rank's share of an evaluation split: every world_size-th image, no padding, no duplicates."""
+    if not dist.enabled:
+        return dataset
+    return torch.utils.data.Subset(dataset, list(range(dist.rank, len(dataset), dist.world_size)))
+
+
+def sum_over_ranks(*values):
+    """Python floats: each value (a device tensor or a number) summed over all torchrun ranks - how an
+    epoch's training loss covers the whole epoch. This is the epoch's one host-device sync."""
+    device = next((v.device for v in values if torch.is_tensor(v)), torch.device("cpu"))
+    totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+    return totals.tolist()
 
 
 def all_reduce_sum(tensor, dist):
@@ -1293,30 +1383,6 @@ def all_reduce_sum(tensor, dist):
     if dist.enabled:
         torch.distributed.all_reduce(tensor)
     return tensor
-
-
-def broadcast_object(obj, dist):
-    """Rank 0's value of a picklable object, on every rank."""
-    if not dist.enabled:
-        return obj
-    holder = [obj]
-    torch.distributed.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
-def shard_indices(size, dist):
-    """This rank's share of an evaluation split: every `world_size`-th index, no padding, no duplicates."""
-    return list(range(dist.rank, size, dist.world_size))
-
-
-def gather_predictions(probs, labels, indices, dist):
-    """Put the per-rank predictions of a sharded split back together, in the split's order, on every rank."""
-    if not dist.enabled:
-        return probs, labels
-    parts = [None] * dist.world_size
-    torch.distributed.all_gather_object(parts, (probs, labels, torch.as_tensor(indices)))
-    order = torch.cat([part[2] for part in parts]).argsort()
-    return torch.cat([part[0] for part in parts])[order], torch.cat([part[1] for part in parts])[order]
 
 
 def cleanup_distributed(dist):

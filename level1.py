@@ -51,7 +51,8 @@ def get_args_parser():
     optim.add_argument("--lr", type=float, default=1e-4, help="stage 2 learning rate (default: 0.0001)")
     optim.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=0.05,
                        help="AdamW weight decay, not applied to BatchNorm and biases (default: 0.05)")
-    optim.add_argument("-b", "--batch-size", type=int, default=128, help="images per step (default: 128)")
+    optim.add_argument("-b", "--batch-size", type=int, default=128,
+                       help="images per step, over all GPUs under torchrun (default: 128)")
     run = parser.add_argument_group("run")
     run.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cpu, ... (default: auto)")
     run.add_argument("--seed", type=int, default=0, help="seeds the split, augmentation and init (default: 0)")
@@ -59,6 +60,8 @@ def get_args_parser():
     run.add_argument("--checkpoint-dir", default="checkpoints", help="where .pth files go (default: checkpoints)")
     run.add_argument("--results-dir", default="results", help="where JSON and PNG results go (default: results)")
     run.add_argument("--print-freq", type=int, default=50, help="print a step line every N steps (default: 50)")
+    run.add_argument("--sync-bn", action="store_true",
+                     help="under torchrun: BatchNorm statistics over the global batch (default: per GPU)")
     run.add_argument("--quick", action="store_true",
                      help="smoke run: tiny subset, 32 px, one epoch per stage, under checkpoints/quick/ (default: off)")
     run.add_argument("--overwrite", action="store_true",
@@ -106,8 +109,9 @@ def train_one_epoch(model, trainable, loader, optimizer, device, args, epoch, st
         if stop.requested:
             break
     progress.end_line()
-    return {"train_loss": float(loss_sum) / max(images_seen, 1), "train_acc": float(correct) / max(images_seen, 1),
-            "steps": steps, "images": images_seen}
+    loss_sum, correct, images_seen = common.sum_over_ranks(loss_sum, correct, images_seen)
+    return {"train_loss": loss_sum / max(images_seen, 1), "train_acc": correct / max(images_seen, 1),
+            "steps": steps, "images": int(images_seen)}
 
 
 def make_checkpoint(model, optimizer, stage, epoch, step_in_epoch, best_val_acc, history, args):
@@ -123,19 +127,28 @@ def main(args):
         common.apply_quick(args)
     if not args.resume:
         common.check_overwrite(args.checkpoint_dir, LEVEL, args)
-    device = common.resolve_device(args.device)
+    dist, device = common.init_distributed(args.device)  # torchrun: one process per GPU; else one process
+    if args.batch_size % dist.world_size:
+        raise common.UserError(f"--batch-size {args.batch_size} is the global batch: make it a multiple of the "
+                               f"{dist.world_size} processes")
     common.seed_everything(args.seed)
     print(f"{LEVEL}: device {common.device_name(device)}, {args.img_size} px, weights {args.weights}")
 
     # Data: augmentation on 32-px uint8 images in the workers; upsampling and normalisation on the device.
     data = common.build_datasets(args, common.train_transform())
-    train_sampler = common.EpochSampler(len(data.train), args.seed)
+    train_sampler = common.EpochSampler(len(data.train), args.seed, dist.rank, dist.world_size)
     # drop_last: a last batch of one image would break BatchNorm (and small ones make noisy steps).
-    train_loader = common.make_loader(data.train, args.batch_size, train_sampler, args.workers, device, drop_last=True)
-    val_loader = common.make_loader(data.val, 2 * args.batch_size, workers=args.workers, device=device)
+    # --batch-size is global: each of the world_size processes takes its share, so one GPU or eight give
+    # the same optimisation (same LR, same steps per epoch) and no LR scaling rule is needed.
+    train_loader = common.make_loader(data.train, args.batch_size // dist.world_size, train_sampler, args.workers,
+                                      device, drop_last=True)
+    val_loader = common.make_loader(common.shard(data.val, dist), 2 * args.batch_size, workers=args.workers,
+                                    device=device)
     print(f"data: {len(data.train)} train, {len(data.val)} validation, {len(data.test)} test images")
 
     model = common.build_model(args.weights).to(device, memory_format=torch.channels_last)
+    if args.sync_bn:
+        model = common.convert_sync_bn(model, device)
     total_epochs = args.head_epochs + args.epochs
     checkpoint_dir, results_dir = Path(args.checkpoint_dir), Path(args.results_dir)
 
@@ -151,17 +164,18 @@ def main(args):
         best_val_acc, history = resumed["best_val_acc"], resumed["history"]
     optimizer, trainable, stage = None, None, None
 
-    stop = common.StopOnInterrupt()
+    stop = common.StopOnInterrupt(enabled=not dist.enabled)
     progress = common.Progress(total_epochs, start_epoch)
     for epoch in range(start_epoch, total_epochs):
         if stage_of(epoch) != stage:
             stage = stage_of(epoch)
             optimizer, trainable = make_optimizer(model, stage, args, device)
+            ddp_model = common.wrap_ddp(model, dist, device)  # rebuilt: DDP syncs what trains now
             if resumed and resumed["stage"] == stage and epoch == start_epoch:
                 optimizer.load_state_dict(resumed["optimizer"])
         train_sampler.set_epoch(epoch, skip=skip_steps * args.batch_size)
         started = time.time()
-        train_stats = train_one_epoch(model, trainable, train_loader, optimizer, device, args, epoch, stop, progress)
+        train_stats = train_one_epoch(ddp_model, trainable, train_loader, optimizer, device, args, epoch, stop, progress)
         if stop.requested:  # save the exact position, then leave
             steps_done = skip_steps + train_stats["steps"]
             common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", make_checkpoint(
@@ -170,7 +184,7 @@ def main(args):
                   f"--resume {checkpoint_dir / f'{LEVEL}_last.pth'}")
             sys.exit(130)
         skip_steps = 0
-        val_loss, val_acc = common.evaluate_loss_acc(model, val_loader, device, args.img_size)
+        val_loss, val_acc = common.evaluate_loss_acc(model, val_loader, device, args.img_size, dist)
         seconds = time.time() - started
         row = {"epoch": epoch + 1, "stage": stage, "lr": optimizer.param_groups[0]["lr"], **train_stats,
                "val_loss": val_loss, "val_acc": val_acc, "seconds": seconds,
@@ -188,6 +202,9 @@ def main(args):
               f"{row['images_per_s']:.0f} img/s | {elapsed:.0f} s elapsed, ETA {eta:.0f} s", flush=True)
         print("json: " + json.dumps(row), flush=True)
 
+    common.cleanup_distributed(dist)  # no collective operation after this point
+    if not dist.is_main:  # rank 0 alone evaluates the test set (the whole split: exact) and writes results
+        return None
     # Final: the best validation checkpoint, evaluated once on the test set.
     best = common.load_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", LEVEL)
     model.load_state_dict(best["model"])

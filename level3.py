@@ -59,7 +59,8 @@ def get_args_parser():
     optim.add_argument("--lr", type=float, default=1e-4, help="stage 2 learning rate (default: 0.0001)")
     optim.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=0.05,
                        help="AdamW weight decay, not applied to BatchNorm and biases (default: 0.05)")
-    optim.add_argument("-b", "--batch-size", type=int, default=128, help="images per step (default: 128)")
+    optim.add_argument("-b", "--batch-size", type=int, default=128,
+                       help="images per step, over all GPUs under torchrun (default: 128)")
     # Warmup keeps the first large updates (driven by a still-poor head) from wrecking pretrained features;
     # the head stage trains on frozen features and needs none, so there the schedule is cosine only.
     optim.add_argument("--warmup-epochs", type=float, default=1.0,
@@ -107,6 +108,8 @@ def get_args_parser():
     run.add_argument("--checkpoint-dir", default="checkpoints", help="where .pth files go (default: checkpoints)")
     run.add_argument("--results-dir", default="results", help="where JSON and PNG results go (default: results)")
     run.add_argument("--print-freq", type=int, default=50, help="print a step line every N steps (default: 50)")
+    run.add_argument("--sync-bn", action="store_true",
+                     help="under torchrun: BatchNorm statistics over the global batch (default: per GPU)")
     run.add_argument("--quick", action="store_true",
                      help="smoke run: tiny subset, 32 px, one epoch per stage, under checkpoints/quick/ (default: off)")
     run.add_argument("--overwrite", action="store_true",
@@ -216,7 +219,8 @@ def train_one_epoch(model, model_ema, trainable, loader, optimizer, device, args
         if stop.requested:
             break
     progress.end_line()
-    return {"train_loss": float(loss_sum) / max(images_seen, 1), "steps": steps, "images": images_seen}
+    loss_sum, images_seen = common.sum_over_ranks(loss_sum, images_seen)
+    return {"train_loss": loss_sum / max(images_seen, 1), "steps": steps, "images": int(images_seen)}
 
 
 def make_checkpoint(model, optimizer, model_ema, epoch, step_in_epoch, best_val_acc, history, args,
@@ -233,13 +237,13 @@ def make_checkpoint(model, optimizer, model_ema, epoch, step_in_epoch, best_val_
             "rng": common.rng_state(), "args": vars(args), "versions": common.library_versions()}
 
 
-def validate_epoch(model, model_ema, val_loader, device, args):
+def validate_epoch(model, model_ema, val_loader, device, args, dist):
     """Validation loss/accuracy of the raw weights and of the EMA; which of the two is better."""
-    val_loss, val_acc = common.evaluate_loss_acc(model, val_loader, device, args.img_size)
+    val_loss, val_acc = common.evaluate_loss_acc(model, val_loader, device, args.img_size, dist)
     row = {"val_loss": val_loss, "val_acc": val_acc, "val_loss_ema": None, "val_acc_ema": None, "better": "raw"}
     if model_ema is not None:
         row["val_loss_ema"], row["val_acc_ema"] = common.evaluate_loss_acc(model_ema.module, val_loader, device,
-                                                                           args.img_size)
+                                                                           args.img_size, dist)
         row["better"] = "ema" if row["val_acc_ema"] > val_acc else "raw"
     return row
 
@@ -256,21 +260,30 @@ def main(args):
         common.apply_quick(args)
     if not args.resume:
         common.check_overwrite(args.checkpoint_dir, LEVEL, args)
-    device = common.resolve_device(args.device)
+    dist, device = common.init_distributed(args.device)  # torchrun: one process per GPU; else one process
+    if args.batch_size % dist.world_size:
+        raise common.UserError(f"--batch-size {args.batch_size} is the global batch: make it a multiple of the "
+                               f"{dist.world_size} processes")
     common.seed_everything(args.seed)
     print(f"{LEVEL}: device {common.device_name(device)}, {args.img_size} px, weights {args.weights}")
 
     # Data: augmentation on 32-px uint8 images in the workers; upsampling and normalisation on the device.
     data = common.build_datasets(args, common.train_transform(args.randaug_n, args.randaug_m))
-    train_sampler = common.EpochSampler(len(data.train), args.seed)
+    train_sampler = common.EpochSampler(len(data.train), args.seed, dist.rank, dist.world_size)
     # drop_last: a last batch of one image would break BatchNorm (and small ones make noisy steps).
-    train_loader = common.make_loader(data.train, args.batch_size, train_sampler, args.workers, device, drop_last=True)
-    val_loader = common.make_loader(data.val, 2 * args.batch_size, workers=args.workers, device=device)
+    # --batch-size is global: each of the world_size processes takes its share, so one GPU or eight give
+    # the same optimisation (same LR, same steps per epoch) and no LR scaling rule is needed.
+    train_loader = common.make_loader(data.train, args.batch_size // dist.world_size, train_sampler, args.workers,
+                                      device, drop_last=True)
+    val_loader = common.make_loader(common.shard(data.val, dist), 2 * args.batch_size, workers=args.workers,
+                                    device=device)
     print(f"data: {len(data.train)} train, {len(data.val)} validation, {len(data.test)} test images")
 
     model = common.build_model(args.weights, args.dropout).to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, args, device)
     model_ema = common.ModelEma(model, args.ema_decay) if args.ema_decay > 0 else None
+    if args.sync_bn:  # after the EMA/SWA copies: those are evaluated on one process, with plain BatchNorm
+        model = common.convert_sync_bn(model, device)
     total_epochs = args.head_epochs + args.epochs + args.final_epochs
     steps_per_epoch = len(data.train) // args.batch_size
     checkpoint_dir, results_dir = Path(args.checkpoint_dir), Path(args.results_dir)
@@ -286,15 +299,17 @@ def main(args):
         if model_ema is not None and resumed["model_ema"] is not None:
             model_ema.load_state_dict(resumed["model_ema"])
 
-    stop = common.StopOnInterrupt()
+    stop = common.StopOnInterrupt(enabled=not dist.enabled)
     progress = common.Progress(total_epochs, start_epoch)
     end_epoch = total_epochs if args.stop_after_epochs is None else min(total_epochs, start_epoch + args.stop_after_epochs)
     for epoch in range(start_epoch, end_epoch):
         trainable = trainable_groups(epoch, args)
         common.set_trainable(model, trainable)
+        if epoch == start_epoch or trainable != history[-1]["trainable"]:
+            ddp_model = common.wrap_ddp(model, dist, device)  # rebuilt: DDP syncs what trains now
         train_sampler.set_epoch(epoch, skip=skip_steps * args.batch_size)
         started = time.time()
-        train_stats = train_one_epoch(model, model_ema, trainable, train_loader, optimizer, device, args, epoch, stop,
+        train_stats = train_one_epoch(ddp_model, model_ema, trainable, train_loader, optimizer, device, args, epoch, stop,
                                       progress, epoch * steps_per_epoch + skip_steps, steps_per_epoch)
         if stop.requested:  # save the exact position, then leave
             steps_done = skip_steps + train_stats["steps"]
@@ -304,7 +319,7 @@ def main(args):
                   f"--resume {checkpoint_dir / f'{LEVEL}_last.pth'}")
             sys.exit(130)
         skip_steps = 0
-        val = validate_epoch(model, model_ema, val_loader, device, args)
+        val = validate_epoch(model, model_ema, val_loader, device, args, dist)
         seconds = time.time() - started
         head_lr = next(group["lr"] for group in optimizer.param_groups if group["stage_name"] == "fc")
         row = {"epoch": epoch + 1, "trainable": trainable, "lr": head_lr, **train_stats, **val,
@@ -323,6 +338,9 @@ def main(args):
               f"{row['train_loss']:.4f} | val loss {val['val_loss']:.4f} acc {val['val_acc']:.4f}{ema_text} | "
               f"{row['images_per_s']:.0f} img/s | {elapsed:.0f} s elapsed, ETA {eta:.0f} s", flush=True)
         print("json: " + json.dumps(row), flush=True)
+    common.cleanup_distributed(dist)  # no collective operation after this point
+    if not dist.is_main:  # rank 0 alone evaluates the test set (the whole split: exact) and writes results
+        return None
     if end_epoch < total_epochs:
         print(f"stopped after {end_epoch} of {total_epochs} epochs (--stop-after-epochs); continue with "
               f"--resume {checkpoint_dir / f'{LEVEL}_last.pth'}")

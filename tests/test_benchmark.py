@@ -26,8 +26,10 @@ def benchmark_lines(stdout):
 
 def test_smoke_levels_1_and_2_lines_and_json(tmp_path, data_root):
     path = tmp_path / "benchmark.json"
+    # One thread: this run checks the plumbing, not the speed, and two threads on two cores that another
+    # process is also using can run tens of times slower (each thread waits for the other at every op).
     result = run_script("benchmark.py", "--level", "1", "2", *SMOKE, "--data-dir", data_root, "--json", path,
-                        timeout=300)
+                        timeout=300, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     rows = benchmark_lines(result.stdout)
     assert [row["level"] for row in rows] == [1, 2]
@@ -58,6 +60,14 @@ def test_bad_input_from_the_command_line():
     result = run_script("benchmark.py", "--steps", "0")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_batch_larger_than_the_training_split_is_one_line_error(synthetic_root):
+    """The synthetic training split holds 100 images: no full batch of 200, caught before any timing."""
+    result = run_cli(benchmark, "--level", "1", "-b", "200", "--img-size", "32", "-j", "0", "--device", "cpu",
+                     "--data-dir", synthetic_root)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: the training split (100 images) holds no full batch of 200")
 
 
 def test_level_args_are_the_level_defaults_with_the_benchmark_sizes():

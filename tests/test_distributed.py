@@ -1,0 +1,96 @@
+"""torchrun + DistributedDataParallel on the CPU (gloo): each level runs with 2 processes, writes one set of
+files, and trains like one process with the same global batch."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, run_script
+
+TINY = ["--weights", "none", "--img-size", "32", "--subset", "64", "--eval-subset", "17", "--batch-size", "32",
+        "-j", "0", "--head-epochs", "1", "--epochs", "1", "--seed", "3", "--print-freq", "100"]
+ENV = {"OMP_NUM_THREADS": "1"}  # two processes on two cores
+
+
+def torchrun(script, *args):
+    return run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args, env=ENV)
+
+
+def run_both(tmp_path, script, *args):
+    """The same run in one process and under torchrun with 2 processes; returns both (results, last ckpt)."""
+    out = {}
+    for name, runner in (("single", lambda *a: run_script(script, *a, env=ENV)), ("ddp", lambda *a: torchrun(script, *a))):
+        result = runner(*args, "--checkpoint-dir", tmp_path / name / "ck", "--results-dir", tmp_path / name / "res")
+        assert result.returncode == 0, result.stderr[-3000:]
+        level = script.removesuffix(".py")
+        out[name] = (json.loads((tmp_path / name / "res" / f"{level}.json").read_text()),
+                     torch.load(tmp_path / name / "ck" / f"{level}_last.pth", weights_only=True), result)
+    # Exactly one set of files: rank 1 wrote nothing of its own (same names, no duplicates, no temp files).
+    for kind in ("ck", "res"):
+        assert sorted(os.listdir(tmp_path / "ddp" / kind)) == sorted(os.listdir(tmp_path / "single" / kind))
+    return out
+
+
+def assert_same_loss_trajectory(single, ddp, band):
+    """Training and validation losses epoch by epoch within a relative `band`."""
+    assert len(single["history"]) == len(ddp["history"])
+    for a, b in zip(single["history"], ddp["history"]):
+        assert a["images"] == b["images"]  # the epoch covered the same number of images over all ranks
+        for key in ("train_loss", "val_loss"):
+            assert b[key] == pytest.approx(a[key], rel=band), (key, a["epoch"])
+
+
+def test_level1_two_processes_match_one_process(tmp_path, data_root):
+    """With --sync-bn (and level 1 has no mixing or dropout; crop/flip depend only on the image index), 2 processes
+    x 16 images train like 1 process x 32. Tolerance: AdamW moves a weight by at most about lr per step, so
+    float-rounding differences in the all-reduced gradients can change a weight by at most 2 x lr per step
+    (a near-zero gradient whose sign flips); we allow exactly that."""
+    out = run_both(tmp_path, "level1.py", *TINY, "--data-dir", data_root, "--sync-bn")
+    (single, a, _), (ddp, b, _) = out["single"], out["ddp"]
+    steps = 2  # per stage: 64 images / 32
+    bound_fc = 2 * steps * (1e-3 + 1e-4) * 1.01  # fc trains in both stages (head-lr 1e-3, lr 1e-4)
+    bound_rest = 2 * steps * 1e-4 * 1.01
+    for key, value in a["model"].items():
+        if "running" in key or "num_batches" in key:
+            continue
+        difference = (value - b["model"][key]).abs().max().item()
+        assert difference <= (bound_fc if key.startswith("fc.") else bound_rest), (key, difference)
+    # After the head stage the weights still agree to float precision, so the validation metrics of epoch 1,
+    # over an odd-sized split (17 = 9 + 8 images per rank), must be the same: the all-reduce is exact.
+    assert ddp["history"][0]["val_acc"] == single["history"][0]["val_acc"]
+    assert ddp["history"][0]["val_loss"] == pytest.approx(single["history"][0]["val_loss"], rel=1e-5)
+    assert ddp["test"]["num_images"] == single["test"]["num_images"] == 17
+    assert_same_loss_trajectory(single, ddp, band=0.02)
+
+
+@pytest.mark.parametrize("script,extra", [
+    ("level2.py", []),
+    ("level4.py", ["--final-epochs", "0", "--swa-epochs", "1", "--dropout", "0"]),
+])
+def test_levels_2_and_4_under_torchrun(tmp_path, data_root, script, extra):
+    """MixUp/CutMix pair images within each process's batch, so the runs differ a little: same trajectory
+    within 15 %."""
+    out = run_both(tmp_path, script, *TINY, "--data-dir", data_root, *extra)
+    assert_same_loss_trajectory(out["single"][0], out["ddp"][0], band=0.15)
+    if script == "level4.py":
+        assert out["ddp"][1]["model_swa"]["num_averaged"] == 1
+        assert set(out["ddp"][0]["val_final"]) == {"raw", "ema", "swa"}
+
+
+def test_level3_resume_under_torchrun(tmp_path, data_root):
+    flags = [*TINY, "--data-dir", data_root, "--final-epochs", "0", "--dropout", "0", "--mix-prob", "0",
+             "--erase-prob", "0", "--sync-bn", "--checkpoint-dir", tmp_path / "ck", "--results-dir", tmp_path / "res"]
+    first = torchrun("level3.py", *flags, "--stop-after-epochs", "1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert torch.load(tmp_path / "ck" / "level3_last.pth", weights_only=True)["epoch"] == 1
+    resumed = torchrun("level3.py", *flags, "--resume", tmp_path / "ck" / "level3_last.pth")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    history = json.loads((tmp_path / "res" / "level3.json").read_text())["history"]
+    assert [row["epoch"] for row in history] == [1, 2]
+    single = run_script("level3.py", *flags[:-4], "--checkpoint-dir", tmp_path / "one", "--results-dir",
+                        tmp_path / "one", env=ENV)
+    assert single.returncode == 0, single.stderr[-3000:]
+    expected = json.loads((tmp_path / "one" / "level3.json").read_text())["history"]
+    for a, b in zip(expected, history):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.02)
