@@ -339,8 +339,8 @@ def print_block(row, args):
 
 def main(args):
     device = common.resolve_device(args.device)
-    print(f"setup: device {common.device_name(device)}, torch {torch.__version__}, commit {common.git_commit()}",
-          flush=True)
+    commit = common.git_commit()  # once: the tree may change while the benchmark runs
+    print(f"setup: device {common.device_name(device)}, torch {torch.__version__}, commit {commit}", flush=True)
     rows = []
     for level in args.level:
         rows.append(benchmark_level(level, args, device))
@@ -348,7 +348,7 @@ def main(args):
     for row in rows:
         print("benchmark: " + " ".join(f"{key}={row[key]}" for key in LINE_FIELDS))
     if args.json:
-        extra = {"commit": common.git_commit(), "device_name": common.device_name(device), "torch": torch.__version__,
+        extra = {"commit": commit, "device_name": common.device_name(device), "torch": torch.__version__,
                  "steps": args.steps, "warmup_steps": args.warmup_steps, "workers": args.workers,
                  "compile": args.compile, "weights": args.weights, "tta_set": args.tta_set}
         common.write_json(args.json, [{**row, **extra} for row in rows])

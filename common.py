@@ -107,7 +107,8 @@ def check_overwrite(checkpoint_dir, level, args):
     old_epochs, new_epochs = planned_epochs(old_args), planned_epochs(vars(args))
     if old_epochs > new_epochs and not args.overwrite:
         raise UserError(f"{path} is from a longer run ({old_epochs} epochs, validation accuracy {old_acc:.4f}) than "
-                        f"this one ({new_epochs}): pass --overwrite to replace it, or --checkpoint-dir to write elsewhere")
+                        f"this one ({new_epochs}): pass --overwrite to replace it, or --checkpoint-dir to write "
+                        f"elsewhere")
     print(f"note: {path} exists (validation accuracy {old_acc:.4f}); it stays until this run writes its first "
           f"checkpoint, which replaces it")
 
@@ -1253,7 +1254,9 @@ class Progress:
         self.interactive = sys.stdout.isatty()
 
     def step_line(self, epoch, step, steps, loss):
-        text = f"epoch {epoch + 1} step {step}/{steps} loss {loss:.4f}"
+        """The step line (every --print-freq steps; 0 = never): reading `loss` is the only host-device sync
+        inside an epoch, and only on these steps."""
+        text = f"epoch {epoch + 1} step {step}/{steps} loss {float(loss):.4f}"
         if self.interactive:
             print("\r" + text, end="", flush=True)
         else:
@@ -1292,10 +1295,13 @@ def init_distributed(device_arg):
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; start NCCL on CUDA, gloo on the CPU. Without
     torchrun, a one-process Dist is returned and nothing is initialised. Returns (dist, device)."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Dist(), resolve_device(device_arg)
+        device = resolve_device(device_arg)
+        torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input sizes: cuDNN picks its fastest kernels
+        return Dist(), device
     dist = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     device = resolve_device(device_arg)
     if device.type == "cuda":  # one GPU per process: cuda:LOCAL_RANK
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -1306,16 +1312,20 @@ def init_distributed(device_arg):
 
 def unwrap(model):
     """The plain model inside a DistributedDataParallel and/or torch.compile wrapper."""
-    model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    return getattr(model, "_orig_mod", model)
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def wrap_ddp(model, dist, device):
-    """DistributedDataParallel over the parameters that train now (a no-op in one process). DDP registers the
-    trainable parameters when it is built, so after (un)freezing a group the wrapper is built again."""
-    if not dist.enabled:
-        return model
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+def wrap_for_training(model, dist, device, compile_model=False):
+    """The model as the training step calls it: DistributedDataParallel over the parameters that train now
+    (under torchrun), then torch.compile (--compile). DDP registers the trainable parameters when it is built,
+    so after (un)freezing a group the wrapper is built again - and a compiled model compiles again. The
+    plain `model` stays what EMA, SWA, evaluation and checkpoints use (common.unwrap reaches it)."""
+    if dist.enabled:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile_model:
+        model = torch.compile(model)
+    return model
 
 
 class AllReduceBatchNorm2d(nn.BatchNorm2d):

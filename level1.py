@@ -59,7 +59,10 @@ def get_args_parser():
     run.add_argument("--resume", default=None, help="continue from a checkpoint, e.g. checkpoints/level1_last.pth")
     run.add_argument("--checkpoint-dir", default="checkpoints", help="where .pth files go (default: checkpoints)")
     run.add_argument("--results-dir", default="results", help="where JSON and PNG results go (default: results)")
-    run.add_argument("--print-freq", type=int, default=50, help="print a step line every N steps (default: 50)")
+    run.add_argument("--print-freq", type=int, default=50,
+                     help="print a step line every N steps, 0 = never (default: 50)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the model: faster steps after a first-epoch compile of ~1 min (default: off)")
     run.add_argument("--sync-bn", action="store_true",
                      help="under torchrun: BatchNorm statistics over the global batch (default: per GPU)")
     run.add_argument("--quick", action="store_true",
@@ -104,8 +107,8 @@ def train_one_epoch(model, trainable, loader, optimizer, device, args, epoch, st
         correct += (logits.detach().argmax(-1) == labels).sum()
         images_seen += len(labels)
         steps += 1
-        if steps % args.print_freq == 0:
-            progress.step_line(epoch, steps, len(loader), loss.item())
+        if args.print_freq and steps % args.print_freq == 0:
+            progress.step_line(epoch, steps, len(loader), loss.detach())
         if stop.requested:
             break
     progress.end_line()
@@ -170,12 +173,14 @@ def main(args):
         if stage_of(epoch) != stage:
             stage = stage_of(epoch)
             optimizer, trainable = make_optimizer(model, stage, args, device)
-            ddp_model = common.wrap_ddp(model, dist, device)  # rebuilt: DDP syncs what trains now
+            # Built again when the trainable set changes: DDP all-reduces what trains now.
+            train_model = common.wrap_for_training(model, dist, device, args.compile)
             if resumed and resumed["stage"] == stage and epoch == start_epoch:
                 optimizer.load_state_dict(resumed["optimizer"])
         train_sampler.set_epoch(epoch, skip=skip_steps * args.batch_size)
         started = time.time()
-        train_stats = train_one_epoch(ddp_model, trainable, train_loader, optimizer, device, args, epoch, stop, progress)
+        train_stats = train_one_epoch(train_model, trainable, train_loader, optimizer, device, args, epoch, stop,
+                                      progress)
         if stop.requested:  # save the exact position, then leave
             steps_done = skip_steps + train_stats["steps"]
             common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", make_checkpoint(
@@ -215,7 +220,8 @@ def main(args):
                "versions": common.library_versions(), "history": history, "best_val_acc": best_val_acc,
                "best_epoch": best["epoch"], "test": test, "seconds": time.time() - progress.start}
     common.write_json(results_dir / f"{LEVEL}.json", results)
-    common.plot_curves(history, results_dir / f"{LEVEL}_curves.png", f"{LEVEL}: {args.weights} weights, {args.img_size} px")
+    common.plot_curves(history, results_dir / f"{LEVEL}_curves.png",
+                       f"{LEVEL}: {args.weights} weights, {args.img_size} px")
     print(f"test ({test['num_images']} images, best epoch {best['epoch']}): acc1 {test['acc1']:.4f} "
           f"ece {test['ece']:.4f} nll {test['nll']:.4f}")
     print(f"final: acc1={test['acc1']:.4f} val_acc1={best_val_acc:.4f} ece={test['ece']:.4f} "

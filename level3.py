@@ -68,8 +68,8 @@ def get_args_parser():
     optim.add_argument("--min-lr", type=float, default=1e-6, help="LR at the end of each cosine (default: 1e-06)")
     unfreeze = parser.add_argument_group("progressive unfreezing, discriminative LRs, long low-LR fine-tuning")
     unfreeze.add_argument("--unfreeze-every", type=int, default=1,
-                          help="stage 2: unfreeze one more group (layer4, layer3, ..., stem) every N epochs; 0 = all at "
-                               "once (default: 1)")
+                          help="stage 2: unfreeze one more group (layer4, layer3, ..., stem) every N epochs; "
+                               "0 = all at once (default: 1)")
     unfreeze.add_argument("--unfreeze-warmup-epochs", type=float, default=0.5,
                           help="LR warmup of each newly unfrozen group, in epochs (default: 0.5)")
     # 0.7 per stage: the stem learns at 0.7^5 = 17 % of the head's LR. Lower layers hold generic features
@@ -107,7 +107,10 @@ def get_args_parser():
                      help="save and stop after N epochs of this run, to --resume later (default: run to the end)")
     run.add_argument("--checkpoint-dir", default="checkpoints", help="where .pth files go (default: checkpoints)")
     run.add_argument("--results-dir", default="results", help="where JSON and PNG results go (default: results)")
-    run.add_argument("--print-freq", type=int, default=50, help="print a step line every N steps (default: 50)")
+    run.add_argument("--print-freq", type=int, default=50,
+                     help="print a step line every N steps, 0 = never (default: 50)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the model: faster steps after a first-epoch compile of ~1 min (default: off)")
     run.add_argument("--sync-bn", action="store_true",
                      help="under torchrun: BatchNorm statistics over the global batch (default: per GPU)")
     run.add_argument("--quick", action="store_true",
@@ -158,7 +161,8 @@ def make_optimizer(model, args, device):
     alone until they unfreeze: no optimiser rebuilt mid-run, and resume restores one state."""
     param_groups = []
     for group in common.LAYER_GROUPS:
-        named = [(name, p) for module in common.layer_group_modules(model)[group] for name, p in module.named_parameters()]
+        named = [(name, p) for module in common.layer_group_modules(model)[group]
+                 for name, p in module.named_parameters()]
         for param_group in common.param_groups_no_bn_decay(named, args.weight_decay, args.lr, only_trainable=False):
             param_groups.append({**param_group, "stage_name": group})
     return common.adamw(param_groups, args.lr, args.weight_decay, device)
@@ -214,8 +218,8 @@ def train_one_epoch(model, model_ema, trainable, loader, optimizer, device, args
         loss_sum += loss.detach() * len(labels)
         images_seen += len(labels)
         steps += 1
-        if steps % args.print_freq == 0:
-            progress.step_line(epoch, steps, len(loader), loss.item())
+        if args.print_freq and steps % args.print_freq == 0:
+            progress.step_line(epoch, steps, len(loader), loss.detach())
         if stop.requested:
             break
     progress.end_line()
@@ -301,16 +305,18 @@ def main(args):
 
     stop = common.StopOnInterrupt(enabled=not dist.enabled)
     progress = common.Progress(total_epochs, start_epoch)
-    end_epoch = total_epochs if args.stop_after_epochs is None else min(total_epochs, start_epoch + args.stop_after_epochs)
+    end_epoch = total_epochs if args.stop_after_epochs is None else min(total_epochs,
+                                                                        start_epoch + args.stop_after_epochs)
     for epoch in range(start_epoch, end_epoch):
         trainable = trainable_groups(epoch, args)
         common.set_trainable(model, trainable)
         if epoch == start_epoch or trainable != history[-1]["trainable"]:
-            ddp_model = common.wrap_ddp(model, dist, device)  # rebuilt: DDP syncs what trains now
+            # Built again when the trainable set changes: DDP all-reduces what trains now.
+            train_model = common.wrap_for_training(model, dist, device, args.compile)
         train_sampler.set_epoch(epoch, skip=skip_steps * args.batch_size)
         started = time.time()
-        train_stats = train_one_epoch(ddp_model, model_ema, trainable, train_loader, optimizer, device, args, epoch, stop,
-                                      progress, epoch * steps_per_epoch + skip_steps, steps_per_epoch)
+        train_stats = train_one_epoch(train_model, model_ema, trainable, train_loader, optimizer, device, args,
+                                      epoch, stop, progress, epoch * steps_per_epoch + skip_steps, steps_per_epoch)
         if stop.requested:  # save the exact position, then leave
             steps_done = skip_steps + train_stats["steps"]
             common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", make_checkpoint(
@@ -359,10 +365,12 @@ def main(args):
                "test_tta": test_tta, "tta_set": args.tta_set, "eval_images_per_s": test["num_images"] / test_seconds,
                "tta_images_per_s": test["num_images"] / tta_seconds, "seconds": time.time() - progress.start}
     common.write_json(results_dir / f"{LEVEL}.json", results)
-    common.plot_curves(history, results_dir / f"{LEVEL}_curves.png", f"{LEVEL}: {args.weights} weights, {args.img_size} px",
+    common.plot_curves(history, results_dir / f"{LEVEL}_curves.png",
+                       f"{LEVEL}: {args.weights} weights, {args.img_size} px",
                        extra_val_keys=("val_acc_ema",) if model_ema is not None else ())
     print(f"test ({test['num_images']} images, best epoch {best['epoch']}, {best['model_source']} weights): "
-          f"acc1 {test['acc1']:.4f} ece {test['ece']:.4f} nll {test['nll']:.4f} | {results['eval_images_per_s']:.0f} img/s")
+          f"acc1 {test['acc1']:.4f} ece {test['ece']:.4f} nll {test['nll']:.4f} | "
+          f"{results['eval_images_per_s']:.0f} img/s")
     print(f"test with TTA {args.tta_set} ({len(common.TTA_SETS[args.tta_set])} views): acc1 {test_tta['acc1']:.4f} "
           f"ece {test_tta['ece']:.4f} | {results['tta_images_per_s']:.0f} img/s")
     print(f"final: acc1={test['acc1']:.4f} tta_acc1={test_tta['acc1']:.4f} val_acc1={best_val_acc:.4f} "

@@ -68,8 +68,8 @@ def get_args_parser():
     optim.add_argument("--min-lr", type=float, default=1e-6, help="LR at the end of each cosine (default: 1e-06)")
     unfreeze = parser.add_argument_group("progressive unfreezing, discriminative LRs, long low-LR fine-tuning")
     unfreeze.add_argument("--unfreeze-every", type=int, default=1,
-                          help="stage 2: unfreeze one more group (layer4, layer3, ..., stem) every N epochs; 0 = all at "
-                               "once (default: 1)")
+                          help="stage 2: unfreeze one more group (layer4, layer3, ..., stem) every N epochs; "
+                               "0 = all at once (default: 1)")
     unfreeze.add_argument("--unfreeze-warmup-epochs", type=float, default=0.5,
                           help="LR warmup of each newly unfrozen group, in epochs (default: 0.5)")
     # 0.7 per stage: the stem learns at 0.7^5 = 17 % of the head's LR. Lower layers hold generic features
@@ -126,7 +126,10 @@ def get_args_parser():
                      help="save and stop after N epochs of this run, to --resume later (default: run to the end)")
     run.add_argument("--checkpoint-dir", default="checkpoints", help="where .pth files go (default: checkpoints)")
     run.add_argument("--results-dir", default="results", help="where JSON and PNG results go (default: results)")
-    run.add_argument("--print-freq", type=int, default=50, help="print a step line every N steps (default: 50)")
+    run.add_argument("--print-freq", type=int, default=50,
+                     help="print a step line every N steps, 0 = never (default: 50)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the model: faster steps after a first-epoch compile of ~1 min (default: off)")
     run.add_argument("--sync-bn", action="store_true",
                      help="under torchrun: BatchNorm statistics over the global batch (default: per GPU)")
     run.add_argument("--quick", action="store_true",
@@ -180,7 +183,8 @@ def make_optimizer(model, args, device):
     alone until they unfreeze: no optimiser rebuilt mid-run, and resume restores one state."""
     param_groups = []
     for group in common.LAYER_GROUPS:
-        named = [(name, p) for module in common.layer_group_modules(model)[group] for name, p in module.named_parameters()]
+        named = [(name, p) for module in common.layer_group_modules(model)[group]
+                 for name, p in module.named_parameters()]
         for param_group in common.param_groups_no_bn_decay(named, args.weight_decay, args.lr, only_trainable=False):
             param_groups.append({**param_group, "stage_name": group})
     return common.adamw(param_groups, args.lr, args.weight_decay, device)
@@ -253,8 +257,8 @@ def train_one_epoch(model, model_ema, model_swa, trainable, loader, optimizer, d
         loss_sum += loss.detach() * len(labels)
         images_seen += len(labels)
         steps += 1
-        if steps % args.print_freq == 0:
-            progress.step_line(epoch, steps, len(loader), loss.item())
+        if args.print_freq and steps % args.print_freq == 0:
+            progress.step_line(epoch, steps, len(loader), loss.detach())
         if stop.requested:
             break
     progress.end_line()
@@ -294,7 +298,8 @@ def finish_swa(model_swa, data, device, args):
     clean = common.CifarDataset(data.train.images, data.train.labels)
     loader = common.make_loader(clean, 2 * args.batch_size, workers=args.workers, device=device)
     with common.autocast(device):
-        common.recompute_bn(model_swa.module, loader, lambda images: common.prepare_batch(images, device, args.img_size))
+        common.recompute_bn(model_swa.module, loader,
+                            lambda images: common.prepare_batch(images, device, args.img_size))
 
 
 def candidate_models(model, model_ema, model_swa):
@@ -337,7 +342,8 @@ def calibrate(model, val_loader, test_loader, device, classes, args, results_dir
     common.plot_reliability(common.reliability_bins(before, test_labels), common.reliability_bins(after, test_labels),
                             results_dir / f"{LEVEL}_reliability.png", f"{LEVEL} test set, T = {temperature:.3f}")
     print(f"calibration: T = {temperature:.4f} (fitted on validation); test ECE {calibration['before']['ece']:.4f} -> "
-          f"{calibration['after']['ece']:.4f}, NLL {calibration['before']['nll']:.4f} -> {calibration['after']['nll']:.4f}")
+          f"{calibration['after']['ece']:.4f}, NLL {calibration['before']['nll']:.4f} -> "
+          f"{calibration['after']['nll']:.4f}")
     return calibration, after, test_labels
 
 
@@ -448,7 +454,8 @@ def write_ablation_report(rows, results_dir):
     lines = ["# Ablation (computed by `python level4.py --ablate`; every row is a real training run)", "",
              f"Device: {rows[0]['device']}; commit: {rows[0]['commit']}. Test accuracy uses each row's TTA "
              f"setting; the baseline is {baseline:.4f}.", "",
-             "| row | change | test acc1 (TTA) | vs baseline | test acc1 (no TTA) | ECE | best of | seconds | command |",
+             "| row | change | test acc1 (TTA) | vs baseline | test acc1 (no TTA) | ECE | best of | seconds "
+             "| command |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['name']} | {row['change']} | {row['tta_acc1']:.4f} | {row['tta_acc1'] - baseline:+.4f} | "
@@ -541,16 +548,19 @@ def main(args):
 
     stop = common.StopOnInterrupt(enabled=not dist.enabled)
     progress = common.Progress(total_epochs, start_epoch)
-    end_epoch = total_epochs if args.stop_after_epochs is None else min(total_epochs, start_epoch + args.stop_after_epochs)
+    end_epoch = total_epochs if args.stop_after_epochs is None else min(total_epochs,
+                                                                        start_epoch + args.stop_after_epochs)
     for epoch in range(start_epoch, end_epoch):
         trainable = trainable_groups(epoch, args)
         common.set_trainable(model, trainable)
         if epoch == start_epoch or trainable != history[-1]["trainable"]:
-            ddp_model = common.wrap_ddp(model, dist, device)  # rebuilt: DDP syncs what trains now
+            # Built again when the trainable set changes: DDP all-reduces what trains now.
+            train_model = common.wrap_for_training(model, dist, device, args.compile)
         train_sampler.set_epoch(epoch, skip=skip_steps * args.batch_size)
         started = time.time()
-        train_stats = train_one_epoch(ddp_model, model_ema, model_swa, trainable, train_loader, optimizer, device, args,
-                                      epoch, stop, progress, epoch * steps_per_epoch + skip_steps, steps_per_epoch)
+        train_stats = train_one_epoch(train_model, model_ema, model_swa, trainable, train_loader, optimizer,
+                                      device, args, epoch, stop, progress, epoch * steps_per_epoch + skip_steps,
+                                      steps_per_epoch)
         if stop.requested:  # save the exact position, then leave
             steps_done = skip_steps + train_stats["steps"]
             common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", make_checkpoint(
@@ -568,7 +578,8 @@ def main(args):
         if max(val["val_acc"], val["val_acc_ema"] or -1.0) > best_val_acc:
             best_val_acc = max(val["val_acc"], val["val_acc_ema"] or -1.0)
             common.save_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", make_checkpoint(
-                model, optimizer, model_ema, model_swa, epoch + 1, 0, best_val_acc, history, args, model_source=val["better"],
+                model, optimizer, model_ema, model_swa, epoch + 1, 0, best_val_acc, history, args,
+                model_source=val["better"],
                 resumable=False))
         common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", make_checkpoint(
             model, optimizer, model_ema, model_swa, epoch + 1, 0, best_val_acc, history, args))
@@ -590,7 +601,8 @@ def main(args):
     results = final_evaluation(model, model_ema, model_swa, data, val_loader, device, args, best_val_acc, history,
                                progress.start)
     common.write_json(results_dir / f"{LEVEL}.json", results)
-    common.plot_curves(history, results_dir / f"{LEVEL}_curves.png", f"{LEVEL}: {args.weights} weights, {args.img_size} px",
+    common.plot_curves(history, results_dir / f"{LEVEL}_curves.png",
+                       f"{LEVEL}: {args.weights} weights, {args.img_size} px",
                        extra_val_keys=("val_acc_ema",) if model_ema is not None else ())
     test, tta = results["test"], results["test_tta"]
     print(f"test ({test['num_images']} images, {results['best_model_source']} weights, T = "

@@ -11,7 +11,7 @@ import common
 import level4
 
 TINY = ["--weights", "none", "--img-size", "32", "--subset", "32", "--eval-subset", "32", "--batch-size", "16",
-        "-j", "0", "--head-epochs", "1", "--epochs", "1", "--final-epochs", "0", "--swa-epochs", "2", "--seed", "7",
+        "-j", "0", "--head-epochs", "0", "--epochs", "1", "--final-epochs", "0", "--swa-epochs", "2", "--seed", "7",
         "--print-freq", "100"]
 
 
@@ -110,7 +110,7 @@ def test_tta_average_flag_changes_the_tta_results(tiny_run):
 def test_resume_inside_the_swa_phase_is_exact(tmp_path, data_root):
     flags = [*TINY, "--data-dir", str(data_root)]
     run_in_process(level4, [*flags, "--checkpoint-dir", str(tmp_path / "a"), "--results-dir", str(tmp_path / "a")])
-    for extra in (["--stop-after-epochs", "3"], ["--resume", str(tmp_path / "b" / "level4_last.pth")]):
+    for extra in (["--stop-after-epochs", "2"], ["--resume", str(tmp_path / "b" / "level4_last.pth")]):
         run_in_process(level4, [*flags, "--checkpoint-dir", str(tmp_path / "b"), "--results-dir", str(tmp_path / "b"),
                                 *extra])
     a = torch.load(tmp_path / "a" / "level4_last.pth", weights_only=True)
@@ -121,7 +121,7 @@ def test_resume_inside_the_swa_phase_is_exact(tmp_path, data_root):
 
 
 def test_ablation_grid_rows_are_computed_and_resumed(tmp_path, data_root):
-    argv = [*TINY, "--swa-epochs", "1", "--head-epochs", "0", "--subset", "16", "--eval-subset", "16",
+    argv = [*TINY, "--swa-epochs", "1", "--subset", "16", "--eval-subset", "16",
             "--data-dir", str(data_root), "--checkpoint-dir", str(tmp_path / "ck"), "--results-dir", str(tmp_path),
             "--ablate", "--ablate-epochs", "1", "--ablate-sizes", "32", "40"]
     run_in_process(level4, argv)
