@@ -122,9 +122,19 @@ def check_positive(args, *names):
             raise UserError(f"{flag} must be > 0 (got {value})")
 
 
+def check_non_negative(args, *names):
+    """Raise a UserError naming the first flag among `names` (those the parser has) whose value is < 0."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {value})")
+
+
 def check_common_args(args):
     """The checks every level shares: sizes and rates must be positive, images at least 32 px."""
-    check_positive(args, "epochs", "batch_size", "lr", "subset", "eval_subset")
+    check_positive(args, "epochs", "batch_size", "lr", "head_lr", "subset", "eval_subset")
+    check_non_negative(args, "weight_decay", "min_lr", "warmup_epochs", "unfreeze_warmup_epochs", "workers",
+                       "print_freq")
     if args.head_epochs < 0:
         raise UserError(f"--head-epochs must be >= 0 (got {args.head_epochs})")
     if args.img_size < 32:
@@ -201,8 +211,13 @@ def download_cifar10(data_dir):
 def load_cifar10(data_dir):
     """Read the standard `cifar-10-batches-py` folder under `data_dir` (downloading it when absent)."""
     folder = Path(data_dir) / CIFAR_FOLDER
-    if not folder.is_dir():
+    distributed = torch.distributed.is_initialized()
+    if not folder.is_dir() and (not distributed or torch.distributed.get_rank() == 0):
         download_cifar10(data_dir)
+    if distributed:  # the other ranks wait for rank 0's download
+        torch.distributed.barrier()
+    if not folder.is_dir():
+        raise UserError(f"CIFAR-10 is not at {folder}: rank 0 could not download it")
     # Kept in memory per folder and file state: ablation rows and tests in one process read it once.
     stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.iterdir()) if p.is_file())
     return _load_cifar10_cached(folder.resolve(), stamp)
@@ -321,7 +336,11 @@ def make_loader(dataset, batch_size, sampler=None, workers=0, device=None, drop_
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
         pin_memory=device is not None and device.type == "cuda", persistent_workers=workers > 0,
-        drop_last=drop_last, worker_init_fn=_ignore_sigint if workers > 0 else None)
+        drop_last=drop_last, worker_init_fn=_ignore_sigint if workers > 0 else None,
+        # Each iterator draws a base seed for its workers; from its own generator, not the global RNG that
+        # MixUp, erasing and dropout use - so neither -j nor a resume shifts their draws. (Augmentation
+        # does not use the worker seed: see CifarDataset.)
+        generator=torch.Generator().manual_seed(0))
 
 
 @dataclass
@@ -825,6 +844,9 @@ def evaluate_loss_acc(model, loader, device, img_size, dist=None):
     """Validation loss and top-1 (fractions), summed on the device and read once at the end. Under torchrun
     each rank sees its shard (see `shard`) and the sums are all-reduced: exact over the whole split."""
     model.eval()
+    if dist is not None and dist.enabled:  # BatchNorm statistics drift apart per rank: evaluate rank 0's
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     count = 0
@@ -1299,11 +1321,12 @@ def init_distributed(device_arg):
         torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input sizes: cuDNN picks its fastest kernels
         return Dist(), device
     dist = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    if device_arg in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(dist.local_rank)  # first: else every process opens a context on GPU 0
+        device_arg = f"cuda:{dist.local_rank}"  # one GPU per process
     device = resolve_device(device_arg)
-    if device.type == "cuda":  # one GPU per process: cuda:LOCAL_RANK
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
-        device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if not dist.is_main:  # only rank 0 talks; the other ranks' errors still reach stderr
         sys.stdout = open(os.devnull, "w")

@@ -225,7 +225,7 @@ def main(args):
         train_sampler.set_epoch(epoch, skip=skip_steps * args.batch_size)
         started = time.time()
         stage_start = 0 if stage == "head" else args.head_epochs
-        steps_per_epoch = len(data.train) // args.batch_size
+        steps_per_epoch = len(train_sampler) // (args.batch_size // dist.world_size)  # as the loader, skip 0
         first_step = (epoch - stage_start) * steps_per_epoch + skip_steps
         train_stats = train_one_epoch(train_model, trainable, train_loader, optimizer, device, args, epoch, stop,
                                       progress, stage, first_step, steps_per_epoch)

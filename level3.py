@@ -289,7 +289,7 @@ def main(args):
     if args.sync_bn:  # after the EMA/SWA copies: those are evaluated on one process, with plain BatchNorm
         model = common.convert_sync_bn(model, device)
     total_epochs = args.head_epochs + args.epochs + args.final_epochs
-    steps_per_epoch = len(data.train) // args.batch_size
+    steps_per_epoch = len(train_sampler) // (args.batch_size // dist.world_size)  # as the loader, skip 0
     checkpoint_dir, results_dir = Path(args.checkpoint_dir), Path(args.results_dir)
 
     # Resume: the position is (completed epochs, steps into the next one); schedule and unfreezing are

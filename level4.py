@@ -18,6 +18,7 @@ What this level adds to level3.py:
 """
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -365,10 +366,12 @@ def error_analysis(probs, labels, data, results_dir):
                                     "confidence": float(confidence[i])} for i in mistakes]}
 
 
-def final_evaluation(model, model_ema, model_swa, data, val_loader, device, args, best_val_acc, history, started):
+def final_evaluation(model, model_ema, model_swa, data, device, args, best_val_acc, history, started):
     """SWA's BatchNorm pass, then validation picks among the best checkpoint (raw or EMA) and SWA; the
-    chosen weights are calibrated, tested once (with each TTA set) and analysed. All three are reported."""
+    chosen weights are calibrated, tested once (with each TTA set) and analysed. All three are reported.
+    Runs on rank 0 alone, over whole splits."""
     checkpoint_dir, results_dir = Path(args.checkpoint_dir), Path(args.results_dir)
+    val_loader = common.make_loader(data.val, 2 * args.batch_size, workers=args.workers, device=device)
     if model_swa is not None and model_swa.num_averaged > 0:
         finish_swa(model_swa, data, device, args)
     finals = candidate_models(model, model_ema, model_swa)
@@ -376,7 +379,8 @@ def final_evaluation(model, model_ema, model_swa, data, val_loader, device, args
     best = common.load_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", LEVEL)
     if val.get("swa", -1.0) > best_val_acc:  # SWA wins on validation: it becomes the best checkpoint
         best_val_acc = val["swa"]
-        best = {**best, "model": model_swa.module.state_dict(), "model_source": "swa", "best_val_acc": best_val_acc}
+        best = {**best, "model": model_swa.module.state_dict(), "model_source": "swa", "best_val_acc": best_val_acc,
+                "epoch": len(history)}
     print("validation, final weights: " + ", ".join(f"{name} {acc:.4f}" for name, acc in val.items())
           + f" | chosen: {best['model_source']} ({best_val_acc:.4f})")
     chosen = common.build_model("none", args.dropout).to(device, memory_format=torch.channels_last)
@@ -499,6 +503,9 @@ def main(args):
     if args.summary:
         return write_summary(args)
     if args.ablate:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise common.UserError("--ablate runs its rows one after another in one process: start it with python, "
+                                   "not torchrun")
         return run_ablation(args)
     if args.quick:
         common.apply_quick(args)
@@ -530,7 +537,7 @@ def main(args):
     if args.sync_bn:  # after the EMA/SWA copies: those are evaluated on one process, with plain BatchNorm
         model = common.convert_sync_bn(model, device)
     total_epochs = args.head_epochs + args.epochs + args.final_epochs + args.swa_epochs
-    steps_per_epoch = len(data.train) // args.batch_size
+    steps_per_epoch = len(train_sampler) // (args.batch_size // dist.world_size)  # as the loader, skip 0
     checkpoint_dir, results_dir = Path(args.checkpoint_dir), Path(args.results_dir)
 
     # Resume: the position is (completed epochs, steps into the next one); schedule and unfreezing are
@@ -598,7 +605,7 @@ def main(args):
         return
 
     # Final: SWA's BatchNorm pass; validation picks raw, EMA or SWA; calibrate, test once, analyse.
-    results = final_evaluation(model, model_ema, model_swa, data, val_loader, device, args, best_val_acc, history,
+    results = final_evaluation(model, model_ema, model_swa, data, device, args, best_val_acc, history,
                                progress.start)
     common.write_json(results_dir / f"{LEVEL}.json", results)
     common.plot_curves(history, results_dir / f"{LEVEL}_curves.png",

@@ -67,14 +67,17 @@ def test_level1_two_processes_match_one_process(tmp_path, data_root):
 
 def test_level4_under_torchrun(tmp_path, data_root):
     """Level 4 holds every technique of levels 2 and 3 (unfreezing, EMA, per-step LR) plus SWA. MixUp/CutMix
-    pair images within each process's batch and erasing and dropout draw per process, so with those on, two
-    processes cannot follow one exactly (on such tiny runs the first losses differ by up to ~20 %); with them
-    off and --sync-bn, the loss trajectory agrees within 2 %."""
+    pair images within each process's share of the batch, and erasing and dropout masks are drawn per share, so
+    with those on two processes cannot follow one exactly (on such tiny runs the first losses differ by up to
+    ~20 %); with them off and --sync-bn, the loss trajectory agrees within 2 %. The final validation (model
+    choice, temperature) runs on rank 0 over the whole split: the same 17 images as in one process."""
     out = run_both(tmp_path, "level4.py", *TINY, "--data-dir", data_root, "--final-epochs", "0", "--swa-epochs", "1",
                    "--mix-prob", "0", "--erase-prob", "0", "--dropout", "0", "--sync-bn")
     assert_same_loss_trajectory(out["single"][0], out["ddp"][0], band=0.02)
     assert out["ddp"][1]["model_swa"]["num_averaged"] == 1
     assert set(out["ddp"][0]["val_final"]) == {"raw", "ema", "swa"}
+    assert out["ddp"][0]["calibration"]["fitted_on"] == out["single"][0]["calibration"]["fitted_on"] == \
+        "validation (17 images)"
 
 
 def test_level3_resume_under_torchrun(tmp_path, data_root):

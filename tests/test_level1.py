@@ -135,7 +135,8 @@ def assert_one_line_error(result, *fragments):
 
 
 @pytest.mark.parametrize("flag,value", [("--epochs", "0"), ("--batch-size", "-1"), ("--lr", "0"),
-                                        ("--subset", "0"), ("--img-size", "16")])
+                                        ("--subset", "0"), ("--img-size", "16"), ("--head-lr", "-0.001"),
+                                        ("--weight-decay", "-0.1"), ("--workers", "-1")])
 def test_bad_numbers_are_one_line_errors(flag, value, data_root):
     assert_one_line_error(run_cli(level1, "--data-dir", data_root, "--weights", "none", flag, value),
                           flag.lstrip("-").split("-")[0])
