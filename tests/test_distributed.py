@@ -2,11 +2,10 @@
 files, and trains like one process with the same global batch."""
 import json
 import os
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import run_script
 
 TINY = ["--weights", "none", "--img-size", "32", "--subset", "64", "--eval-subset", "17", "--batch-size", "32",
         "-j", "0", "--head-epochs", "1", "--epochs", "1", "--seed", "3", "--print-freq", "100"]
@@ -91,3 +90,14 @@ def test_level3_resume_under_torchrun(tmp_path, data_root):
     history = json.loads((tmp_path / "res" / "level3.json").read_text())["history"]
     assert [row["epoch"] for row in history] == [1, 2]
     assert all(row["images"] == 64 for row in history)  # both epochs covered the whole subset over both ranks
+
+
+def test_level2_under_torchrun_writes_one_set_of_files(tmp_path, data_root):
+    result = torchrun("level2.py", *TINY, "--data-dir", data_root, "--checkpoint-dir", tmp_path / "ck",
+                      "--results-dir", tmp_path / "res")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "ck")) == ["level2_best.pth", "level2_last.pth"]
+    assert sorted(os.listdir(tmp_path / "res")) == ["level2.json", "level2_curves.png"]
+    history = json.loads((tmp_path / "res" / "level2.json").read_text())["history"]
+    assert [row["images"] for row in history] == [64, 64]  # both ranks' shares counted
+    assert result.stdout.count("final:") == 1  # rank 0 alone prints
