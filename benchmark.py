@@ -1,8 +1,9 @@
 """Benchmark - how close each level's real training step comes to the bare model step, on the same device.
 
 For a level, an image size and a batch size it times, after warm-up and with device synchronisation:
-  (a) the bare model step: ResNet-50 forward + backward + fused AdamW, bf16 autocast, channels_last, on random
-      inputs that already sit on the device - the ceiling no data pipeline can beat (DEVICE.md's table);
+  (a) the bare model step: ResNet-50 forward + backward + fused AdamW, bf16 autocast (fp16 with loss scaling
+      before Ampere), channels_last, on random inputs that already sit on the device - the ceiling no data
+      pipeline can beat (DEVICE.md's table);
   (b) the level's own step: its `train_one_epoch`, fed by its real DataLoader (EpochSampler, workers,
       RandAugment on 32-px images), with every technique of its defaults on (MixUp/CutMix, erasing,
       per-step LR, EMA, ...), on the real CIFAR-10;
@@ -71,6 +72,9 @@ def get_args_parser():
     run.add_argument("--weights", default="none",
                      help="imagenet, none (random init) or PATH, as in the levels (default: none)")
     run.add_argument("--json", default=None, help="also write the figures to this JSON file (default: none)")
+    run.add_argument("--markdown", default=None,
+                     help="also write them as a Markdown table for the README, naming the command, device and "
+                          "commit (default: none)")
     return parser
 
 
@@ -138,6 +142,7 @@ def bare_step_img_s(level_args, args, device):
     model = common.build_model(args.weights, getattr(level_args, "dropout", 0.0))  # the level's own network
     model = model.to(device, memory_format=torch.channels_last).train()
     optimizer = common.adamw(model.parameters(), level_args.lr, level_args.weight_decay, device)
+    scaler = common.grad_scaler(device)  # as the levels: fp16 loss scaling before Ampere, else a no-op
     step_model = maybe_compile(model, args)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     images = images.contiguous(memory_format=torch.channels_last)
@@ -149,8 +154,9 @@ def bare_step_img_s(level_args, args, device):
                 logits = step_model(images)
             loss = F.cross_entropy(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
 
     steps(args.warmup_steps)
     seconds, _ = timed(device, lambda: steps(args.steps))
@@ -248,8 +254,8 @@ def level_step(level, level_args, data, args, device):
     model = common.build_model(args.weights, getattr(level_args, "dropout", 0.0))
     model = model.to(device, memory_format=torch.channels_last)
     optimizer, context = SETUP[level](module, model, level_args, device, len(data.train) // args.batch_size)
-    context.update(model=maybe_compile(model, args), optimizer=optimizer, device=device, args=level_args,
-                   stop=SimpleNamespace(requested=False), progress=common.Progress(1),
+    context.update(model=maybe_compile(model, args), optimizer=optimizer, scaler=common.grad_scaler(device),
+                   device=device, args=level_args, stop=SimpleNamespace(requested=False), progress=common.Progress(1),
                    steps_per_epoch=len(data.train) // args.batch_size)
     stream = batch_stream(loader)
 
@@ -337,6 +343,22 @@ def print_block(row, args):
     sys.stdout.flush()
 
 
+def markdown_table(rows, args, commit, device):
+    """The rows as a README table, preceded by the line that says what produced them (command, device, commit)."""
+    flags = common.args_to_argv(get_args_parser(), args, skip=("json", "markdown"))
+    command = " ".join(["python benchmark.py", *flags])
+    views = len(common.TTA_SETS[args.tta_set])
+    lines = [f"`{command}` on {common.device_name(device)}, torch {torch.__version__}, commit {commit}, "
+             f"{'compiled' if args.compile else 'eager'}, {args.workers} workers:", "",
+             f"| level | px | batch | bare step img/s | level step img/s | level / bare | eval img/s | "
+             f"TTA ({views} views) img/s | peak memory MB ({rows[0]['peak_mem_kind']}) |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['level']} | {row['img_size']} | {row['batch']} | {row['bare_img_s']:,.0f} | "
+                     f"{row['level_img_s']:,.0f} | {row['ratio']:.2f} | {row['eval_img_s']:,.0f} | "
+                     f"{row['tta_img_s']:,.0f} | {row['peak_mem_mb']:,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(args):
     device = common.resolve_device(args.device)
     commit = common.git_commit()  # once: the tree may change while the benchmark runs
@@ -352,6 +374,9 @@ def main(args):
                  "steps": args.steps, "warmup_steps": args.warmup_steps, "workers": args.workers,
                  "compile": args.compile, "weights": args.weights, "tta_set": args.tta_set}
         common.write_json(args.json, [{**row, **extra} for row in rows])
+    if args.markdown:
+        table = markdown_table(rows, args, commit, device)
+        common.atomic_write(args.markdown, lambda f: f.write(table.encode()))
     return rows
 
 

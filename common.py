@@ -397,9 +397,34 @@ def resolve_device(name):
     return device
 
 
+@functools.lru_cache(maxsize=8)
+def amp_dtype(device):
+    """The mixed-precision dtype for `device` (Micikevicius et al. 2018, "Mixed Precision Training").
+
+    bf16 on GPUs that compute it natively (NVIDIA compute capability 8.0+: A100, H100, RTX 30xx/40xx; AMD):
+    fp32's range, so no loss scaling. fp16 on older NVIDIA GPUs (T4, V100, P100: Colab and Kaggle), whose
+    tensor cores do fp16 only - a P100 refuses bf16 autocast, a T4 only emulates it, slowly - so fp16 needs
+    the GradScaler of `grad_scaler`. None (full fp32) on the CPU and Apple's MPS."""
+    if device.type != "cuda":
+        return None
+    if torch.version.hip or torch.cuda.get_device_capability(device)[0] >= 8:
+        return torch.bfloat16
+    return torch.float16
+
+
 def autocast(device):
-    """bf16 autocast on CUDA (no loss scaling needed, unlike fp16); full fp32 elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """Forward passes in `amp_dtype(device)` (bf16 or fp16) on CUDA; full fp32 elsewhere."""
+    dtype = amp_dtype(device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device):
+    """Loss scaling for fp16 (Micikevicius et al. 2018, sec. 3.2): gradients too small for fp16 would
+    underflow to 0, so the loss is multiplied by a large scale before backward and the gradients divided
+    by it before the step; a step whose gradients overflowed (inf/NaN) is skipped and the scale halved.
+    A no-op (enabled=False) with bf16 or fp32: `scale(loss)` returns the loss, `step` just steps.
+    With the fused CUDA AdamW the overflow check stays on the device: no host sync per step."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
 
 
 def to_float_images(images, device):
@@ -1084,7 +1109,8 @@ def set_rng_state(state):
 
 class StopOnInterrupt:
     """The first Ctrl-C (SIGINT) only sets `requested`: the loop finishes its current step, saves
-    levelN_last.pth and exits, so no step is half-done in the checkpoint. A second Ctrl-C stops at once.
+    levelN_last.pth and exits, so no step is half-done in the checkpoint (in an epoch's last step or in
+    validation, the epoch is finished and saved as usual first). A second Ctrl-C stops at once.
     Not under torchrun (enabled=False): ranks could stop at different steps and wait for each other forever,
     so there Ctrl-C ends the run and --resume starts from the last end-of-epoch checkpoint."""
 
@@ -1100,6 +1126,12 @@ class StopOnInterrupt:
         self.requested = True
         print("\ninterrupt: finishing this step and saving the last checkpoint (Ctrl-C again to abort)",
               file=sys.stderr, flush=True)
+
+
+def exit_interrupted(last_checkpoint):
+    """After a Ctrl-C (StopOnInterrupt) and the save: say how to continue; exit code 130 (128 + SIGINT)."""
+    print(f"interrupted: saved {last_checkpoint}; continue with --resume {last_checkpoint}", flush=True)
+    sys.exit(130)
 
 
 def resume_from(path, level, model):

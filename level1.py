@@ -14,7 +14,6 @@ images) picks the best epoch; the official 10,000-image test set is evaluated on
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -87,7 +86,7 @@ def make_optimizer(model, stage, args, device):
     return common.adamw(groups, lr, args.weight_decay, device), trainable
 
 
-def train_one_epoch(model, trainable, loader, optimizer, device, args, epoch, stop, progress):
+def train_one_epoch(model, trainable, loader, optimizer, scaler, device, args, epoch, stop, progress):
     """One pass over the training loader. Loss and accuracy are summed on the device (no host sync per step)
     and read once at the end; `.item()` only happens on the steps that print."""
     common.train_mode(model, trainable)
@@ -101,8 +100,9 @@ def train_one_epoch(model, trainable, loader, optimizer, device, args, epoch, st
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()  # fp16 only: a scaled loss (common.grad_scaler); else unchanged
+        scaler.step(optimizer)  # fp16: unscales, skips the step if a gradient overflowed
+        scaler.update()
         loss_sum += loss.detach() * len(labels)
         correct += (logits.detach().argmax(-1) == labels).sum()
         images_seen += len(labels)
@@ -117,11 +117,12 @@ def train_one_epoch(model, trainable, loader, optimizer, device, args, epoch, st
             "steps": steps, "images": int(images_seen)}
 
 
-def make_checkpoint(model, optimizer, stage, epoch, step_in_epoch, best_val_acc, history, args):
+def make_checkpoint(model, optimizer, scaler, stage, epoch, step_in_epoch, best_val_acc, history, args):
     """Everything --resume needs: model, optimiser, position (completed epochs + steps into the next),
     best score, history, RNG state, args - plus the library versions that wrote it."""
-    return {"level": LEVEL, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "stage": stage,
-            "epoch": epoch, "step_in_epoch": step_in_epoch, "best_val_acc": best_val_acc, "history": history,
+    return {"level": LEVEL, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "stage": stage, "epoch": epoch, "step_in_epoch": step_in_epoch,
+            "best_val_acc": best_val_acc, "history": history,
             "rng": common.rng_state(), "args": vars(args), "versions": common.library_versions()}
 
 
@@ -166,6 +167,9 @@ def main(args):
         start_epoch, skip_steps = resumed["epoch"], resumed["step_in_epoch"]
         best_val_acc, history = resumed["best_val_acc"], resumed["history"]
     optimizer, trainable, stage = None, None, None
+    scaler = common.grad_scaler(device)  # fp16 loss scaling on pre-Ampere GPUs; a no-op otherwise
+    if resumed and resumed.get("scaler"):
+        scaler.load_state_dict(resumed["scaler"])
 
     stop = common.StopOnInterrupt(enabled=not dist.enabled)
     progress = common.Progress(total_epochs, start_epoch)
@@ -179,15 +183,13 @@ def main(args):
                 optimizer.load_state_dict(resumed["optimizer"])
         train_sampler.set_epoch(epoch, skip=skip_steps * args.batch_size)
         started = time.time()
-        train_stats = train_one_epoch(train_model, trainable, train_loader, optimizer, device, args, epoch, stop,
-                                      progress)
-        if stop.requested:  # save the exact position, then leave
+        train_stats = train_one_epoch(train_model, trainable, train_loader, optimizer, scaler, device, args, epoch,
+                                      stop, progress)
+        if stop.requested and train_stats["steps"] < len(train_loader):  # mid-epoch: save the exact position
             steps_done = skip_steps + train_stats["steps"]
             common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", make_checkpoint(
-                model, optimizer, stage, epoch, steps_done, best_val_acc, history, args))
-            print(f"interrupted: saved {checkpoint_dir / f'{LEVEL}_last.pth'}; continue with "
-                  f"--resume {checkpoint_dir / f'{LEVEL}_last.pth'}")
-            sys.exit(130)
+                model, optimizer, scaler, stage, epoch, steps_done, best_val_acc, history, args))
+            common.exit_interrupted(checkpoint_dir / f"{LEVEL}_last.pth")
         skip_steps = 0
         val_loss, val_acc = common.evaluate_loss_acc(model, val_loader, device, args.img_size, dist)
         seconds = time.time() - started
@@ -198,14 +200,16 @@ def main(args):
         if val_acc > best_val_acc:
             best_val_acc = val_acc
             common.save_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", make_checkpoint(
-                model, optimizer, stage, epoch + 1, 0, best_val_acc, history, args))
+                model, optimizer, scaler, stage, epoch + 1, 0, best_val_acc, history, args))
         common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", make_checkpoint(
-            model, optimizer, stage, epoch + 1, 0, best_val_acc, history, args))
+            model, optimizer, scaler, stage, epoch + 1, 0, best_val_acc, history, args))
         elapsed, eta = progress.eta(epoch)
         print(f"epoch {epoch + 1}/{total_epochs} [{stage}] lr {row['lr']:.2e} train loss {row['train_loss']:.4f} "
               f"acc {row['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | "
               f"{row['images_per_s']:.0f} img/s | {elapsed:.0f} s elapsed, ETA {eta:.0f} s", flush=True)
         print("json: " + json.dumps(row), flush=True)
+        if stop.requested:  # Ctrl-C in the epoch's last step or in validation: the whole epoch is saved
+            common.exit_interrupted(checkpoint_dir / f"{LEVEL}_last.pth")
 
     common.cleanup_distributed(dist)  # no collective operation after this point
     if not dist.is_main:  # rank 0 alone evaluates the test set (the whole split: exact) and writes results

@@ -16,7 +16,6 @@ Training accuracy is not reported: against mixed targets it means nothing; valid
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -121,7 +120,7 @@ def lr_at(step, stage, steps_per_epoch, args):
     return common.warmup_cosine_lr(step, args.epochs * steps_per_epoch, warmup_steps, args.lr, args.min_lr)
 
 
-def train_one_epoch(model, trainable, loader, optimizer, device, args, epoch, stop, progress, stage, first_step,
+def train_one_epoch(model, trainable, loader, optimizer, scaler, device, args, epoch, stop, progress, stage, first_step,
                     steps_per_epoch):
     """One pass over the training loader. The loss is summed on the device (no host sync per step) and read
     once at the end; `.item()` only happens on the steps that print. `first_step` is the stage's step count
@@ -141,8 +140,9 @@ def train_one_epoch(model, trainable, loader, optimizer, device, args, epoch, st
             logits = model(images)
         loss = common.soft_target_cross_entropy(logits, targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()  # fp16 only: a scaled loss (common.grad_scaler); else unchanged
+        scaler.step(optimizer)  # fp16: unscales, skips the step if a gradient overflowed
+        scaler.update()
         loss_sum += loss.detach() * len(labels)
         images_seen += len(labels)
         steps += 1
@@ -155,11 +155,12 @@ def train_one_epoch(model, trainable, loader, optimizer, device, args, epoch, st
     return {"train_loss": loss_sum / max(images_seen, 1), "steps": steps, "images": int(images_seen)}
 
 
-def make_checkpoint(model, optimizer, stage, epoch, step_in_epoch, best_val_acc, history, args):
+def make_checkpoint(model, optimizer, scaler, stage, epoch, step_in_epoch, best_val_acc, history, args):
     """Everything --resume needs: model, optimiser, position (completed epochs + steps into the next),
     best score, history, RNG state, args - plus the library versions that wrote it."""
-    return {"level": LEVEL, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "stage": stage,
-            "epoch": epoch, "step_in_epoch": step_in_epoch, "best_val_acc": best_val_acc, "history": history,
+    return {"level": LEVEL, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "stage": stage, "epoch": epoch, "step_in_epoch": step_in_epoch,
+            "best_val_acc": best_val_acc, "history": history,
             "rng": common.rng_state(), "args": vars(args), "versions": common.library_versions()}
 
 
@@ -211,6 +212,9 @@ def main(args):
         start_epoch, skip_steps = resumed["epoch"], resumed["step_in_epoch"]
         best_val_acc, history = resumed["best_val_acc"], resumed["history"]
     optimizer, trainable, stage = None, None, None
+    scaler = common.grad_scaler(device)  # fp16 loss scaling on pre-Ampere GPUs; a no-op otherwise
+    if resumed and resumed.get("scaler"):
+        scaler.load_state_dict(resumed["scaler"])
 
     stop = common.StopOnInterrupt(enabled=not dist.enabled)
     progress = common.Progress(total_epochs, start_epoch)
@@ -227,15 +231,13 @@ def main(args):
         stage_start = 0 if stage == "head" else args.head_epochs
         steps_per_epoch = len(train_sampler) // (args.batch_size // dist.world_size)  # as the loader, skip 0
         first_step = (epoch - stage_start) * steps_per_epoch + skip_steps
-        train_stats = train_one_epoch(train_model, trainable, train_loader, optimizer, device, args, epoch, stop,
-                                      progress, stage, first_step, steps_per_epoch)
-        if stop.requested:  # save the exact position, then leave
+        train_stats = train_one_epoch(train_model, trainable, train_loader, optimizer, scaler, device, args, epoch,
+                                      stop, progress, stage, first_step, steps_per_epoch)
+        if stop.requested and train_stats["steps"] < len(train_loader):  # mid-epoch: save the exact position
             steps_done = skip_steps + train_stats["steps"]
             common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", make_checkpoint(
-                model, optimizer, stage, epoch, steps_done, best_val_acc, history, args))
-            print(f"interrupted: saved {checkpoint_dir / f'{LEVEL}_last.pth'}; continue with "
-                  f"--resume {checkpoint_dir / f'{LEVEL}_last.pth'}")
-            sys.exit(130)
+                model, optimizer, scaler, stage, epoch, steps_done, best_val_acc, history, args))
+            common.exit_interrupted(checkpoint_dir / f"{LEVEL}_last.pth")
         skip_steps = 0
         val_loss, val_acc = common.evaluate_loss_acc(model, val_loader, device, args.img_size, dist)
         seconds = time.time() - started
@@ -246,14 +248,16 @@ def main(args):
         if val_acc > best_val_acc:
             best_val_acc = val_acc
             common.save_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", make_checkpoint(
-                model, optimizer, stage, epoch + 1, 0, best_val_acc, history, args))
+                model, optimizer, scaler, stage, epoch + 1, 0, best_val_acc, history, args))
         common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", make_checkpoint(
-            model, optimizer, stage, epoch + 1, 0, best_val_acc, history, args))
+            model, optimizer, scaler, stage, epoch + 1, 0, best_val_acc, history, args))
         elapsed, eta = progress.eta(epoch)
         print(f"epoch {epoch + 1}/{total_epochs} [{stage}] lr {row['lr']:.2e} train loss {row['train_loss']:.4f} "
               f"| val loss {val_loss:.4f} acc {val_acc:.4f} | "
               f"{row['images_per_s']:.0f} img/s | {elapsed:.0f} s elapsed, ETA {eta:.0f} s", flush=True)
         print("json: " + json.dumps(row), flush=True)
+        if stop.requested:  # Ctrl-C in the epoch's last step or in validation: the whole epoch is saved
+            common.exit_interrupted(checkpoint_dir / f"{LEVEL}_last.pth")
 
     common.cleanup_distributed(dist)  # no collective operation after this point
     if not dist.is_main:  # rank 0 alone evaluates the test set (the whole split: exact) and writes results

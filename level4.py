@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -226,8 +225,8 @@ def set_group_lrs(optimizer, step, steps_per_epoch, args):
         param_group["lr"] = lr_at(step, param_group["stage_name"], steps_per_epoch, args)
 
 
-def train_one_epoch(model, model_ema, model_swa, trainable, loader, optimizer, device, args, epoch, stop, progress,
-                    first_step, steps_per_epoch):
+def train_one_epoch(model, model_ema, model_swa, trainable, loader, optimizer, scaler, device, args, epoch, stop,
+                    progress, first_step, steps_per_epoch):
     """One pass over the training loader. The loss is summed on the device (no host sync per step) and read
     once at the end; `.item()` only happens on the steps that print. `first_step` is the run's step count
     at the start of this pass (the LR schedule is a function of it). The EMA follows every step; SWA takes
@@ -248,8 +247,9 @@ def train_one_epoch(model, model_ema, model_swa, trainable, loader, optimizer, d
             logits = model(images)
         loss = common.soft_target_cross_entropy(logits, targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()  # fp16 only: a scaled loss (common.grad_scaler); else unchanged
+        scaler.step(optimizer)  # fp16: unscales, skips the step if a gradient overflowed
+        scaler.update()
         if model_ema is not None:
             model_ema.update(model)
         step = first_step + steps
@@ -267,7 +267,7 @@ def train_one_epoch(model, model_ema, model_swa, trainable, loader, optimizer, d
     return {"train_loss": loss_sum / max(images_seen, 1), "steps": steps, "images": int(images_seen)}
 
 
-def make_checkpoint(model, optimizer, model_ema, model_swa, epoch, step_in_epoch, best_val_acc, history, args,
+def make_checkpoint(model, optimizer, scaler, model_ema, model_swa, epoch, step_in_epoch, best_val_acc, history, args,
                     model_source="raw", resumable=True):
     """Everything --resume needs: model, optimiser, EMA, SWA, position (completed epochs + steps into the next;
     the LR schedule is a function of it), best score, history, RNG state, args - and the library versions.
@@ -275,7 +275,7 @@ def make_checkpoint(model, optimizer, model_ema, model_swa, epoch, step_in_epoch
     A best checkpoint (resumable=False) leaves out the averaged models' states: it is for evaluation."""
     weights = model_ema.module if model_source == "ema" else model
     return {"level": LEVEL, "model": weights.state_dict(), "model_source": model_source,
-            "optimizer": optimizer.state_dict(), "resumable": resumable,
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "resumable": resumable,
             "model_ema": model_ema.state_dict() if model_ema and resumable else None,
             "model_swa": model_swa.state_dict() if model_swa and resumable else None,
             "epoch": epoch, "step_in_epoch": step_in_epoch, "best_val_acc": best_val_acc, "history": history,
@@ -532,6 +532,7 @@ def main(args):
 
     model = common.build_model(args.weights, args.dropout).to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, args, device)
+    scaler = common.grad_scaler(device)  # fp16 loss scaling on pre-Ampere GPUs; a no-op otherwise
     model_ema = common.ModelEma(model, args.ema_decay) if args.ema_decay > 0 else None
     model_swa = common.SwaAverage(model) if args.swa_epochs > 0 else None
     if args.sync_bn:  # after the EMA/SWA copies: those are evaluated on one process, with plain BatchNorm
@@ -548,6 +549,8 @@ def main(args):
         start_epoch, skip_steps = resumed["epoch"], resumed["step_in_epoch"]
         best_val_acc, history = resumed["best_val_acc"], resumed["history"]
         optimizer.load_state_dict(resumed["optimizer"])
+        if resumed.get("scaler"):
+            scaler.load_state_dict(resumed["scaler"])
         if model_ema is not None and resumed["model_ema"] is not None:
             model_ema.load_state_dict(resumed["model_ema"])
         if model_swa is not None and resumed["model_swa"] is not None:
@@ -566,15 +569,13 @@ def main(args):
         train_sampler.set_epoch(epoch, skip=skip_steps * args.batch_size)
         started = time.time()
         train_stats = train_one_epoch(train_model, model_ema, model_swa, trainable, train_loader, optimizer,
-                                      device, args, epoch, stop, progress, epoch * steps_per_epoch + skip_steps,
+                                      scaler, device, args, epoch, stop, progress, epoch * steps_per_epoch + skip_steps,
                                       steps_per_epoch)
-        if stop.requested:  # save the exact position, then leave
+        if stop.requested and train_stats["steps"] < len(train_loader):  # mid-epoch: save the exact position
             steps_done = skip_steps + train_stats["steps"]
             common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", make_checkpoint(
-                model, optimizer, model_ema, model_swa, epoch, steps_done, best_val_acc, history, args))
-            print(f"interrupted: saved {checkpoint_dir / f'{LEVEL}_last.pth'}; continue with "
-                  f"--resume {checkpoint_dir / f'{LEVEL}_last.pth'}")
-            sys.exit(130)
+                model, optimizer, scaler, model_ema, model_swa, epoch, steps_done, best_val_acc, history, args))
+            common.exit_interrupted(checkpoint_dir / f"{LEVEL}_last.pth")
         skip_steps = 0
         val = validate_epoch(model, model_ema, val_loader, device, args, dist)
         seconds = time.time() - started
@@ -585,17 +586,19 @@ def main(args):
         if max(val["val_acc"], val["val_acc_ema"] or -1.0) > best_val_acc:
             best_val_acc = max(val["val_acc"], val["val_acc_ema"] or -1.0)
             common.save_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", make_checkpoint(
-                model, optimizer, model_ema, model_swa, epoch + 1, 0, best_val_acc, history, args,
+                model, optimizer, scaler, model_ema, model_swa, epoch + 1, 0, best_val_acc, history, args,
                 model_source=val["better"],
                 resumable=False))
         common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", make_checkpoint(
-            model, optimizer, model_ema, model_swa, epoch + 1, 0, best_val_acc, history, args))
+            model, optimizer, scaler, model_ema, model_swa, epoch + 1, 0, best_val_acc, history, args))
         elapsed, eta = progress.eta(epoch)
         ema_text = f" ema {val['val_acc_ema']:.4f}" if model_ema is not None else ""
         print(f"epoch {epoch + 1}/{total_epochs} [{'+'.join(trainable)}] lr {head_lr:.2e} train loss "
               f"{row['train_loss']:.4f} | val loss {val['val_loss']:.4f} acc {val['val_acc']:.4f}{ema_text} | "
               f"{row['images_per_s']:.0f} img/s | {elapsed:.0f} s elapsed, ETA {eta:.0f} s", flush=True)
         print("json: " + json.dumps(row), flush=True)
+        if stop.requested:  # Ctrl-C in the epoch's last step or in validation: the whole epoch is saved
+            common.exit_interrupted(checkpoint_dir / f"{LEVEL}_last.pth")
     common.cleanup_distributed(dist)  # no collective operation after this point
     if not dist.is_main:  # rank 0 alone evaluates the test set (the whole split: exact) and writes results
         return None

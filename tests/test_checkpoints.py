@@ -121,3 +121,32 @@ def test_dropout_keeps_torchvision_key_names():
     a = with_dropout(x)
     torch.manual_seed(1)
     assert not torch.equal(a, with_dropout(x))  # dropout is active in training mode
+
+
+class CtrlCAlreadyPressed:
+    """StopOnInterrupt as it is after a Ctrl-C that came during the first step."""
+
+    def __init__(self, enabled=True):
+        self.requested = True
+
+
+@pytest.mark.parametrize("level", ["level1", "level2", "level3", "level4"])
+def test_ctrl_c_in_an_epochs_last_step_finishes_and_saves_that_epoch(level, tmp_path, synthetic_root, monkeypatch):
+    """One-step epochs: the step Ctrl-C lands in is the epoch's last, so the epoch is validated and saved as
+    complete (epoch 1, step 0) - not saved as 'epoch 0 + all its steps', which resumed into an empty epoch."""
+    import importlib
+
+    from conftest import run_cli
+    module = importlib.import_module(level)
+    monkeypatch.setattr(common, "StopOnInterrupt", CtrlCAlreadyPressed)
+    result = run_cli(module, "--weights", "none", "--img-size", "32", "--subset", "16", "--eval-subset", "16",
+                     "--batch-size", "16", "-j", "0", "--head-epochs", "1", "--epochs", "1",
+                     *(["--final-epochs", "0"] if level in ("level3", "level4") else []),
+                     *(["--swa-epochs", "0"] if level == "level4" else []),
+                     "--data-dir", synthetic_root, "--checkpoint-dir", tmp_path, "--results-dir", tmp_path)
+    assert result.returncode == 130, result.stderr
+    last = common.load_checkpoint(tmp_path / f"{level}_last.pth", level)
+    assert (last["epoch"], last["step_in_epoch"]) == (1, 0)
+    assert [row["steps"] for row in last["history"]] == [1]
+    assert (tmp_path / f"{level}_best.pth").is_file()
+    assert f"interrupted: saved {tmp_path / f'{level}_last.pth'}; continue with --resume" in result.stdout

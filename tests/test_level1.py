@@ -30,13 +30,15 @@ def test_stage_one_freezes_backbone_weights_and_batchnorm_statistics():
     args = SimpleNamespace(head_lr=1e-2, lr=1e-4, weight_decay=0.05, img_size=32, print_freq=100)
     optimizer, trainable = level1.make_optimizer(model, "head", args, torch.device("cpu"))
     stop, progress = SimpleNamespace(requested=False), common.Progress(1)
-    level1.train_one_epoch(model, trainable, tiny_loader(), optimizer, torch.device("cpu"), args, 0, stop, progress)
+    cpu = torch.device("cpu")
+    scaler = common.grad_scaler(cpu)  # disabled: fp32 on the CPU
+    level1.train_one_epoch(model, trainable, tiny_loader(), optimizer, scaler, cpu, args, 0, stop, progress)
     after = model.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert sorted(changed) == ["fc.bias", "fc.weight"]  # running_mean/var and num_batches_tracked too
     # Stage 2 trains everything, BatchNorm statistics included.
     optimizer, trainable = level1.make_optimizer(model, "full", args, torch.device("cpu"))
-    level1.train_one_epoch(model, trainable, tiny_loader(), optimizer, torch.device("cpu"), args, 0, stop, progress)
+    level1.train_one_epoch(model, trainable, tiny_loader(), optimizer, scaler, cpu, args, 0, stop, progress)
     assert not torch.equal(model.layer1[0].bn1.running_mean, before["layer1.0.bn1.running_mean"])
     assert not torch.equal(model.conv1.weight, before["conv1.weight"])
 

@@ -1,5 +1,6 @@
 """Level 3: the unfreezing schedule, discriminative LRs, technique flags, exact resume, Ctrl-C, end to end."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -50,8 +51,8 @@ def test_frozen_groups_keep_weights_and_bn_statistics_while_trainable_ones_move(
                    for p in common.group_parameters(model, group))
         before = {k: v.clone() for k, v in model.state_dict().items()}
         loader.sampler.set_epoch(epoch)
-        level3.train_one_epoch(model, None, trainable, loader, optimizer, torch.device("cpu"), args, epoch, stop,
-                               progress, epoch * 2, 2)
+        level3.train_one_epoch(model, None, trainable, loader, optimizer, common.grad_scaler(torch.device("cpu")),
+                               torch.device("cpu"), args, epoch, stop, progress, epoch * 2, 2)
         after = model.state_dict()
         for group, modules in common.layer_group_modules(model).items():
             prefixes = {"stem": ("conv1.", "bn1."), "fc": ("fc.",)}.get(group, (group + ".",))
@@ -143,6 +144,29 @@ def test_resume_is_exact(tmp_path, data_root):
     results_a = json.loads((tmp_path / "a" / "level3.json").read_text())
     results_b = json.loads((tmp_path / "b" / "level3.json").read_text())
     assert results_a["test"]["acc1"] == results_b["test"]["acc1"]
+
+
+def test_fp16_loss_scaling_runs_in_the_step_and_its_state_resumes(tmp_path, data_root, monkeypatch):
+    """GPUs before Ampere (T4, V100, P100) train in fp16 with a GradScaler; simulated here with fp16 autocast
+    on the CPU. Two head-only epochs (fast: no backward through the fp16 convolutions on the CPU)."""
+    monkeypatch.setattr(common, "amp_dtype", lambda device: torch.float16)
+    flags = [*TINY, "--head-epochs", "2", "--data-dir", str(data_root), "--checkpoint-dir", str(tmp_path),
+             "--results-dir", str(tmp_path), "--stop-after-epochs", "1"]
+    run_in_process(level3, flags)
+    path = tmp_path / "level3_last.pth"
+    checkpoint = torch.load(path, weights_only=True)
+    scaler = checkpoint["scaler"]
+    # Each of the 2 steps either overflowed (scale halved from 2**16, streak reset) or counted in the streak.
+    halvings = round(math.log2(2.0**16 / scaler["scale"]))
+    assert 1 <= halvings + scaler["_growth_tracker"] <= 2, scaler
+    # A scale too small to overflow, saved and resumed: it must come back as it was (a fresh scaler
+    # would start at 2**16 and could only have halved twice).
+    checkpoint["scaler"].update(scale=4.0, _growth_tracker=0)
+    torch.save(checkpoint, path)
+    run_in_process(level3, [*flags, "--resume", str(path)])
+    resumed = torch.load(path, weights_only=True)
+    assert resumed["epoch"] == 2
+    assert (resumed["scaler"]["scale"], resumed["scaler"]["_growth_tracker"]) == (4.0, 2)
 
 
 def test_resume_from_another_level_or_corrupt_file_is_a_clear_error(tmp_path, synthetic_root):

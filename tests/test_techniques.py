@@ -680,3 +680,29 @@ def test_predict_averages_views_and_temperature():
     torch.testing.assert_close(averaged, torch.stack([single[name] for name in views]).mean(0), atol=1e-6, rtol=0)
     logits = torch.cat([model(common.prepare_batch(x, device, 32)) for x, _ in loader]).detach()
     torch.testing.assert_close(single["identity"], (logits / 2.0).softmax(-1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("capability,expected", [((9, 0), torch.bfloat16), ((8, 6), torch.bfloat16),
+                                                 ((8, 0), torch.bfloat16), ((7, 5), torch.float16),
+                                                 ((7, 0), torch.float16), ((6, 0), torch.float16)])
+def test_mixed_precision_is_bf16_from_ampere_and_fp16_before(monkeypatch, capability, expected):
+    """H100/A100/RTX 30xx: bf16. T4 (7.5), V100 (7.0), P100 (6.0): fp16 - a P100 refuses bf16 autocast."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    common.amp_dtype.cache_clear()
+    try:
+        assert common.amp_dtype(torch.device("cuda")) == expected
+    finally:
+        common.amp_dtype.cache_clear()
+
+
+def test_cpu_runs_in_fp32_and_loss_scaling_only_with_fp16(monkeypatch):
+    cpu = torch.device("cpu")
+    assert common.amp_dtype(cpu) is None
+    assert not common.grad_scaler(cpu).is_enabled()
+    with common.autocast(cpu):
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+    monkeypatch.setattr(common, "amp_dtype", lambda device: torch.float16)
+    assert common.grad_scaler(cpu).is_enabled()
+    with common.autocast(cpu):
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float16
