@@ -351,7 +351,7 @@ def markdown_table(rows, args, commit, device):
     lines = [f"`{command}` on {common.device_name(device)}, torch {torch.__version__}, commit {commit}, "
              f"{'compiled' if args.compile else 'eager'}, {args.workers} workers:", "",
              f"| level | px | batch | bare step img/s | level step img/s | level / bare | eval img/s | "
-             f"TTA ({views} views) img/s | peak memory MB ({rows[0]['peak_mem_kind']}) |", "|---|---|---|---|---|---|---|---|---|"]
+             f"TTA ({views} views) img/s | peak memory MB ({rows[0]['peak_mem_kind']}) |", "|---" * 9 + "|"]
     for row in rows:
         lines.append(f"| {row['level']} | {row['img_size']} | {row['batch']} | {row['bare_img_s']:,.0f} | "
                      f"{row['level_img_s']:,.0f} | {row['ratio']:.2f} | {row['eval_img_s']:,.0f} | "

@@ -1134,9 +1134,22 @@ def exit_interrupted(last_checkpoint):
     sys.exit(130)
 
 
-def resume_from(path, level, model):
+# Flags that may differ on --resume without changing what the run computes.
+RESUME_FREE_FLAGS = {"resume", "overwrite", "workers", "print_freq", "device", "data_dir", "checkpoint_dir",
+                     "results_dir", "stop_after_epochs", "compile"}
+
+
+def changed_flags(saved_args, args):
+    """The flags of `args` that differ from the run that saved the checkpoint (`saved_args`, a dict)."""
+    return [f"--{name.replace('_', '-')} {getattr(args, name)} (was {saved_args[name]})" for name in sorted(saved_args)
+            if name not in RESUME_FREE_FLAGS and hasattr(args, name) and getattr(args, name) != saved_args[name]]
+
+
+def resume_from(path, level, model, args):
     """Load `level`'s checkpoint at `path` into `model` and restore the RNG state it saved; returns the
-    checkpoint, whose epoch / step_in_epoch / best_val_acc / history say where the run continues."""
+    checkpoint, whose epoch / step_in_epoch / best_val_acc / history say where the run continues.
+    Flags that differ from the saved run's are named: they apply from here on (e.g. more --epochs), which
+    also means the run is no longer the one a straight run with either set of flags would have made."""
     checkpoint = load_checkpoint(path, level)
     if not checkpoint.get("resumable", True):
         raise UserError(f"{path} is a best checkpoint, kept for evaluation only: resume with "
@@ -1144,6 +1157,10 @@ def resume_from(path, level, model):
     load_backbone_weights(model, checkpoint["model"], path)
     set_rng_state(checkpoint["rng"])
     print(f"resumed from {path}: {checkpoint['epoch']} epochs done (+{checkpoint['step_in_epoch']} steps)")
+    changed = changed_flags(checkpoint.get("args", {}), args)
+    if changed:
+        print(f"warning: flags differ from the run that saved it, the new values apply from here on: "
+              f"{', '.join(changed)}", flush=True)
     return checkpoint
 
 

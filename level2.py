@@ -207,7 +207,7 @@ def main(args):
     # Resume: the position is (completed epochs, steps into the next one); the optimiser state carries over
     # only if the next step is in the same stage as the one that saved it.
     start_epoch, skip_steps, best_val_acc, history = 0, 0, -1.0, []
-    resumed = common.resume_from(args.resume, LEVEL, model) if args.resume else None
+    resumed = common.resume_from(args.resume, LEVEL, model, args) if args.resume else None
     if resumed:
         start_epoch, skip_steps = resumed["epoch"], resumed["step_in_epoch"]
         best_val_acc, history = resumed["best_val_acc"], resumed["history"]

@@ -116,6 +116,9 @@ def get_args_parser():
     studies.add_argument("--ablate-epochs", type=int, default=5, help="--epochs of each ablation run (default: 5)")
     studies.add_argument("--ablate-sizes", type=int, nargs="+", default=[128, 160, 224],
                          help="input sizes the ablation compares (default: 128 160 224)")
+    studies.add_argument("--ablate-rows", nargs="+", default=None, metavar="ROW",
+                         help="run only these rows of the grid, e.g. no_ema img_size_128; the baseline always "
+                              "runs, and rows finished earlier stay in the table (default: every row)")
     studies.add_argument("--summary", action="store_true",
                          help="only write results/summary.md and summary.png from the results/level*.json")
     run = parser.add_argument_group("run")
@@ -155,6 +158,10 @@ def validate_args(args):
     common.check_positive(args, "swa_lr", "ablate_epochs")
     if any(size < 32 for size in args.ablate_sizes):
         raise common.UserError("--ablate-sizes must all be at least 32")
+    grid_rows = [name for name, _, _ in ablation_grid(args)]
+    unknown = sorted(set(args.ablate_rows or []) - set(grid_rows))
+    if unknown:
+        raise common.UserError(f"--ablate-rows: no row named {', '.join(unknown)}; the grid has {' '.join(grid_rows)}")
     for name in ("final_epochs", "unfreeze_every", "swa_epochs", "swa_every"):
         if getattr(args, name) < 0:
             raise common.UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
@@ -419,24 +426,29 @@ def ablation_grid(args):
 
 
 def run_ablation(args):
-    """Run every row of the grid as a real, shorter training run (--epochs = --ablate-epochs) and write
-    ablation.json, ablation.md (each row with its command) and a bar chart. Finished rows are kept: an
-    interrupted ablation, re-run with the same command, continues with the rows that are missing."""
+    """Run every row of the grid (or the --ablate-rows, plus the baseline) as a real, shorter training run
+    (--epochs = --ablate-epochs) and write ablation.json, ablation.md (each row with its command) and a bar
+    chart. Finished rows are kept: an interrupted ablation, re-run with the same command, continues with the
+    rows that are missing; rows run earlier with the same settings stay in the table."""
     parser = get_args_parser()
     results_dir = Path(args.results_dir)
-    skip = {"ablate", "ablate_epochs", "ablate_sizes", "summary", "epochs", "checkpoint_dir", "results_dir",
-            "resume", "stop_after_epochs"}
+    skip = {"ablate", "ablate_epochs", "ablate_sizes", "ablate_rows", "summary", "epochs", "checkpoint_dir",
+            "results_dir", "resume", "stop_after_epochs"}
     base_argv = common.args_to_argv(parser, args, skip) + ["--epochs", str(args.ablate_epochs)]
     path = results_dir / "ablation.json"
     done = {row["name"]: row for row in json.loads(path.read_text())["rows"]} if path.is_file() else {}
+    grid = ablation_grid(args)
+    selected = {"baseline", *(args.ablate_rows or [name for name, _, _ in grid])}
     rows = []
-    for name, change, flags in ablation_grid(args):
+    for name, change, flags in grid:
         argv = base_argv + flags + ["--checkpoint-dir", str(Path(args.checkpoint_dir) / "ablation" / name),
                                     "--results-dir", str(results_dir / "ablation" / name)]
         command = "python level4.py " + shlex.join(argv)
         if name in done and done[name]["command"] == command:
             print(f"ablation {name}: done earlier, kept")
             rows.append(done[name])
+            continue
+        if name not in selected:
             continue
         print(f"ablation {name}: {command}", flush=True)
         row_args = parser.parse_args(argv)
@@ -544,7 +556,7 @@ def main(args):
     # Resume: the position is (completed epochs, steps into the next one); schedule and unfreezing are
     # functions of it, so restoring model, optimiser, EMA and RNG continues the run exactly.
     start_epoch, skip_steps, best_val_acc, history = 0, 0, -1.0, []
-    resumed = common.resume_from(args.resume, LEVEL, model) if args.resume else None
+    resumed = common.resume_from(args.resume, LEVEL, model, args) if args.resume else None
     if resumed:
         start_epoch, skip_steps = resumed["epoch"], resumed["step_in_epoch"]
         best_val_acc, history = resumed["best_val_acc"], resumed["history"]

@@ -99,6 +99,23 @@ def run_cli(module, *args):
     return SimpleNamespace(returncode=returncode, stdout=stdout.getvalue(), stderr=stderr.getvalue())
 
 
+def cached_level_runs(module, flags, tmp_path_factory, read):
+    """run(*extra): `module` run in-process with `flags` + `extra` into a fresh folder, returning read(folder);
+    each distinct `extra` runs once per test module, so flag-effect tests share their baseline run."""
+    cache = {}
+
+    def run(*extra):
+        if extra not in cache:
+            out = tmp_path_factory.mktemp("run")
+            args = module.get_args_parser().parse_args([*map(str, flags), "--checkpoint-dir", str(out),
+                                                        "--results-dir", str(out), *extra])
+            module.validate_args(args)
+            module.main(args)
+            cache[extra] = read(out)
+        return cache[extra]
+    return run
+
+
 def run_quick(level, tmp_path, data_root):
     """`levelN.py --quick` as a user would run it, with a real run's best checkpoint already in place: the
     smoke run must write only under quick/ and leave that checkpoint byte-identical. Returns

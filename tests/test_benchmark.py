@@ -28,8 +28,9 @@ def test_smoke_levels_1_and_2_lines_and_json(tmp_path, data_root):
     path = tmp_path / "benchmark.json"
     # One thread: this run checks the plumbing, not the speed, and two threads on two cores that another
     # process is also using can run tens of times slower (each thread waits for the other at every op).
+    table = tmp_path / "benchmark.md"
     result = run_script("benchmark.py", "--level", "1", "2", *SMOKE, "--data-dir", data_root, "--json", path,
-                        timeout=300, env={"OMP_NUM_THREADS": "1"})
+                        "--markdown", table, timeout=300, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     rows = benchmark_lines(result.stdout)
     assert [row["level"] for row in rows] == [1, 2]
@@ -43,6 +44,14 @@ def test_smoke_levels_1_and_2_lines_and_json(tmp_path, data_root):
     assert [{key: entry[key] for key in benchmark.LINE_FIELDS} for entry in saved] == rows
     assert all(entry["commit"] and entry["torch"] and entry["device_name"] for entry in saved)
     assert "level1:" in result.stdout and "% of bare" in result.stdout  # the human-readable blocks
+    # The README table: what produced it (command, device, commit), then one row per level.
+    heading, _, header, _, *table_rows = table.read_text().splitlines()
+    assert heading.startswith("`python benchmark.py --level 1 2 --img-size 32 --batch-size 8 --steps 2")
+    assert f"commit {saved[0]['commit']}" in heading and "cpu" in heading
+    assert header.startswith("| level | px | batch | bare step img/s | level step img/s | level / bare |")
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in table_rows]
+    assert [(int(c[0]), int(c[1]), int(c[2]), float(c[5])) for c in cells] == [
+        (int(row["level"]), 32, 8, round(row["ratio"], 2)) for row in rows]
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -150,3 +150,20 @@ def test_ctrl_c_in_an_epochs_last_step_finishes_and_saves_that_epoch(level, tmp_
     assert [row["steps"] for row in last["history"]] == [1]
     assert (tmp_path / f"{level}_best.pth").is_file()
     assert f"interrupted: saved {tmp_path / f'{level}_last.pth'}; continue with --resume" in result.stdout
+
+
+def test_resume_names_the_flags_that_differ_from_the_saved_run(tmp_path, capsys):
+    from types import SimpleNamespace
+    model = common.build_model("none")
+    saved_args = {"lr": 1e-4, "epochs": 10, "seed": 0, "workers": 4, "resume": None, "img_size": 224}
+    common.save_checkpoint(tmp_path / "level2_last.pth", {
+        "level": "level2", "model": model.state_dict(), "epoch": 3, "step_in_epoch": 0, "rng": common.rng_state(),
+        "args": saved_args})
+    same = SimpleNamespace(**{**saved_args, "workers": 8, "resume": "x.pth"})  # only resume-free flags differ
+    common.resume_from(tmp_path / "level2_last.pth", "level2", model, same)
+    assert "warning" not in capsys.readouterr().out
+    longer = SimpleNamespace(**{**saved_args, "epochs": 20, "lr": 3e-4})
+    common.resume_from(tmp_path / "level2_last.pth", "level2", model, longer)
+    warning = capsys.readouterr().out.splitlines()[-1]
+    assert warning.startswith("warning: flags differ from the run that saved it")
+    assert "--epochs 20 (was 10), --lr 0.0003 (was 0.0001)" in warning

@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from conftest import final_line, run_cli, run_quick, run_script
+from conftest import cached_level_runs, final_line, run_cli, run_quick, run_script
 from test_level1 import assert_one_line_error, run_in_process
 
 import level2
@@ -14,16 +14,8 @@ TINY = ["--weights", "none", "--img-size", "32", "--subset", "48", "--eval-subse
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_root):
     """Run level2 in-process with extra flags; returns the first epoch's training loss (cached per flag set)."""
-    cache = {}
-
-    def run(*extra):
-        if extra not in cache:
-            out = tmp_path_factory.mktemp("run")
-            run_in_process(level2, [*TINY, "--data-dir", str(data_root), "--checkpoint-dir", str(out),
-                                    "--results-dir", str(out), *extra])
-            cache[extra] = json.loads((out / "level2.json").read_text())["history"][0]["train_loss"]
-        return cache[extra]
-    return run
+    return cached_level_runs(level2, [*TINY, "--data-dir", data_root], tmp_path_factory,
+                             lambda out: json.loads((out / "level2.json").read_text())["history"][0]["train_loss"])
 
 
 # Every batch mixed by MixUp (switch 0), so both alphas have something to change; CUTMIX mixes by CutMix only.

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, final_line, run_cli, run_quick, run_script
+from conftest import ROOT, cached_level_runs, final_line, run_cli, run_quick, run_script
 from test_level1 import assert_one_line_error, run_in_process, tiny_loader
 
 import common
@@ -89,17 +89,11 @@ def test_parameter_group_lrs_follow_the_layer_decay_and_unfreeze_warmup():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_root):
-    cache = {}
-
-    def run(*extra):
-        if extra not in cache:
-            out = tmp_path_factory.mktemp("run")
-            run_in_process(level3, [*TINY, "--data-dir", str(data_root), "--checkpoint-dir", str(out),
-                                    "--results-dir", str(out), *extra])
-            checkpoint = torch.load(out / "level3_last.pth", weights_only=True)
-            cache[extra] = (checkpoint["model"]["layer4.0.conv1.weight"], checkpoint["history"][-1])
-        return cache[extra]
-    return run
+    """Run level3 in-process with extra flags; returns (a layer4 weight, the last history row), cached."""
+    def read(out):
+        checkpoint = torch.load(out / "level3_last.pth", weights_only=True)
+        return checkpoint["model"]["layer4.0.conv1.weight"], checkpoint["history"][-1]
+    return cached_level_runs(level3, [*TINY, "--data-dir", data_root], tmp_path_factory, read)
 
 
 # --dropout and --lr-decay change the weights; --ema-decay the EMA's accuracy; --final-lr needs final epochs.

@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import final_line, run_quick, run_script
+from conftest import cached_level_runs, final_line, run_quick, run_script
 from test_level1 import assert_one_line_error, run_in_process
 from test_level3 import without_timing
 
@@ -81,17 +81,11 @@ def test_evaluate_applies_the_stored_temperature_and_tta_sets(level4_run, data_r
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_root):
-    cache = {}
-
-    def run(*extra):
-        if extra not in cache:
-            out = tmp_path_factory.mktemp("run")
-            run_in_process(level4, [*TINY, "--data-dir", str(data_root), "--checkpoint-dir", str(out),
-                                    "--results-dir", str(out), *extra])
-            checkpoint = torch.load(out / "level4_last.pth", weights_only=True)
-            cache[extra] = (checkpoint["model_swa"], json.loads((out / "level4.json").read_text()))
-        return cache[extra]
-    return run
+    """Run level4 in-process with extra flags; returns (the SWA state, the results), cached per flag set."""
+    def read(out):
+        checkpoint = torch.load(out / "level4_last.pth", weights_only=True)
+        return checkpoint["model_swa"], json.loads((out / "level4.json").read_text())
+    return cached_level_runs(level4, [*TINY, "--data-dir", data_root], tmp_path_factory, read)
 
 
 @pytest.mark.parametrize("flags", [("--swa-lr", "1e-3"), ("--swa-schedule", "cyclic"), ("--swa-every", "1")])
@@ -124,11 +118,13 @@ def test_ablation_grid_rows_are_computed_and_resumed(tmp_path, data_root):
     argv = [*TINY, "--swa-epochs", "1", "--subset", "16", "--eval-subset", "16",
             "--data-dir", str(data_root), "--checkpoint-dir", str(tmp_path / "ck"), "--results-dir", str(tmp_path),
             "--ablate", "--ablate-epochs", "1", "--ablate-sizes", "32", "40"]
-    run_in_process(level4, argv)
+    grid = [name for name, _, _ in level4.ablation_grid(level4.get_args_parser().parse_args(argv))]
+    assert grid[0] == "baseline" and len(grid) == 10  # 8 techniques off, one other size
+    assert "img_size_40" in grid and "img_size_32" not in grid  # 32 px is the baseline itself
+    # Two rows (and the baseline, always) to keep the test short; every row is the same code with other flags.
+    run_in_process(level4, [*argv, "--ablate-rows", "no_ema", "img_size_40"])
     rows = json.loads((tmp_path / "ablation.json").read_text())["rows"]
-    expected = [name for name, _, _ in level4.ablation_grid(level4.get_args_parser().parse_args(argv))]
-    assert [row["name"] for row in rows] == expected
-    assert "img_size_40" in expected and "img_size_32" not in expected  # 32 px is the baseline itself
+    assert [row["name"] for row in rows] == ["baseline", "no_ema", "img_size_40"]
     assert len({row["command"] for row in rows}) == len(rows)
     for row in rows:  # each row's numbers come from its own run's results file
         result = json.loads((tmp_path / "ablation" / row["name"] / "level4.json").read_text())
@@ -136,16 +132,22 @@ def test_ablation_grid_rows_are_computed_and_resumed(tmp_path, data_root):
     table = (tmp_path / "ablation.md").read_text()
     assert all(f"| {row['name']} |" in table and row["command"] in table for row in rows)
     assert (tmp_path / "ablation.png").stat().st_size > 0
-    # Delete one row, run again: only that row is recomputed.
+    # Delete one row, run again with another selection: only the missing row is computed, finished rows stay.
     kept = [row for row in rows if row["name"] != "no_ema"]
     common.write_json(tmp_path / "ablation.json", {"rows": kept})
     (tmp_path / "ablation" / "no_ema" / "level4.json").unlink()
-    run_in_process(level4, argv)
+    run_in_process(level4, [*argv, "--ablate-rows", "no_ema"])
     again = {row["name"]: row for row in json.loads((tmp_path / "ablation.json").read_text())["rows"]}
-    assert list(again) == expected
+    assert list(again) == ["baseline", "no_ema", "img_size_40"]
     assert (tmp_path / "ablation" / "no_ema" / "level4.json").is_file()
     for row in kept:
         assert again[row["name"]] == row  # untouched, seconds and all
+
+
+def test_unknown_ablation_row_is_a_one_line_error_that_lists_the_grid():
+    from conftest import run_cli
+    result = run_cli(level4, "--ablate", "--ablate-rows", "no_ema", "no_dropout")
+    assert_one_line_error(result, "--ablate-rows: no row named no_dropout", "baseline no_randaugment")
 
 
 def test_summary_table_from_level_results(tmp_path, level4_run):
