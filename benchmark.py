@@ -349,7 +349,7 @@ def markdown_table(rows, args, commit, device):
     command = " ".join(["python benchmark.py", *flags])
     views = len(common.TTA_SETS[args.tta_set])
     lines = [f"`{command}` on {common.device_name(device)}, torch {torch.__version__}, commit {commit}, "
-             f"{'compiled' if args.compile else 'eager'}, {args.workers} workers:", "",
+             f"{common.precision_name(device)}, {'compiled' if args.compile else 'eager'}, {args.workers} workers:", "",
              f"| level | px | batch | bare step img/s | level step img/s | level / bare | eval img/s | "
              f"TTA ({views} views) img/s | peak memory MB ({rows[0]['peak_mem_kind']}) |", "|---" * 9 + "|"]
     for row in rows:
@@ -362,7 +362,8 @@ def markdown_table(rows, args, commit, device):
 def main(args):
     device = common.resolve_device(args.device)
     commit = common.git_commit()  # once: the tree may change while the benchmark runs
-    print(f"setup: device {common.device_name(device)}, torch {torch.__version__}, commit {commit}", flush=True)
+    print(f"setup: device {common.device_name(device)} ({common.precision_name(device)}), torch {torch.__version__}, "
+          f"commit {commit}", flush=True)
     rows = []
     for level in args.level:
         rows.append(benchmark_level(level, args, device))
@@ -372,7 +373,8 @@ def main(args):
     if args.json:
         extra = {"commit": commit, "device_name": common.device_name(device), "torch": torch.__version__,
                  "steps": args.steps, "warmup_steps": args.warmup_steps, "workers": args.workers,
-                 "compile": args.compile, "weights": args.weights, "tta_set": args.tta_set}
+                 "compile": args.compile, "weights": args.weights, "tta_set": args.tta_set,
+                 "precision": common.precision_name(device)}
         common.write_json(args.json, [{**row, **extra} for row in rows])
     if args.markdown:
         table = markdown_table(rows, args, commit, device)

@@ -412,6 +412,11 @@ def amp_dtype(device):
     return torch.float16
 
 
+def precision_name(device):
+    """'bf16', 'fp16' or 'fp32': what the forward passes on `device` compute in (for logs and tables)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype(device)]
+
+
 def autocast(device):
     """Forward passes in `amp_dtype(device)` (bf16 or fp16) on CUDA; full fp32 elsewhere."""
     dtype = amp_dtype(device)
@@ -1128,21 +1133,33 @@ class StopOnInterrupt:
               file=sys.stderr, flush=True)
 
 
-def exit_interrupted(last_checkpoint):
+def exit_interrupted(last_checkpoint, training_done=False):
     """After a Ctrl-C (StopOnInterrupt) and the save: say how to continue; exit code 130 (128 + SIGINT)."""
-    print(f"interrupted: saved {last_checkpoint}; continue with --resume {last_checkpoint}", flush=True)
+    then = " (training is complete: it only runs the final evaluation)" if training_done else ""
+    print(f"interrupted: saved {last_checkpoint}; continue with --resume {last_checkpoint}{then}", flush=True)
     sys.exit(130)
 
 
-# Flags that may differ on --resume without changing what the run computes.
+def restore_scaler(scaler, checkpoint):
+    """The fp16 loss scale of a resumed run. Nothing to restore from a bf16/fp32 run (its disabled scaler
+    saved {}) or from a checkpoint older than the scaler: the scaler then starts afresh, as a new run does."""
+    if checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+
+
+# Flags that may differ on --resume without changing what the run computes (--weights: the checkpoint's
+# weights replace them), and flags that must not: the split (--seed, --subset), the position in the epoch
+# (--batch-size: steps x batch images are skipped) and where --quick writes.
 RESUME_FREE_FLAGS = {"resume", "overwrite", "workers", "print_freq", "device", "data_dir", "checkpoint_dir",
-                     "results_dir", "stop_after_epochs", "compile"}
+                     "results_dir", "stop_after_epochs", "compile", "weights"}
+RESUME_FIXED_FLAGS = {"seed", "subset", "batch_size", "quick"}
 
 
-def changed_flags(saved_args, args):
-    """The flags of `args` that differ from the run that saved the checkpoint (`saved_args`, a dict)."""
-    return [f"--{name.replace('_', '-')} {getattr(args, name)} (was {saved_args[name]})" for name in sorted(saved_args)
-            if name not in RESUME_FREE_FLAGS and hasattr(args, name) and getattr(args, name) != saved_args[name]]
+def changed_flags(saved_args, args, ignore=RESUME_FREE_FLAGS):
+    """The flags of `args` that differ from the run that saved the checkpoint (`saved_args`, a dict), as
+    "--flag: new (was old)", leaving out those in `ignore`."""
+    return [f"--{name.replace('_', '-')}: {getattr(args, name)} (was {saved_args[name]})" for name in sorted(saved_args)
+            if name not in ignore and hasattr(args, name) and getattr(args, name) != saved_args[name]]
 
 
 def resume_from(path, level, model, args):
@@ -1154,10 +1171,17 @@ def resume_from(path, level, model, args):
     if not checkpoint.get("resumable", True):
         raise UserError(f"{path} is a best checkpoint, kept for evaluation only: resume with "
                         f"{Path(path).with_name(level + '_last.pth')}")
+    saved_args = checkpoint.get("args", {})
+    fixed = [f"--{name.replace('_', '-')} {saved_args[name]} (this run: {getattr(args, name)})"
+             for name in sorted(RESUME_FIXED_FLAGS & saved_args.keys())
+             if hasattr(args, name) and getattr(args, name) != saved_args[name]]
+    if fixed:
+        raise UserError(f"{path} was saved by a run with {', '.join(fixed)}: resume with the same --seed, --subset, "
+                        f"--batch-size and --quick (they fix the data split and the position in the epoch)")
     load_backbone_weights(model, checkpoint["model"], path)
     set_rng_state(checkpoint["rng"])
     print(f"resumed from {path}: {checkpoint['epoch']} epochs done (+{checkpoint['step_in_epoch']} steps)")
-    changed = changed_flags(checkpoint.get("args", {}), args)
+    changed = changed_flags(saved_args, args, ignore=RESUME_FREE_FLAGS | RESUME_FIXED_FLAGS)
     if changed:
         print(f"warning: flags differ from the run that saved it, the new values apply from here on: "
               f"{', '.join(changed)}", flush=True)

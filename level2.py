@@ -181,7 +181,8 @@ def main(args):
         raise common.UserError(f"--batch-size {args.batch_size} is the global batch: make it a multiple of the "
                                f"{dist.world_size} processes")
     common.seed_everything(args.seed)
-    print(f"{LEVEL}: device {common.device_name(device)}, {args.img_size} px, weights {args.weights}")
+    print(f"{LEVEL}: device {common.device_name(device)}, {common.precision_name(device)}, {args.img_size} px, "
+          f"weights {args.weights}")
 
     # Data: augmentation on 32-px uint8 images in the workers; upsampling and normalisation on the device.
     data = common.build_datasets(args, common.train_transform(args.randaug_n, args.randaug_m))
@@ -199,6 +200,7 @@ def main(args):
     if args.sync_bn:
         model = common.convert_sync_bn(model, device)
     total_epochs = args.head_epochs + args.epochs
+    steps_per_epoch = len(train_sampler) // (args.batch_size // dist.world_size)  # before any resume skip
     checkpoint_dir, results_dir = Path(args.checkpoint_dir), Path(args.results_dir)
 
     def stage_of(epoch):
@@ -213,8 +215,8 @@ def main(args):
         best_val_acc, history = resumed["best_val_acc"], resumed["history"]
     optimizer, trainable, stage = None, None, None
     scaler = common.grad_scaler(device)  # fp16 loss scaling on pre-Ampere GPUs; a no-op otherwise
-    if resumed and resumed.get("scaler"):
-        scaler.load_state_dict(resumed["scaler"])
+    if resumed:
+        common.restore_scaler(scaler, resumed)
 
     stop = common.StopOnInterrupt(enabled=not dist.enabled)
     progress = common.Progress(total_epochs, start_epoch)
@@ -229,7 +231,6 @@ def main(args):
         train_sampler.set_epoch(epoch, skip=skip_steps * args.batch_size)
         started = time.time()
         stage_start = 0 if stage == "head" else args.head_epochs
-        steps_per_epoch = len(train_sampler) // (args.batch_size // dist.world_size)  # as the loader, skip 0
         first_step = (epoch - stage_start) * steps_per_epoch + skip_steps
         train_stats = train_one_epoch(train_model, trainable, train_loader, optimizer, scaler, device, args, epoch,
                                       stop, progress, stage, first_step, steps_per_epoch)
@@ -257,7 +258,7 @@ def main(args):
               f"{row['images_per_s']:.0f} img/s | {elapsed:.0f} s elapsed, ETA {eta:.0f} s", flush=True)
         print("json: " + json.dumps(row), flush=True)
         if stop.requested:  # Ctrl-C in the epoch's last step or in validation: the whole epoch is saved
-            common.exit_interrupted(checkpoint_dir / f"{LEVEL}_last.pth")
+            common.exit_interrupted(checkpoint_dir / f"{LEVEL}_last.pth", training_done=epoch + 1 == total_epochs)
 
     common.cleanup_distributed(dist)  # no collective operation after this point
     if not dist.is_main:  # rank 0 alone evaluates the test set (the whole split: exact) and writes results

@@ -158,6 +158,8 @@ def validate_args(args):
     common.check_positive(args, "swa_lr", "ablate_epochs")
     if any(size < 32 for size in args.ablate_sizes):
         raise common.UserError("--ablate-sizes must all be at least 32")
+    if args.ablate_rows and not args.ablate:
+        raise common.UserError("--ablate-rows selects rows of the ablation grid: add --ablate")
     grid_rows = [name for name, _, _ in ablation_grid(args)]
     unknown = sorted(set(args.ablate_rows or []) - set(grid_rows))
     if unknown:
@@ -528,7 +530,8 @@ def main(args):
         raise common.UserError(f"--batch-size {args.batch_size} is the global batch: make it a multiple of the "
                                f"{dist.world_size} processes")
     common.seed_everything(args.seed)
-    print(f"{LEVEL}: device {common.device_name(device)}, {args.img_size} px, weights {args.weights}")
+    print(f"{LEVEL}: device {common.device_name(device)}, {common.precision_name(device)}, {args.img_size} px, "
+          f"weights {args.weights}")
 
     # Data: augmentation on 32-px uint8 images in the workers; upsampling and normalisation on the device.
     data = common.build_datasets(args, common.train_transform(args.randaug_n, args.randaug_m))
@@ -550,7 +553,7 @@ def main(args):
     if args.sync_bn:  # after the EMA/SWA copies: those are evaluated on one process, with plain BatchNorm
         model = common.convert_sync_bn(model, device)
     total_epochs = args.head_epochs + args.epochs + args.final_epochs + args.swa_epochs
-    steps_per_epoch = len(train_sampler) // (args.batch_size // dist.world_size)  # as the loader, skip 0
+    steps_per_epoch = len(train_sampler) // (args.batch_size // dist.world_size)  # before any resume skip
     checkpoint_dir, results_dir = Path(args.checkpoint_dir), Path(args.results_dir)
 
     # Resume: the position is (completed epochs, steps into the next one); schedule and unfreezing are
@@ -561,8 +564,7 @@ def main(args):
         start_epoch, skip_steps = resumed["epoch"], resumed["step_in_epoch"]
         best_val_acc, history = resumed["best_val_acc"], resumed["history"]
         optimizer.load_state_dict(resumed["optimizer"])
-        if resumed.get("scaler"):
-            scaler.load_state_dict(resumed["scaler"])
+        common.restore_scaler(scaler, resumed)
         if model_ema is not None and resumed["model_ema"] is not None:
             model_ema.load_state_dict(resumed["model_ema"])
         if model_swa is not None and resumed["model_swa"] is not None:
@@ -610,7 +612,7 @@ def main(args):
               f"{row['images_per_s']:.0f} img/s | {elapsed:.0f} s elapsed, ETA {eta:.0f} s", flush=True)
         print("json: " + json.dumps(row), flush=True)
         if stop.requested:  # Ctrl-C in the epoch's last step or in validation: the whole epoch is saved
-            common.exit_interrupted(checkpoint_dir / f"{LEVEL}_last.pth")
+            common.exit_interrupted(checkpoint_dir / f"{LEVEL}_last.pth", training_done=epoch + 1 == total_epochs)
     common.cleanup_distributed(dist)  # no collective operation after this point
     if not dist.is_main:  # rank 0 alone evaluates the test set (the whole split: exact) and writes results
         return None

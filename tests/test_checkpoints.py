@@ -130,6 +130,15 @@ class CtrlCAlreadyPressed:
         self.requested = True
 
 
+def tiny_flags(level, subset, out, data_dir, head_epochs=1):
+    """A run of `level` with `head_epochs` + 1 epochs and subset / 16 steps per epoch."""
+    return ["--weights", "none", "--img-size", "32", "--subset", str(subset), "--eval-subset", "16",
+            "--batch-size", "16", "-j", "0", "--head-epochs", str(head_epochs), "--epochs", "1",
+            *(["--final-epochs", "0"] if level in ("level3", "level4") else []),
+            *(["--swa-epochs", "0"] if level == "level4" else []),
+            "--data-dir", str(data_dir), "--checkpoint-dir", str(out), "--results-dir", str(out)]
+
+
 @pytest.mark.parametrize("level", ["level1", "level2", "level3", "level4"])
 def test_ctrl_c_in_an_epochs_last_step_finishes_and_saves_that_epoch(level, tmp_path, synthetic_root, monkeypatch):
     """One-step epochs: the step Ctrl-C lands in is the epoch's last, so the epoch is validated and saved as
@@ -139,31 +148,81 @@ def test_ctrl_c_in_an_epochs_last_step_finishes_and_saves_that_epoch(level, tmp_
     from conftest import run_cli
     module = importlib.import_module(level)
     monkeypatch.setattr(common, "StopOnInterrupt", CtrlCAlreadyPressed)
-    result = run_cli(module, "--weights", "none", "--img-size", "32", "--subset", "16", "--eval-subset", "16",
-                     "--batch-size", "16", "-j", "0", "--head-epochs", "1", "--epochs", "1",
-                     *(["--final-epochs", "0"] if level in ("level3", "level4") else []),
-                     *(["--swa-epochs", "0"] if level == "level4" else []),
-                     "--data-dir", synthetic_root, "--checkpoint-dir", tmp_path, "--results-dir", tmp_path)
+    flags = tiny_flags(level, 16, tmp_path, synthetic_root)
+    result = run_cli(module, *flags)
     assert result.returncode == 130, result.stderr
     last = common.load_checkpoint(tmp_path / f"{level}_last.pth", level)
     assert (last["epoch"], last["step_in_epoch"]) == (1, 0)
     assert [row["steps"] for row in last["history"]] == [1]
     assert (tmp_path / f"{level}_best.pth").is_file()
     assert f"interrupted: saved {tmp_path / f'{level}_last.pth'}; continue with --resume" in result.stdout
+    assert "training is complete" not in result.stdout
+    # The same in the last epoch: training is then complete, and the message says resume only evaluates.
+    result = run_cli(module, *flags, "--resume", tmp_path / f"{level}_last.pth")
+    assert result.returncode == 130, result.stderr
+    assert "(training is complete: it only runs the final evaluation)" in result.stdout
+    assert common.load_checkpoint(tmp_path / f"{level}_last.pth", level)["epoch"] == 2
+
+
+@pytest.mark.parametrize("level", ["level1", "level2", "level3", "level4"])
+def test_resume_from_the_middle_of_an_epoch_is_exact(level, tmp_path, synthetic_root, monkeypatch):
+    """Three-step epochs, Ctrl-C after the first step of the first one, then --resume: the same weights and
+    optimiser state as a straight run (the LR schedule must not be computed from the shortened epoch)."""
+    import importlib
+
+    from conftest import run_cli
+    module = importlib.import_module(level)
+    straight = run_cli(module, *tiny_flags(level, 48, tmp_path / "a", synthetic_root, 0))
+    assert straight.returncode == 0, straight.stderr
+    with monkeypatch.context() as patch:
+        patch.setattr(common, "StopOnInterrupt", CtrlCAlreadyPressed)
+        interrupted = run_cli(module, *tiny_flags(level, 48, tmp_path / "b", synthetic_root, 0))
+    assert interrupted.returncode == 130, interrupted.stderr
+    last = tmp_path / "b" / f"{level}_last.pth"
+    saved = common.load_checkpoint(last, level)
+    assert (saved["epoch"], saved["step_in_epoch"]) == (0, 1)
+    resumed = run_cli(module, *tiny_flags(level, 48, tmp_path / "b", synthetic_root, 0), "--resume", last)
+    assert resumed.returncode == 0, resumed.stderr
+    a = common.load_checkpoint(tmp_path / "a" / f"{level}_last.pth", level)
+    b = common.load_checkpoint(last, level)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for index, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg"], b["optimizer"]["state"][index]["exp_avg"]), index
+    assert [row["lr"] for row in a["history"]] == [row["lr"] for row in b["history"]]
+
+
+def test_restore_scaler_accepts_states_without_loss_scaling():
+    """A bf16/fp32 run saves {} (disabled scaler), an older checkpoint no key: an fp16 scaler starts afresh."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    for checkpoint in ({}, {"scaler": {}}):
+        common.restore_scaler(scaler, checkpoint)
+        assert scaler.get_scale() == 2.0**16
+    saved = torch.amp.GradScaler("cpu", init_scale=8.0).state_dict()
+    common.restore_scaler(scaler, {"scaler": saved})
+    assert scaler.get_scale() == 8.0
 
 
 def test_resume_names_the_flags_that_differ_from_the_saved_run(tmp_path, capsys):
     from types import SimpleNamespace
     model = common.build_model("none")
-    saved_args = {"lr": 1e-4, "epochs": 10, "seed": 0, "workers": 4, "resume": None, "img_size": 224}
+    saved_args = {"lr": 1e-4, "epochs": 10, "seed": 0, "subset": None, "batch_size": 128, "quick": False,
+                  "workers": 4, "resume": None, "img_size": 224, "weights": "imagenet"}
     common.save_checkpoint(tmp_path / "level2_last.pth", {
         "level": "level2", "model": model.state_dict(), "epoch": 3, "step_in_epoch": 0, "rng": common.rng_state(),
         "args": saved_args})
-    same = SimpleNamespace(**{**saved_args, "workers": 8, "resume": "x.pth"})  # only resume-free flags differ
+    # Only flags that change nothing differ (the checkpoint's weights replace --weights).
+    same = SimpleNamespace(**{**saved_args, "workers": 8, "resume": "x.pth", "weights": "none"})
     common.resume_from(tmp_path / "level2_last.pth", "level2", model, same)
     assert "warning" not in capsys.readouterr().out
     longer = SimpleNamespace(**{**saved_args, "epochs": 20, "lr": 3e-4})
     common.resume_from(tmp_path / "level2_last.pth", "level2", model, longer)
     warning = capsys.readouterr().out.splitlines()[-1]
     assert warning.startswith("warning: flags differ from the run that saved it")
-    assert "--epochs 20 (was 10), --lr 0.0003 (was 0.0001)" in warning
+    assert "--epochs: 20 (was 10), --lr: 0.0003 (was 0.0001)" in warning
+    # The split and the position in the epoch depend on these: refused, before anything is loaded.
+    for name, value in (("seed", 1), ("subset", 5000), ("batch_size", 256), ("quick", True)):
+        with pytest.raises(common.UserError, match=f"--{name.replace('_', '-')} {saved_args[name]} "
+                                                   rf"\(this run: {value}\)"):
+            common.resume_from(tmp_path / "level2_last.pth", "level2", model,
+                               SimpleNamespace(**{**saved_args, name: value}))

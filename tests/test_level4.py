@@ -148,6 +148,7 @@ def test_unknown_ablation_row_is_a_one_line_error_that_lists_the_grid():
     from conftest import run_cli
     result = run_cli(level4, "--ablate", "--ablate-rows", "no_ema", "no_dropout")
     assert_one_line_error(result, "--ablate-rows: no row named no_dropout", "baseline no_randaugment")
+    assert_one_line_error(run_cli(level4, "--ablate-rows", "no_ema"), "add --ablate")
 
 
 def test_summary_table_from_level_results(tmp_path, level4_run):
