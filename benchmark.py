@@ -80,11 +80,8 @@ def get_args_parser():
 
 def validate_args(args):
     common.check_positive(args, "batch_size", "steps")
-    for name in ("warmup_steps", "workers"):
-        if getattr(args, name) < 0:
-            raise common.UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
-    if args.img_size < 32:
-        raise common.UserError(f"--img-size must be at least 32, CIFAR-10's own size (got {args.img_size})")
+    common.check_non_negative(args, "warmup_steps", "workers")
+    common.check_img_size(args)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ MixUp/CutMix, label smoothing, random erasing - EMA and SWA - evaluation and TTA
 checkpoints and results - distributed (torchrun).
 """
 import argparse
+import contextlib
 import copy
 import functools
 import math
@@ -130,15 +131,20 @@ def check_non_negative(args, *names):
             raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {value})")
 
 
-def check_common_args(args):
-    """The checks every level shares: sizes and rates must be positive, images at least 32 px."""
-    check_positive(args, "epochs", "batch_size", "lr", "head_lr", "subset", "eval_subset")
-    check_non_negative(args, "weight_decay", "min_lr", "warmup_epochs", "unfreeze_warmup_epochs", "workers",
-                       "print_freq")
-    if args.head_epochs < 0:
-        raise UserError(f"--head-epochs must be >= 0 (got {args.head_epochs})")
+def check_img_size(args):
     if args.img_size < 32:
         raise UserError(f"--img-size must be at least 32, CIFAR-10's own size (got {args.img_size})")
+
+
+def check_common_args(args):
+    """The checks every level shares: sizes and rates must be positive, images at least 32 px, a subset
+    at least one batch."""
+    check_positive(args, "epochs", "batch_size", "lr", "head_lr", "subset", "eval_subset")
+    check_non_negative(args, "weight_decay", "min_lr", "warmup_epochs", "unfreeze_warmup_epochs", "workers",
+                       "print_freq", "head_epochs")
+    check_img_size(args)
+    if args.subset is not None and args.subset < args.batch_size:
+        raise UserError(f"--subset ({args.subset}) must be at least --batch-size ({args.batch_size})")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -192,20 +198,28 @@ class Cifar10:
     classes: list
 
 
+@contextlib.contextmanager
+def network_timeout(seconds=30):
+    """Downloads give up after `seconds` without an answer, instead of hanging offline."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def download_cifar10(data_dir):
     """Fetch CIFAR-10 with torchvision's downloader; offline, a one-line error says where to put it."""
     folder = Path(data_dir) / CIFAR_FOLDER
     print(f"{folder} not found: downloading CIFAR-10 (170 MB) with torchvision ...", flush=True)
-    previous_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(30)
     try:
-        torchvision.datasets.CIFAR10(str(data_dir), train=True, download=True)
+        with network_timeout():
+            torchvision.datasets.CIFAR10(str(data_dir), train=True, download=True)
     except Exception as error:
         raise UserError(f"CIFAR-10 is not at {folder} and could not be downloaded ({type(error).__name__}): "
                         f"extract cifar-10-python.tar.gz so that {folder}/data_batch_1 exists, "
                         f"or point --data-dir at the folder holding {CIFAR_FOLDER}") from None
-    finally:
-        socket.setdefaulttimeout(previous_timeout)
 
 
 def load_cifar10(data_dir):
@@ -274,7 +288,9 @@ class CifarDataset(torch.utils.data.Dataset):
             image = self.transform(image)
         elif self.transform is not None:
             with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG untouched (workers=0)
-                torch.manual_seed(seed)
+                # The CPU generator only (what the v2 transforms draw from): torch.manual_seed would also
+                # seed CUDA - 20x slower per image, and with -j 0 it would reseed the device's RNG.
+                torch.default_generator.manual_seed(seed)
                 image = self.transform(image)
         return image, int(self.labels[index])
 
@@ -304,10 +320,10 @@ class EpochSampler(torch.utils.data.Sampler):
         return (math.ceil(self.size / self.world_size) * self.world_size - self.skip) // self.world_size
 
     def __iter__(self):
-        order = self._order()
+        order = self._order().tolist()
         base = (self.seed * 100_003 + self.epoch) * 1_000_003
         for position in range(self.skip + self.rank, len(order), self.world_size):
-            index = int(order[position])
+            index = order[position]
             yield index, (base + index) % (2**63)
 
 
@@ -472,16 +488,13 @@ def _imagenet_state_dict():
     path = imagenet_weights_path()
     if not path.is_file():
         print(f"downloading ImageNet weights to {path} ...", flush=True)
-    previous_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(30)
     try:
-        return IMAGENET_WEIGHTS.get_state_dict(progress=False)
+        with network_timeout():
+            return IMAGENET_WEIGHTS.get_state_dict(progress=False)
     except Exception as error:
         raise UserError(f"ImageNet weights {path.name} are not in {path.parent} and could not be downloaded "
                         f"({type(error).__name__}): copy the file there, or use --weights none (random init) "
                         f"or --weights PATH (a ResNet-50 state_dict or checkpoint)") from None
-    finally:
-        socket.setdefaulttimeout(previous_timeout)
 
 
 def _strip_prefixes(state_dict):
@@ -577,11 +590,12 @@ def train_mode(model, trainable_groups):
                 module.eval()
 
 
-def param_groups_no_bn_decay(parameters_by_name, weight_decay, lr, only_trainable=True):
+def param_groups_no_bn_decay(parameters, weight_decay, lr, only_trainable=True):
     """Two optimizer groups: weight decay on conv/linear weights, none on BatchNorm weights and biases
-    (decaying a BN scale or a bias only shrinks the network's output range; Goyal et al. 2017, sec. 3)."""
+    (decaying a BN scale or a bias only shrinks the network's output range; Goyal et al. 2017, sec. 3).
+    Told apart by shape: BatchNorm weights and biases are 1-D, conv/linear weights are not."""
     decay, no_decay = [], []
-    for name, p in parameters_by_name:
+    for p in parameters:
         if p.requires_grad or not only_trainable:
             (no_decay if p.ndim <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay, "lr": lr},
@@ -614,9 +628,9 @@ def warmup_cosine_lr(step, total_steps, warmup_steps, base_lr, min_lr=0.0, warmu
 
 
 def set_lr(optimizer, lr):
-    """Set every parameter group's LR to `lr` times the group's own `lr_scale` (1 when absent)."""
+    """Set every parameter group's LR to `lr`."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -679,7 +693,7 @@ def mix_batch(images, targets, mix_prob, switch_prob, mixup_alpha, cutmix_alpha,
         lam = float(torch.distributions.Beta(alpha, alpha).sample())
     else:  # torch.distributions takes no generator: sample under a seed drawn from it
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
+            torch.default_generator.manual_seed(int(torch.randint(2**62, (), generator=generator)))
             lam = float(torch.distributions.Beta(alpha, alpha).sample())
     if use_cutmix:
         return cutmix(images, targets, cutmix_box(lam, *images.shape[-2:], generator=generator))
@@ -841,22 +855,20 @@ TTA_SETS = {
 
 
 @torch.no_grad()
-def predict(model, loader, device, img_size, views=("identity",), average="softmax", weights=None,
-            temperature=1.0):
+def predict(model, loader, device, img_size, views=("identity",), average="softmax", temperature=1.0):
     """Class probabilities for every image of `loader`, averaged over the TTA `views`.
 
-    average="softmax" averages probabilities; "logit" averages logits, then takes one softmax. `weights`
-    (one per view) makes either a weighted mean. `temperature` divides the logits first (calibration).
+    average="softmax" averages probabilities; "logit" averages logits, then takes one softmax.
+    `temperature` divides the logits first (calibration).
     Returns (probs N x K float32 on the CPU, labels N int64). Accumulates on the device: one sync at the end.
     """
     model.eval()
-    weights = torch.ones(len(views)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
-    weights = (weights / weights.sum()).tolist()
+    weight = 1.0 / len(views)
     all_probs, all_labels = [], []
     for images, labels in loader:
         images = to_float_images(images, device)
         combined = 0
-        for name, weight in zip(views, weights):
+        for name in views:
             with autocast(device):
                 logits = model(normalize_and_resize(TTA_VIEWS[name](images), img_size)).float() / temperature
             combined = combined + weight * (logits.softmax(-1) if average == "softmax" else logits)
@@ -925,12 +937,19 @@ def precision_recall_f1(cm):
     return precision, recall, f1
 
 
+def _confidence_bins(probs, n_bins):
+    """Top probability, predicted class, and the index of the equal-width bin (lo, hi] the top probability
+    falls in, for each row of `probs`."""
+    confidence, preds = probs.max(-1)
+    bins = torch.clamp(torch.ceil(confidence.double() * n_bins).long() - 1, 0, n_bins - 1)
+    return confidence, preds, bins
+
+
 def expected_calibration_error(probs, labels, n_bins=15):
     """ECE (Naeini et al. 2015; Guo et al. 2017, eq. 3): sum over equal-width confidence bins (lo, hi] of
     |bin| / N * |accuracy(bin) - mean confidence(bin)|, with confidence = the top probability."""
-    confidence, preds = probs.max(-1)
+    confidence, preds, bins = _confidence_bins(probs, n_bins)
     correct = (preds == labels).double()
-    bins = torch.clamp(torch.ceil(confidence.double() * n_bins).long() - 1, 0, n_bins - 1)
     ece = torch.zeros((), dtype=torch.float64)
     for b in range(n_bins):
         in_bin = bins == b
@@ -941,8 +960,7 @@ def expected_calibration_error(probs, labels, n_bins=15):
 
 def reliability_bins(probs, labels, n_bins=15):
     """Per-bin (mean confidence, accuracy, count) for a reliability diagram."""
-    confidence, preds = probs.max(-1)
-    bins = torch.clamp(torch.ceil(confidence.double() * n_bins).long() - 1, 0, n_bins - 1)
+    confidence, preds, bins = _confidence_bins(probs, n_bins)
     rows = []
     for b in range(n_bins):
         in_bin = bins == b
@@ -998,11 +1016,14 @@ def confident_mistakes(probs, labels, k=16):
     return wrong[order][:k].tolist()
 
 
-def timed_predict(model, loader, device, img_size, views, average="softmax", temperature=1.0):
-    """predict() and the images per second it ran at (predict ends in a device sync, so the clock is honest)."""
+def timed_report(model, loader, device, img_size, classes, views=("identity",), average="softmax",
+                 temperature=1.0):
+    """classification_report of predict(...), and the images per second predict ran at (it ends in a device
+    sync, so the clock is honest)."""
     started = time.time()
-    probs, labels = predict(model, loader, device, img_size, views, average, temperature=temperature)
-    return probs, labels, len(labels) / (time.time() - started)
+    probs, labels = predict(model, loader, device, img_size, views, average, temperature)
+    images_per_s = len(labels) / (time.time() - started)
+    return classification_report(probs, labels, classes), images_per_s
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1217,6 +1238,16 @@ def write_json(path, obj):
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
+def _save_figure(fig, path, title=None):
+    """Title, tight layout, write the PNG (making its folder) and free the figure."""
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+
+
 def plot_curves(history, path, title, extra_val_keys=()):
     """Loss and accuracy per epoch, train vs validation (plus e.g. the EMA model's validation accuracy)."""
     plt = _pyplot()
@@ -1234,11 +1265,7 @@ def plot_curves(history, path, title, extra_val_keys=()):
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path, title)
 
 
 def plot_confusion_matrix(cm, classes, path, title):
@@ -1257,11 +1284,7 @@ def plot_confusion_matrix(cm, classes, path, title):
                title=name)
         ax.set_xticklabels(classes, rotation=45, ha="right")
         ax.set_yticklabels(classes)
-    fig.suptitle(title)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path, title)
 
 
 def _pyplot():
@@ -1284,11 +1307,7 @@ def plot_reliability(bins_before, bins_after, path, title):
         ax.plot([0, 1], [0, 1], "r--", label="perfect calibration")
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=name)
         ax.legend(loc="upper left")
-    fig.suptitle(title)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path, title)
 
 
 def plot_image_grid(images, captions, path, title, columns=8):
@@ -1301,11 +1320,7 @@ def plot_image_grid(images, captions, path, title, columns=8):
     for ax, image, caption in zip(axes.flat, images, captions):
         ax.imshow(image, interpolation="nearest")
         ax.set_title(caption, fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path, title)
 
 
 def plot_bars(names, values, path, title, ylabel, reference=None):
@@ -1324,10 +1339,7 @@ def plot_bars(names, values, path, title, ylabel, reference=None):
     low = min(values) if values else 0
     ax.set_xlim(max(0.0, low - 0.05), min(1.0, max(values, default=1) + 0.05))
     ax.set(xlabel=ylabel, title=title)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def args_to_argv(parser, args, skip=()):

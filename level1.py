@@ -73,8 +73,6 @@ def get_args_parser():
 
 def validate_args(args):
     common.check_common_args(args)
-    if args.subset is not None and args.subset < args.batch_size:
-        raise common.UserError(f"--subset ({args.subset}) must be at least --batch-size ({args.batch_size})")
 
 
 def make_optimizer(model, stage, args, device):
@@ -82,7 +80,7 @@ def make_optimizer(model, stage, args, device):
     trainable = ["fc"] if stage == "head" else list(common.LAYER_GROUPS)
     common.set_trainable(model, trainable)
     lr = args.head_lr if stage == "head" else args.lr
-    groups = common.param_groups_no_bn_decay(model.named_parameters(), args.weight_decay, lr)
+    groups = common.param_groups_no_bn_decay(model.parameters(), args.weight_decay, lr)
     return common.adamw(groups, lr, args.weight_decay, device), trainable
 
 

@@ -99,8 +99,6 @@ def validate_args(args):
             raise common.UserError(f"--{name.replace('_', '-')} must be between 0 and 1 (got {getattr(args, name)})")
     if args.randaug_n < 0 or not 0 <= args.randaug_m <= 30:
         raise common.UserError("--randaug-n must be >= 0 and --randaug-m between 0 and 30")
-    if args.subset is not None and args.subset < args.batch_size:
-        raise common.UserError(f"--subset ({args.subset}) must be at least --batch-size ({args.batch_size})")
 
 
 def make_optimizer(model, stage, args, device):
@@ -108,7 +106,7 @@ def make_optimizer(model, stage, args, device):
     trainable = ["fc"] if stage == "head" else list(common.LAYER_GROUPS)
     common.set_trainable(model, trainable)
     lr = args.head_lr if stage == "head" else args.lr
-    groups = common.param_groups_no_bn_decay(model.named_parameters(), args.weight_decay, lr)
+    groups = common.param_groups_no_bn_decay(model.parameters(), args.weight_decay, lr)
     return common.adamw(groups, lr, args.weight_decay, device), trainable
 
 
@@ -162,13 +160,6 @@ def make_checkpoint(model, optimizer, scaler, stage, epoch, step_in_epoch, best_
             "scaler": scaler.state_dict(), "stage": stage, "epoch": epoch, "step_in_epoch": step_in_epoch,
             "best_val_acc": best_val_acc, "history": history,
             "rng": common.rng_state(), "args": vars(args), "versions": common.library_versions()}
-
-
-def timed_test(model, loader, device, img_size, views, classes):
-    """The test report for one set of TTA views, and the seconds it took (predict ends in a device sync)."""
-    started = time.time()
-    probs, labels = common.predict(model, loader, device, img_size, views)
-    return common.classification_report(probs, labels, classes), time.time() - started
 
 
 def main(args):
@@ -267,14 +258,14 @@ def main(args):
     best = common.load_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", LEVEL)
     model.load_state_dict(best["model"])
     test_loader = common.make_loader(data.test, 2 * args.batch_size, workers=args.workers, device=device)
-    test, test_seconds = timed_test(model, test_loader, device, args.img_size, ["identity"], data.classes)
-    test_tta, tta_seconds = timed_test(model, test_loader, device, args.img_size, common.TTA_SETS[args.tta_set],
-                                       data.classes)
+    test, eval_images_per_s = common.timed_report(model, test_loader, device, args.img_size, data.classes)
+    test_tta, tta_images_per_s = common.timed_report(model, test_loader, device, args.img_size, data.classes,
+                                                     common.TTA_SETS[args.tta_set])
     results = {"level": LEVEL, "args": vars(args), "device": common.device_name(device), "commit": common.git_commit(),
                "versions": common.library_versions(), "history": history, "best_val_acc": best_val_acc,
                "best_epoch": best["epoch"], "test": test, "test_tta": test_tta, "tta_set": args.tta_set,
-               "eval_images_per_s": test["num_images"] / test_seconds,
-               "tta_images_per_s": test["num_images"] / tta_seconds, "seconds": time.time() - progress.start}
+               "eval_images_per_s": eval_images_per_s,
+               "tta_images_per_s": tta_images_per_s, "seconds": time.time() - progress.start}
     common.write_json(results_dir / f"{LEVEL}.json", results)
     common.plot_curves(history, results_dir / f"{LEVEL}_curves.png",
                        f"{LEVEL}: {args.weights} weights, {args.img_size} px")

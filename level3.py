@@ -132,11 +132,7 @@ def validate_args(args):
     if not 0 < args.lr_decay <= 1:
         raise common.UserError(f"--lr-decay must be in (0, 1] (got {args.lr_decay})")
     common.check_positive(args, "final_lr", "stop_after_epochs")
-    for name in ("final_epochs", "unfreeze_every"):
-        if getattr(args, name) < 0:
-            raise common.UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
-    if args.subset is not None and args.subset < args.batch_size:
-        raise common.UserError(f"--subset ({args.subset}) must be at least --batch-size ({args.batch_size})")
+    common.check_non_negative(args, "final_epochs", "unfreeze_every")
 
 
 # Unfreezing order, and each stage's depth below the head (its LR is --lr-decay ** depth times the head's).
@@ -160,9 +156,9 @@ def make_optimizer(model, args, device):
     alone until they unfreeze: no optimiser rebuilt mid-run, and resume restores one state."""
     param_groups = []
     for group in common.LAYER_GROUPS:
-        named = [(name, p) for module in common.layer_group_modules(model)[group]
-                 for name, p in module.named_parameters()]
-        for param_group in common.param_groups_no_bn_decay(named, args.weight_decay, args.lr, only_trainable=False):
+        parameters = [p for module in common.layer_group_modules(model)[group] for p in module.parameters()]
+        for param_group in common.param_groups_no_bn_decay(parameters, args.weight_decay, args.lr,
+                                                           only_trainable=False):
             param_groups.append({**param_group, "stage_name": group})
     return common.adamw(param_groups, args.lr, args.weight_decay, device)
 
@@ -250,13 +246,6 @@ def validate_epoch(model, model_ema, val_loader, device, args, dist):
                                                                            args.img_size, dist)
         row["better"] = "ema" if row["val_acc_ema"] > val_acc else "raw"
     return row
-
-
-def timed_test(model, loader, device, img_size, views, classes):
-    """The test report for one set of TTA views, and the seconds it took (predict ends in a device sync)."""
-    started = time.time()
-    probs, labels = common.predict(model, loader, device, img_size, views)
-    return common.classification_report(probs, labels, classes), time.time() - started
 
 
 def main(args):
@@ -360,14 +349,14 @@ def main(args):
     best = common.load_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", LEVEL)
     model.load_state_dict(best["model"])
     test_loader = common.make_loader(data.test, 2 * args.batch_size, workers=args.workers, device=device)
-    test, test_seconds = timed_test(model, test_loader, device, args.img_size, ["identity"], data.classes)
-    test_tta, tta_seconds = timed_test(model, test_loader, device, args.img_size, common.TTA_SETS[args.tta_set],
-                                       data.classes)
+    test, eval_images_per_s = common.timed_report(model, test_loader, device, args.img_size, data.classes)
+    test_tta, tta_images_per_s = common.timed_report(model, test_loader, device, args.img_size, data.classes,
+                                                     common.TTA_SETS[args.tta_set])
     results = {"level": LEVEL, "args": vars(args), "device": common.device_name(device), "commit": common.git_commit(),
                "versions": common.library_versions(), "history": history, "best_val_acc": best_val_acc,
                "best_epoch": best["epoch"], "best_model_source": best["model_source"], "test": test,
-               "test_tta": test_tta, "tta_set": args.tta_set, "eval_images_per_s": test["num_images"] / test_seconds,
-               "tta_images_per_s": test["num_images"] / tta_seconds, "seconds": time.time() - progress.start}
+               "test_tta": test_tta, "tta_set": args.tta_set, "eval_images_per_s": eval_images_per_s,
+               "tta_images_per_s": tta_images_per_s, "seconds": time.time() - progress.start}
     common.write_json(results_dir / f"{LEVEL}.json", results)
     common.plot_curves(history, results_dir / f"{LEVEL}_curves.png",
                        f"{LEVEL}: {args.weights} weights, {args.img_size} px",

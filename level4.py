@@ -164,11 +164,7 @@ def validate_args(args):
     unknown = sorted(set(args.ablate_rows or []) - set(grid_rows))
     if unknown:
         raise common.UserError(f"--ablate-rows: no row named {', '.join(unknown)}; the grid has {' '.join(grid_rows)}")
-    for name in ("final_epochs", "unfreeze_every", "swa_epochs", "swa_every"):
-        if getattr(args, name) < 0:
-            raise common.UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
-    if args.subset is not None and args.subset < args.batch_size:
-        raise common.UserError(f"--subset ({args.subset}) must be at least --batch-size ({args.batch_size})")
+    common.check_non_negative(args, "final_epochs", "unfreeze_every", "swa_epochs", "swa_every")
 
 
 # Unfreezing order, and each stage's depth below the head (its LR is --lr-decay ** depth times the head's).
@@ -192,9 +188,9 @@ def make_optimizer(model, args, device):
     alone until they unfreeze: no optimiser rebuilt mid-run, and resume restores one state."""
     param_groups = []
     for group in common.LAYER_GROUPS:
-        named = [(name, p) for module in common.layer_group_modules(model)[group]
-                 for name, p in module.named_parameters()]
-        for param_group in common.param_groups_no_bn_decay(named, args.weight_decay, args.lr, only_trainable=False):
+        parameters = [p for module in common.layer_group_modules(model)[group] for p in module.parameters()]
+        for param_group in common.param_groups_no_bn_decay(parameters, args.weight_decay, args.lr,
+                                                           only_trainable=False):
             param_groups.append({**param_group, "stage_name": group})
     return common.adamw(param_groups, args.lr, args.weight_decay, device)
 
@@ -326,9 +322,8 @@ def tta_table(model, loader, device, classes, args, temperature):
     """Accuracy, ECE and images/s of every named TTA view set (with the fitted temperature applied)."""
     rows = {}
     for name, views in common.TTA_SETS.items():
-        probs, labels, images_per_s = common.timed_predict(model, loader, device, args.img_size, views,
-                                                           args.tta_average, temperature)
-        report = common.classification_report(probs, labels, classes)
+        report, images_per_s = common.timed_report(model, loader, device, args.img_size, classes, views,
+                                                   args.tta_average, temperature)
         rows[name] = {"views": len(views), "acc1": report["acc1"], "ece": report["ece"], "nll": report["nll"],
                       "images_per_s": images_per_s}
         print(f"  TTA {name:<22} {len(views)} views: acc1 {report['acc1']:.4f} ece {report['ece']:.4f} "
@@ -357,10 +352,9 @@ def calibrate(model, val_loader, test_loader, device, classes, args, results_dir
     return calibration, after, test_labels
 
 
-def error_analysis(probs, labels, data, results_dir):
-    """Confusion matrix, per-class precision/recall/F1, the most-confused pairs and a grid of the most
-    confident mistakes - where the model is wrong, and how sure it was."""
-    report = common.classification_report(probs, labels, data.classes)
+def error_analysis(report, probs, labels, data, results_dir):
+    """Confusion matrix (from the test `report`), the most-confused pairs and a grid of the most confident
+    mistakes - where the model is wrong, and how sure it was."""
     common.plot_confusion_matrix(report["confusion_matrix"], data.classes, results_dir / f"{LEVEL}_confusion.png",
                                  f"{LEVEL}: test set ({len(labels)} images)")
     pairs = common.most_confused_pairs(report["confusion_matrix"], data.classes, k=5)
@@ -401,7 +395,7 @@ def final_evaluation(model, model_ema, model_swa, data, device, args, best_val_a
     test = common.classification_report(probs, labels, data.classes)
     print("test, every set of TTA views:")
     tta = tta_table(chosen, test_loader, device, data.classes, args, calibration["temperature"])
-    analysis = error_analysis(probs, labels, data, results_dir)
+    analysis = error_analysis(test, probs, labels, data, results_dir)
     test_of_finals = {name: common.classification_report(common.predict(m, test_loader, device, args.img_size)[0],
                                                          labels, data.classes)["acc1"] for name, m in finals.items()}
     return {"level": LEVEL, "args": vars(args), "device": common.device_name(device), "commit": common.git_commit(),
