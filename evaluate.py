@@ -1,177 +1,348 @@
-"""Evaluate any checkpoint of this suite (or a bare 10-class ResNet-50 state_dict) on CIFAR-10.
+"""Measure any checkpoint of this suite, or a bare 10-class ResNet-50 state_dict, on CIFAR-10.
 
-Prints top-1, per-class accuracy, ECE (15 equal-width bins), NLL and Brier score; writes a JSON and a
-confusion-matrix PNG (counts and row-normalised). Validation uses the split seed stored in the checkpoint,
-so it is the same 5,000 images the run selected its epoch on.
+Top-1, per-class accuracy, precision, recall and F1, ECE (15 equal-width bins), NLL and Brier score, the confusion
+matrix; a JSON and a PNG under --out. The levels call `report` for their final test, so a level's figures and this
+script's agree. The validation split is rebuilt with the checkpoint's own --seed: the images the run chose on.
 
     python evaluate.py checkpoints/level1_best.pth
-    python evaluate.py checkpoints/level2_best.pth --tta                  # the TTA views the level used
+    python evaluate.py checkpoints/level4_best.pth --tta                        # the level's own TTA views
     python evaluate.py checkpoints/level4_best.pth --tta flip+translate+scale --split val
-    python evaluate.py checkpoints/level4_best.pth --images my_photos/ cat.jpg    # your own pictures
+    python evaluate.py checkpoints/level4_best.pth --images my_photos/ cat.jpg   # your own pictures
 """
 import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import common
 
+# ---- Metrics, on CPU tensors (each checked against a hand-computed answer in tests/test_evaluate.py) -------------
+
+def confusion_matrix(preds, labels, num_classes=len(common.CLASSES)):
+    """K x K counts: row = true class, column = predicted class."""
+    return torch.bincount(labels * num_classes + preds, minlength=num_classes**2).view(num_classes, num_classes)
+
+def precision_recall_f1(cm):
+    """Per class: precision = diagonal / column sums, recall (= per-class accuracy) = diagonal / row sums, F1; 0
+    where a class was never predicted or never present."""
+    tp = cm.diag().double()
+    precision, recall = torch.nan_to_num(tp / cm.sum(0)), torch.nan_to_num(tp / cm.sum(1))
+    return precision, recall, torch.nan_to_num(2 * precision * recall / (precision + recall))
+
+def calibration_bins(probs, labels, n_bins=15):
+    """Per equal-width confidence bin (lo, hi]: (count, accuracy, mean confidence), confidence = top probability."""
+    confidence, preds = probs.double().max(-1)
+    bins = (confidence * n_bins).ceil().long().clamp(1, n_bins) - 1
+    count = torch.bincount(bins, minlength=n_bins).double()
+    correct = torch.bincount(bins, (preds == labels).double(), minlength=n_bins)
+    summed = torch.bincount(bins, confidence, minlength=n_bins)
+    return count, correct / count.clamp_min(1), summed / count.clamp_min(1)
+
+def expected_calibration_error(probs, labels, n_bins=15):
+    """ECE (Naeini et al. 2015; Guo et al. 2017, eq. 3): sum over bins of |bin| / N * |accuracy - confidence|."""
+    count, accuracy, confidence = calibration_bins(probs, labels, n_bins)
+    return float((count / count.sum() * (accuracy - confidence).abs()).sum())
+
+def metrics(probs, labels, preds=None):
+    """Every figure for one set of N x K probabilities; `preds` (default: their arg-max) give top-1 and the per-class
+    figures, the probabilities give ECE, NLL (clamped at 1e-12: a sure mistake stays finite) and Brier (1950)."""
+    preds = probs.argmax(-1) if preds is None else preds
+    cm = confusion_matrix(preds, labels)
+    precision, recall, f1 = precision_recall_f1(cm)
+    per_class = lambda values: dict(zip(common.CLASSES, values.tolist()))  # noqa: E731
+    return {"acc1": float((preds == labels).double().mean()), "ece": expected_calibration_error(probs, labels),
+            "nll": float(-probs.double().gather(1, labels[:, None]).clamp_min(1e-12).log().mean()),
+            "brier": float(((probs.double() - F.one_hot(labels, probs.shape[1])) ** 2).sum(1).mean()),
+            "per_class_acc": per_class(recall), "precision": per_class(precision), "recall": per_class(recall),
+            "f1": per_class(f1), "confusion_matrix": cm.tolist(), "num_images": len(labels)}
+
+def most_confused(cm, k=5):
+    """The k largest off-diagonal cells of a confusion matrix: (true class, predicted class, count), count > 0."""
+    off_diagonal = torch.as_tensor(cm) * (1 - torch.eye(len(cm), dtype=torch.long))
+    counts, cells = off_diagonal.flatten().sort(descending=True, stable=True)
+    return [(common.CLASSES[c // len(cm)], common.CLASSES[c % len(cm)], n) for n, c in
+            zip(counts[:k].tolist(), cells[:k].tolist()) if n > 0]
+
+def confident_mistakes(probs, labels, k=24):
+    """Indices of the k wrong predictions made with the highest confidence, the most confident first."""
+    confidence, preds = probs.max(-1)
+    wrong = torch.nonzero(preds != labels).flatten()
+    return wrong[confidence[wrong].argsort(descending=True, stable=True)][:k].tolist()
+
+def from_logits(view_logits, labels, temperature=1.0, average="softmax"):
+    """metrics() of V x N x K logits: the prediction from the T = 1 average of the views, the probabilities at
+    `temperature` (Guo et al. 2017: T only calibrates; it must not change a prediction). Returns (report, probs)."""
+    probs = common.average_views(view_logits, temperature, average)
+    preds = common.average_views(view_logits, 1.0, average).argmax(-1)
+    return {**metrics(probs, labels, preds), "temperature": temperature, "tta_average": average}, probs
+
+def report(model, dataset, device, img_size, views=("identity",), temperature=1.0, average="softmax"):
+    """Run `model` over `dataset` with the TTA `views` and measure it (see from_logits); adds the images per second.
+    Returns (report, probs)."""
+    started = time.time()
+    view_logits, labels = common.predict(model, dataset, device, img_size, views)
+    result, probs = from_logits(view_logits, labels, temperature, average)
+    return {**result, "views": list(views), "images_per_s": len(labels) / (time.time() - started)}, probs
+
+def loss_and_accuracy(model, dataset, device, img_size):
+    """Validation loss (cross-entropy) and top-1 of one view, with one wait for the device."""
+    logits, labels = common.predict(model, dataset, device, img_size)
+    return float(F.cross_entropy(logits[0], labels)), float((logits[0].argmax(-1) == labels).double().mean())
+
+# ---- Results: strict JSON, naming the command, device and commit that produced each number -----------------------
+
+def run_info(device):
+    """What produced a result: the command, the device, the precision, the commit and the library versions."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True).stdout
+    try:
+        commit = git("rev-parse", "--short", "HEAD").strip() + ("-dirty" if git("status", "-s", "-uno") else "")
+    except OSError:  # no git
+        commit = ""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({os.cpu_count()} cores)"
+    return {"command": " ".join(["python", Path(sys.argv[0]).name, *sys.argv[1:]]), "device": name,
+            "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[common.amp_dtype(device)],
+            "commit": commit or "unknown", "torch": torch.__version__}
+
+def _finite(obj):
+    """nan and inf -> None (JSON's null): json.dumps would write the bare NaN that strict JSON readers reject."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (list, tuple, dict)):
+        return {k: _finite(v) for k, v in obj.items()} if isinstance(obj, dict) else [_finite(v) for v in obj]
+    return obj
+
+def write_json(path, obj):
+    common.atomic_write(path, (json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n").encode())
+
+def write_table(path, heading, columns, rows):
+    """A Markdown table under `heading` (which names the command, device and commit), each row a list of cells."""
+    lines = [heading, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    lines += ["| " + " | ".join(f"{c:.4f}" if isinstance(c, float) else str(c) for c in row) + " |" for row in rows]
+    common.atomic_write(path, ("\n".join(lines) + "\n").encode())
+    return "\n".join(lines)
+
+# ---- Plots -------------------------------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib  # imported when a plot is drawn: training runs start faster without it
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+    return plt
+
+def _save(fig, path, title):
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+
+def plot_curves(history, path, title):
+    """Loss and accuracy per epoch: training (on augmented, mixed batches) and validation (clean), plus the EMA's."""
+    fig, (ax_loss, ax_acc) = _pyplot().subplots(1, 2, figsize=(10, 4))
+    epochs = [row["epoch"] for row in history]
+    ax_loss.plot(epochs, [row["train_loss"] for row in history], label="train")
+    for key, axis in (("val_loss", ax_loss), ("val_acc", ax_acc), ("val_acc_ema", ax_acc)):
+        if any(row.get(key) is not None for row in history):
+            axis.plot(epochs, [row.get(key) for row in history], label=key.replace("_", " "))
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="top-1", title="validation accuracy")
+    for axis in (ax_loss, ax_acc):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    _save(fig, path, title)
+
+def plot_confusion(cm, path, title):
+    """Counts, and each row divided by its total (the diagonal is then the per-class accuracy)."""
+    cm = np.asarray(cm)
+    fig, axes = _pyplot().subplots(1, 2, figsize=(14, 6))
+    for axis, matrix, fmt in ((axes[0], cm, "d"), (axes[1], cm / cm.sum(1, keepdims=True).clip(1), ".2f")):
+        axis.imshow(matrix, cmap="Blues")
+        for (i, j), value in np.ndenumerate(matrix):
+            axis.text(j, i, format(value, fmt), ha="center", va="center", fontsize=7,
+                      color="white" if value > matrix.max() / 2 else "black")
+        axis.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true")
+        axis.set_xticklabels(common.CLASSES, rotation=45, ha="right")
+        axis.set_yticklabels(common.CLASSES)
+    _save(fig, path, title)
+
+def plot_reliability(panels, path, title):
+    """Reliability diagrams (Guo et al. 2017, fig. 1): accuracy per confidence bin against the diagonal.
+    `panels`: {name: (probs, labels)}."""
+    fig, axes = _pyplot().subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    for axis, (name, (probs, labels)) in zip(axes[0], panels.items()):
+        count, accuracy, _ = calibration_bins(probs, labels)
+        centres = (torch.arange(len(count)) + 0.5) / len(count)
+        axis.bar(centres, accuracy, width=1 / len(count), edgecolor="black", label="accuracy")
+        axis.plot([0, 1], [0, 1], "r--", label="perfect calibration")
+        axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=name)
+        axis.legend(loc="upper left")
+    _save(fig, path, title)
+
+def plot_images(images, captions, path, title, columns=8):
+    """uint8 N x 3 x 32 x 32 images in a grid, each with its caption."""
+    rows = max(1, math.ceil(len(images) / columns))
+    fig, axes = _pyplot().subplots(rows, columns, figsize=(columns * 1.6, rows * 1.9), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image, caption in zip(axes.flat, images, captions):
+        axis.imshow(np.asarray(image).transpose(1, 2, 0), interpolation="nearest")
+        axis.set_title(caption, fontsize=7)
+    _save(fig, path, title)
+
+def plot_mistakes(dataset, probs, path, k=24):
+    """The k most confident mistakes as an image grid (true -> predicted, confidence); returns their indices."""
+    mistakes = confident_mistakes(probs, dataset.labels, k)
+    confidence, preds = probs.max(-1)
+    plot_images(dataset.images[mistakes], [f"{common.CLASSES[dataset.labels[i]]} -> {common.CLASSES[preds[i]]}\n"
+                                           f"p={confidence[i]:.2f}" for i in mistakes], path, "most confident mistakes")
+    return mistakes
+
+def plot_bars(names, values, path, title, xlabel, reference=None):
+    """Horizontal bars (ablation rows, levels); `reference` draws the baseline as a dashed line."""
+    fig, axis = _pyplot().subplots(figsize=(8, 0.45 * len(names) + 1.5))
+    axis.barh(range(len(names)), values)
+    for i, value in enumerate(values):
+        axis.text(value, i, f" {value:.4f}", va="center", fontsize=8)
+    if reference is not None:
+        axis.axvline(reference, color="red", linestyle="--", label="baseline")
+        axis.legend(loc="lower right")
+    axis.set(yticks=range(len(names)), yticklabels=names, xlabel=xlabel)
+    axis.set_xlim(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.05))
+    axis.invert_yaxis()
+    _save(fig, path, title)
+
+# ---- Command line ------------------------------------------------------------------------------------------------
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("checkpoint", help="a .pth checkpoint of this project or a 10-class ResNet-50 state_dict")
-    parser.add_argument("--tta", nargs="?", const="default", default=None, choices=["default", *common.TTA_SETS],
-                        help="test-time augmentation view set; plain --tta uses the checkpoint's own set, or flip "
-                             "(default: off)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="a .pth checkpoint of this suite or a 10-class ResNet-50 state_dict")
+    parser.add_argument("--tta", nargs="?", const="default", choices=["default", *common.TTA_SETS],
+                        help="test-time augmentation views; plain --tta: the checkpoint's own set (default: off)")
     parser.add_argument("--tta-average", choices=["softmax", "logit"], default="softmax",
                         help="average the views' probabilities or their logits (default: softmax)")
     parser.add_argument("--split", choices=["test", "val"], default="test", help="which split (default: test)")
     parser.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py (default: ./data)")
     parser.add_argument("--out", default="results", help="folder for the JSON and PNG (default: results)")
     parser.add_argument("-b", "--batch-size", type=int, default=256, help="images per batch (default: 256)")
-    parser.add_argument("--img-size", type=int, default=None,
-                        help="input side in px (default: the checkpoint's training size, else 224)")
-    parser.add_argument("--subset", type=int, default=None, help="evaluate the first N images only (default: all)")
+    parser.add_argument("--img-size", type=int, help="input side in px (default: the checkpoint's, else 224)")
+    parser.add_argument("--subset", type=int, help="evaluate the first N images only (default: all)")
     parser.add_argument("--no-temperature", action="store_true",
                         help="ignore a calibration temperature stored in the checkpoint (default: apply it)")
-    parser.add_argument("-j", "--workers", type=int, default=common.default_workers(),
-                        help=f"DataLoader workers (default: {common.default_workers()})")
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: auto)")
-    parser.add_argument("--images", nargs="+", default=None, metavar="PATH",
-                        help="predict your own JPEG/PNG files or folders of them instead of a split (default: off)")
+    parser.add_argument("--images", nargs="+", metavar="PATH",
+                        help="predict your own JPEG/PNG files, or folders of them, instead of a split (default: off)")
     return parser
 
-
 def validate_args(args):
-    common.check_positive(args, "batch_size", "subset")
+    common.check_flags(args, positive=("batch_size", "subset"))
     if args.img_size is not None and args.img_size < 32:
-        raise common.UserError(f"--img-size must be at least 32 (got {args.img_size})")
-
+        raise common.UserError(f"--img-size must be at least 32, CIFAR-10's own size (got {args.img_size})")
 
 def load_model(path):
-    """(model, the checkpoint's training args or {}, the checkpoint dict or {}) from any supported file."""
-    obj = common.load_file(path)
-    state_dict = common.extract_state_dict(obj, path)
-    head = state_dict.get("fc.weight")
-    if head is None or head.shape[0] != common.NUM_CLASSES:
-        raise common.UserError(f"{path} has no 10-class head: it is not a CIFAR-10 model of this project")
+    """(model, checkpoint dict) from a checkpoint of this suite or a bare state_dict with a 10-class head."""
+    checkpoint = common.load_checkpoint(path)
+    checkpoint = checkpoint if isinstance(checkpoint, dict) else {"model": checkpoint}
+    head = checkpoint.get("model", checkpoint).get("fc.weight") if isinstance(checkpoint.get("model", {}), dict) \
+        else None
+    if not torch.is_tensor(head) or head.shape[0] != len(common.CLASSES):
+        raise common.UserError(f"{path} has no 10-class head: it is not a CIFAR-10 model of this suite")
     model = common.build_model("none")
-    common.load_backbone_weights(model, state_dict, path)
-    checkpoint = obj if isinstance(obj, dict) and "model" in obj else {}
-    return model, checkpoint.get("args", {}) or {}, checkpoint
+    common.load_weights(model, checkpoint, path)
+    return model, checkpoint if "model" in checkpoint else {}
 
-
-def split_dataset(args, train_args):
-    """The requested split, with the validation split made with the run's own seed."""
-    cifar = common.load_cifar10(args.data_dir)
-    if args.split == "test":
-        images, labels = cifar.test_images, cifar.test_labels
-    else:
-        _, val_idx = common.split_train_val(cifar.train_labels, seed=train_args.get("seed", 0))
-        images, labels = cifar.train_images[val_idx], cifar.train_labels[val_idx]
-    if args.subset:
-        images, labels = images[: args.subset], labels[: args.subset]
-    return common.CifarDataset(images, labels), cifar.classes
-
-
-def print_report(report, classes, header):
-    print(header)
-    print(f"top-1 {100 * report['acc1']:.2f} %   ECE {report['ece']:.4f}   NLL {report['nll']:.4f}   "
-          f"Brier {report['brier']:.4f}")
-    print(f"{'class':<12}{'accuracy':>10}{'precision':>11}{'recall':>9}{'F1':>8}")
-    for name in classes:
-        print(f"{name:<12}{100 * report['per_class_acc'][name]:>9.2f}%{report['precision'][name]:>11.4f}"
-              f"{report['recall'][name]:>9.4f}{report['f1'][name]:>8.4f}")
-
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-
-
-def image_files(paths):
-    """The JPEG/PNG files named by `paths` (files, or folders searched one level deep), in a stable order."""
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            files.append(path)
-    return files
-
+def choose_temperature(checkpoint, args):
+    """The checkpoint's fitted T, unless --no-temperature or the fit hit its search bound (then it is no fit)."""
+    temperature = float(checkpoint.get("temperature", 1.0))
+    if checkpoint.get("temperature_at_bound"):
+        print(f"warning: the stored temperature {temperature:.3g} lies at the end of its search range, so it is no "
+              f"fit (validation logits near chance level?): not applied")
+        return 1.0
+    return 1.0 if args.no_temperature else temperature
 
 def load_as_cifar(path):
-    """An image file -> 32x32x3 uint8, made as CIFAR-10's images were: a centre square, area-downsampled."""
-    from PIL import Image
+    """An image file -> uint8 3 x 32 x 32, made as CIFAR-10's were: a centre square, area-averaged down to 32 px."""
+    from PIL import Image  # torchvision depends on Pillow
     with Image.open(path) as image:
         image = image.convert("RGB")
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
-        square = image.crop((left, top, left + side, top + side))
-        return np.asarray(square.resize((32, 32), Image.BOX))  # BOX = the mean over each source area
-
+        square = image.crop((left, top, left + side, top + side)).resize((32, 32), Image.BOX)
+        return np.asarray(square).transpose(2, 0, 1)
 
 def predict_images(args, model, device, img_size, views, temperature):
-    """Top-3 predictions for the user's own images, printed, plus a JSON and a PNG sheet."""
+    """Top-3 classes for the user's own images: printed, and written as a JSON and a PNG sheet under --out."""
+    files = [f for p in map(Path, args.images) for f in (sorted(p.iterdir()) if p.is_dir() else [p])
+             if f.suffix.lower() in (".png", ".jpg", ".jpeg") or not p.is_dir()]
     images, names = [], []
-    for path in image_files(args.images):
+    for path in files:
         try:
             images.append(load_as_cifar(path))
             names.append(str(path))
-        except Exception as error:  # unreadable or not an image: say which, keep going
+        except Exception as error:  # unreadable or not an image: say which, go on
             print(f"skipped {path}: not a readable image ({type(error).__name__})")
     if not images:
-        raise common.UserError("no readable JPEG/PNG image among --images: give image files or folders holding them")
-    classes = common.CIFAR10_CLASSES
+        raise common.UserError("no readable JPEG/PNG image among --images: give image files or folders of them")
     dataset = common.CifarDataset(np.stack(images), np.zeros(len(images), dtype=np.int64))
-    loader = common.make_loader(dataset, args.batch_size, workers=0, device=device)
-    probs, _ = common.predict(model, loader, device, img_size, views, args.tta_average, temperature=temperature)
-    rows, captions = [], []
+    view_logits, _ = common.predict(model, dataset, device, img_size, views, args.batch_size)
+    probs = common.average_views(view_logits, temperature, args.tta_average)
+    rows = []
     for name, p in zip(names, probs):
-        top = p.topk(3)
-        ranked = [(classes[i], float(q)) for q, i in zip(top.values, top.indices)]
-        print(f"{name}: " + ", ".join(f"{c} {q:.3f}" for c, q in ranked))
-        rows.append({"file": name, "top3": ranked, "probs": dict(zip(classes, p.tolist()))})
-        captions.append(f"{Path(name).name[:18]}\n{ranked[0][0]} {ranked[0][1]:.2f}")
+        top = [(common.CLASSES[i], float(p[i])) for i in p.argsort(descending=True)[:3]]
+        print(f"{name}: " + ", ".join(f"{c} {q:.3f}" for c, q in top))
+        rows.append({"file": name, "top3": top})
     out = Path(args.out)
-    common.write_json(out / "predictions.json", {"checkpoint": str(args.checkpoint), "temperature": temperature,
-                                                 "tta_views": views, "images": rows})
-    common.plot_image_grid(np.stack(images), captions, out / "predictions.png", f"{Path(args.checkpoint).name}: top-1")
+    write_json(out / "predictions.json", {"checkpoint": args.checkpoint, "temperature": temperature, "views": views,
+                                          "images": rows, **run_info(device)})
+    plot_images(images, [f"{Path(r['file']).name[:18]}\n{r['top3'][0][0]} {r['top3'][0][1]:.2f}" for r in rows],
+                out / "predictions.png", f"{Path(args.checkpoint).name}: top-1")
     print(f"wrote {out / 'predictions.json'} and {out / 'predictions.png'}")
 
+def print_report(result, header):
+    print(header)
+    print(f"top-1 {100 * result['acc1']:.2f} %   ECE {result['ece']:.4f}   NLL {result['nll']:.4f}   "
+          f"Brier {result['brier']:.4f}   (T = {result['temperature']:.3g})")
+    print(f"{'class':<12}{'accuracy':>10}{'precision':>11}{'recall':>9}{'F1':>8}")
+    for name in common.CLASSES:
+        print(f"{name:<12}{100 * result['per_class_acc'][name]:>9.2f}%{result['precision'][name]:>11.4f}"
+              f"{result['recall'][name]:>9.4f}{result['f1'][name]:>8.4f}")
 
 def main(args):
     device = common.resolve_device(args.device)
-    print(f"device: {common.device_name(device)}")
-    model, train_args, checkpoint = load_model(args.checkpoint)
+    model, checkpoint = load_model(args.checkpoint)
     model = model.to(device, memory_format=torch.channels_last)
+    train_args = checkpoint.get("args", {})
     img_size = args.img_size or train_args.get("img_size", 224)
-    tta_set = None if args.tta is None else (train_args.get("tta_set", "flip") if args.tta == "default" else args.tta)
-    views = common.TTA_SETS[tta_set] if tta_set else ["identity"]
-    temperature = 1.0 if args.no_temperature else float(checkpoint.get("temperature", 1.0))
-    if temperature != 1.0:
-        print(f"applying the calibration temperature stored in the checkpoint: T = {temperature:.4f}")
+    tta_set = train_args.get("tta_set", "flip") if args.tta == "default" else args.tta
+    views = common.TTA_SETS[tta_set or "none"]
+    temperature = choose_temperature(checkpoint, args)
     if args.images:
         return predict_images(args, model, device, img_size, views, temperature)
-
-    dataset, classes = split_dataset(args, train_args)
-    loader = common.make_loader(dataset, args.batch_size, workers=args.workers, device=device)
-    probs, labels = common.predict(model, loader, device, img_size, views, args.tta_average, temperature=temperature)
-    report = common.classification_report(probs, labels, classes)
-
+    if args.split == "val" and train_args.get("train_on_all"):
+        raise common.UserError(f"{args.checkpoint} was trained on all 50,000 training images (--train-on-all): it has "
+                               f"no validation split; use --split test")
+    _, val_set, test_set = common.cifar10_datasets(args.data_dir, train_args.get("seed", 0), eval_subset=args.subset)
+    result, _ = report(model, val_set if args.split == "val" else test_set, device, img_size, views, temperature,
+                       args.tta_average)
     tag = f"{Path(args.checkpoint).stem}_{args.split}" + (f"_tta-{tta_set}" if tta_set else "")
     out = Path(args.out)
-    report.update({"checkpoint": str(args.checkpoint), "split": args.split, "img_size": img_size, "tta": tta_set,
-                   "tta_views": views, "tta_average": args.tta_average, "temperature": temperature,
-                   "device": common.device_name(device), "commit": common.git_commit()})
-    common.write_json(out / f"eval_{tag}.json", report)
-    common.plot_confusion_matrix(report["confusion_matrix"], classes, out / f"eval_{tag}_confusion.png",
-                                 f"{Path(args.checkpoint).name} on {args.split} ({report['num_images']} images)")
-    print_report(report, classes, f"{args.checkpoint} on {args.split} ({report['num_images']} images, {img_size} px, "
-                                  f"TTA {tta_set or 'off'}):")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"eval_{tag}.json", {**result, "checkpoint": args.checkpoint, "split": args.split,
+                                          "img_size": img_size, "tta": tta_set, **run_info(device)})
+    plot_confusion(result["confusion_matrix"], out / f"eval_{tag}_confusion.png",
+                   f"{Path(args.checkpoint).name} on {args.split} ({result['num_images']} images)")
+    print_report(result, f"{args.checkpoint} on {args.split} ({result['num_images']} images, {img_size} px, TTA "
+                         f"{tta_set or 'off'}):")
     print(f"wrote {out / f'eval_{tag}.json'} and {out / f'eval_{tag}_confusion.png'}")
-    print(f"final: acc1={report['acc1']:.4f} ece={report['ece']:.4f} nll={report['nll']:.4f} "
-          f"images={report['num_images']}")
-
+    print(f"final: acc1={result['acc1']:.4f} ece={result['ece']:.4f} nll={result['nll']:.4f} "
+          f"images={result['num_images']}")
 
 if __name__ == "__main__":
     common.run_main(main, get_args_parser(), validate_args)

@@ -1,235 +1,246 @@
 """Level 1 - baseline transfer learning: an ImageNet ResNet-50 fine-tuned on CIFAR-10.
 
-Two stages, the classic recipe (e.g. Kornblith et al. 2019, "Do Better ImageNet Models Transfer Better?"):
-  1. backbone frozen - its weights *and* its BatchNorm statistics - and only the new 10-class head trains;
-  2. everything unfrozen and fine-tuned with AdamW at a learning rate ten times lower.
-Augmentation is the CIFAR standard (random crop with 4-px padding, horizontal flip) on the 32-px images in
-the DataLoader workers; the GPU upsamples to --img-size and normalises. Validation (5,000 held-out training
-images) picks the best epoch; the official 10,000-image test set is evaluated once, at the end.
+The classic two-stage recipe (Kornblith et al. 2019, "Do Better ImageNet Models Transfer Better?"):
+  1. the backbone is frozen - its weights and its BatchNorm statistics - and only a new 10-class head trains;
+  2. then every layer is fine-tuned with AdamW (Loshchilov & Hutter 2019) at a ten times lower learning rate.
+Augmentation is CIFAR's standard (a crop with 4-px padding, a flip) on the 32-px images in the DataLoader workers;
+the GPU upsamples them to --img-size and normalises them. 5,000 held-out training images pick the best epoch; the
+10,000 test images are measured once, at the end, by evaluate.py.
 
-    python level1.py                                      # ImageNet weights, 224 px, 2 + 10 epochs
-    python level1.py --data-dir ../shared/data --weights none --img-size 64 --epochs 5
-    python level1.py --resume checkpoints/level1_last.pth   # continue an interrupted run
-    python evaluate.py checkpoints/level1_best.pth
+Each level is one self-contained script, as airbench's are: the next level repeats these lines on purpose, so that
+`diff level1.py level2.py` shows exactly what Level 2 adds.
+
+    python level1.py                                        # ImageNet weights, 224 px, 2 + 10 epochs
+    python level1.py --quick                                # a smoke run of a minute or two, on any machine
+    python level1.py --resume checkpoints/level1_last.pth   # continue after an interruption
+    torchrun --nproc_per_node=4 level1.py                   # four GPUs
 """
 import argparse
-import json
+import math
+import os
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
 import common
+import evaluate
 
 LEVEL = "level1"
-
+# --quick: a smoke run that shows every stage working, in a minute or two on a CPU; its numbers mean nothing.
+QUICK = {"subset": 128, "eval_subset": 128, "img_size": 32, "batch_size": 32, "head_epochs": 1, "epochs": 1}
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py (default: ./data)")
-    data.add_argument("--img-size", type=int, default=224,
-                      help="side the 32-px images are upsampled to on the device; 224 is ImageNet's (default: 224)")
-    data.add_argument("--subset", type=int, default=None, help="train on the first N training images (default: all)")
-    data.add_argument("--eval-subset", type=int, default=None,
-                      help="validate and test on the first N images only, for quick trials (default: all)")
-    data.add_argument("-j", "--workers", type=int, default=common.default_workers(),
-                      help=f"DataLoader worker processes (default: {common.default_workers()})")
+    data.add_argument("--img-size", type=int, default=224, help="side the images are upsampled to (default: 224)")
+    data.add_argument("--subset", type=int, help="train on the first N training images (default: all)")
+    data.add_argument("--eval-subset", type=int, help="validate and test on the first N images only (default: all)")
+    data.add_argument("--train-on-all", action="store_true", help="all 50,000 images, no validation (default: off)")
+    data.add_argument("-j", "--workers", type=int, default=min(8, max(1, os.cpu_count() - 1)),
+                      help="DataLoader worker processes (default: CPU cores - 1, at most 8)")
     model = parser.add_argument_group("model")
-    model.add_argument("--weights", default="imagenet",
-                       help="imagenet, none (random init) or PATH to a state_dict/checkpoint (default: imagenet)")
+    model.add_argument("--weights", default="imagenet", help="imagenet, none, or a checkpoint PATH (default: imagenet)")
     optim = parser.add_argument_group("optimisation")
-    # Defaults from common fine-tuning practice, not tuned here (no ImageNet weights on our machines):
-    # a linear probe tolerates a high LR (1e-3) and converges in a few epochs; full fine-tuning of a
-    # pretrained network wants ~10x less (1e-4) so the ImageNet features are adapted, not overwritten;
-    # AdamW's decoupled decay of 0.05 is the usual value for fine-tuning with AdamW (e.g. DeiT, ConvNeXt).
+    # Common fine-tuning values, not tuned here: a linear probe takes a high LR; fine-tuning a pretrained network
+    # wants ~10x less, so the ImageNet features are adapted, not overwritten; AdamW's usual decay for fine-tuning.
     optim.add_argument("--head-epochs", type=int, default=2, help="stage 1: epochs training the head only (default: 2)")
     optim.add_argument("--head-lr", type=float, default=1e-3, help="stage 1 learning rate (default: 0.001)")
     optim.add_argument("--epochs", type=int, default=10, help="stage 2: epochs fine-tuning everything (default: 10)")
     optim.add_argument("--lr", type=float, default=1e-4, help="stage 2 learning rate (default: 0.0001)")
     optim.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=0.05,
-                       help="AdamW weight decay, not applied to BatchNorm and biases (default: 0.05)")
-    optim.add_argument("-b", "--batch-size", type=int, default=128,
-                       help="images per step, over all GPUs under torchrun (default: 128)")
+                       help="AdamW weight decay, none on BatchNorm and biases (default: 0.05)")
+    optim.add_argument("-b", "--batch-size", type=int, default=128, help="images per step, all GPUs (default: 128)")
     run = parser.add_argument_group("run")
-    run.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cpu, ... (default: auto)")
-    run.add_argument("--seed", type=int, default=0, help="seeds the split, augmentation and init (default: 0)")
-    run.add_argument("--resume", default=None, help="continue from a checkpoint, e.g. checkpoints/level1_last.pth")
+    run.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cpu (default: auto)")
+    run.add_argument("--seed", type=int, default=0, help="seeds the split, the augmentation and the head (default: 0)")
+    run.add_argument("--resume", help="continue from a levelN_last.pth, at the epoch after it (default: off)")
+    run.add_argument("--overwrite", action="store_true", help="replace an earlier run's checkpoints (default: off)")
     run.add_argument("--checkpoint-dir", default="checkpoints", help="where .pth files go (default: checkpoints)")
     run.add_argument("--results-dir", default="results", help="where JSON and PNG results go (default: results)")
-    run.add_argument("--print-freq", type=int, default=50,
-                     help="print a step line every N steps, 0 = never (default: 50)")
-    run.add_argument("--compile", action="store_true",
-                     help="torch.compile the model: faster steps after a first-epoch compile of ~1 min (default: off)")
-    run.add_argument("--sync-bn", action="store_true",
-                     help="under torchrun: BatchNorm statistics over the global batch (default: per GPU)")
-    run.add_argument("--quick", action="store_true",
-                     help="smoke run: tiny subset, 32 px, one epoch per stage, under checkpoints/quick/ (default: off)")
-    run.add_argument("--overwrite", action="store_true",
-                     help="allow replacing the best checkpoint of a longer run (default: refuse)")
+    run.add_argument("--print-freq", type=int, default=50, help="a step line every N steps, 0 = none (default: 50)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
+    run.add_argument("--sync-bn", action="store_true", help="torchrun, GPUs: BatchNorm over all GPUs (default: off)")
+    run.add_argument("--quick", action="store_true", help="smoke run: 128 images, 32 px, in quick/ (default: off)")
     return parser
 
-
 def validate_args(args):
-    common.check_common_args(args)
+    if args.quick:  # shrink first, then check what will run; quick/ folders keep real runs' files apart
+        vars(args).update(QUICK, overwrite=True, checkpoint_dir=f"{args.checkpoint_dir}/quick",
+                          results_dir=f"{args.results_dir}/quick")
+    common.check_flags(args, positive=("epochs", "batch_size", "head_lr", "lr", "subset", "eval_subset"),
+                       non_negative=("head_epochs", "weight_decay", "workers", "print_freq"))
+    if args.img_size < 32 or args.batch_size < 2 or (args.subset or math.inf) < args.batch_size:
+        raise common.UserError("need --img-size >= 32, --batch-size >= 2 (for BatchNorm), --subset >= --batch-size")
 
+def setup_distributed(args):
+    """torchrun starts one process per GPU and sets RANK, LOCAL_RANK and WORLD_SIZE; without it, one process."""
+    if "RANK" not in os.environ:
+        return 0, 1, common.resolve_device(args.device)
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # first: else every process opens a context on GPU 0
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
 
-def make_optimizer(model, stage, args, device):
-    """Stage 'head': only fc learns, at --head-lr. Stage 'full': every layer, at --lr."""
-    trainable = ["fc"] if stage == "head" else list(common.LAYER_GROUPS)
-    common.set_trainable(model, trainable)
-    lr = args.head_lr if stage == "head" else args.lr
-    groups = common.param_groups_no_bn_decay(model.parameters(), args.weight_decay, lr)
-    return common.adamw(groups, lr, args.weight_decay, device), trainable
+def train_transform(args):
+    """CIFAR's standard augmentation, on the 32-px uint8 image: a random crop with 4-px zero padding, a random flip."""
+    return v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()])
 
+def set_stage(model, stage):
+    """'head': only the new head learns, and the frozen backbone's BatchNorm stays in eval mode: its statistics stay
+    ImageNet's instead of drifting towards CIFAR-10 while its weights cannot follow. 'full': every layer learns."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(stage == "full" or name.startswith("fc."))
+    model.train(stage == "full")  # the new head has no BatchNorm (and here no dropout): eval mode changes nothing
 
-def train_one_epoch(model, trainable, loader, optimizer, scaler, device, args, epoch, stop, progress):
-    """One pass over the training loader. Loss and accuracy are summed on the device (no host sync per step)
-    and read once at the end; `.item()` only happens on the steps that print."""
-    common.train_mode(model, trainable)
+def make_optimizer(model, args, device):
+    """AdamW over every parameter (those without a gradient, the frozen ones, it skips); weight decay on conv and linear
+    weights, none on BatchNorm weights and biases (Goyal et al. 2017, sec. 3). Fused: one kernel launch on CUDA."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, fused=device.type == "cuda")
+
+def wrap(model, world_size, device, args):
+    """The model as the training step calls it: DistributedDataParallel (it registers the parameters that train when
+    it is built, so it is built again when they change), then torch.compile. Evaluation and checkpoints use `model`."""
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None)
+    return torch.compile(model) if args.compile else model
+
+def train_one_epoch(model, loader, optimizer, scaler, device, args):
+    """One pass over the training data. The loss is summed on the device and read once, at the end: `loss.item()` in
+    every step would make the CPU wait for the GPU in every step. Returns the mean training loss."""
     loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    images_seen = steps = 0
-    for images, labels in loader:
-        images = common.prepare_batch(images, device, args.img_size)
+    for step, (images, labels) in enumerate(loader):
+        images = common.prepare_batch(images, device, args.img_size)  # to [0, 1], upsampled, normalised
         labels = labels.to(device, non_blocking=True)
-        with common.autocast(device):
+        with common.autocast(device):  # bf16 (fp16 before Ampere) on CUDA, fp32 elsewhere
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()  # fp16 only: a scaled loss (common.grad_scaler); else unchanged
-        scaler.step(optimizer)  # fp16: unscales, skips the step if a gradient overflowed
+        scaler.scale(loss).backward()  # fp16: the loss scaled up, so that small gradients do not underflow
+        scaler.step(optimizer)  # fp16: unscales, and skips the step if a gradient overflowed
         scaler.update()
-        loss_sum += loss.detach() * len(labels)
-        correct += (logits.detach().argmax(-1) == labels).sum()
-        images_seen += len(labels)
-        steps += 1
-        if args.print_freq and steps % args.print_freq == 0:
-            progress.step_line(epoch, steps, len(loader), loss.detach())
-        if stop.requested:
-            break
-    progress.end_line()
-    loss_sum, correct, images_seen = common.sum_over_ranks(loss_sum, correct, images_seen)
-    return {"train_loss": loss_sum / max(images_seen, 1), "train_acc": correct / max(images_seen, 1),
-            "steps": steps, "images": int(images_seen)}
+        loss_sum += loss.detach()
+        if args.print_freq and (step + 1) % args.print_freq == 0:
+            print(f"  step {step + 1}/{len(loader)} loss {loss.item():.4f}", flush=True)  # the step's only sync
+    return loss_sum.item() / len(loader)
 
+def load_data(args, rank, world_size, device):
+    """Training, validation and test sets, and the training loader (augmentation at 32 px in its workers)."""
+    if world_size > 1 and rank > 0:
+        torch.distributed.barrier()  # rank 0 first: it downloads CIFAR-10 if it is missing
+    train_set, val_set, test_set = common.cifar10_datasets(args.data_dir, args.seed, args.subset, args.eval_subset,
+                                                           args.train_on_all, train_transform(args))
+    if world_size > 1 and rank == 0:
+        torch.distributed.barrier()
+    # DistributedSampler also with one process: its shuffle is a function of (seed, epoch) through set_epoch; under
+    # torchrun each process takes every world_size-th image of it. drop_last: a batch of one would break BatchNorm.
+    sampler = torch.utils.data.DistributedSampler(train_set, world_size, rank, seed=args.seed, drop_last=True)
+    train_loader = torch.utils.data.DataLoader(
+        train_set, args.batch_size // world_size, sampler=sampler, num_workers=args.workers, drop_last=True,
+        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+        generator=torch.Generator().manual_seed(args.seed))  # the workers' seeds, not drawn from the global RNG
+    return train_set, val_set, test_set, train_loader
 
-def make_checkpoint(model, optimizer, scaler, stage, epoch, step_in_epoch, best_val_acc, history, args):
-    """Everything --resume needs: model, optimiser, position (completed epochs + steps into the next),
-    best score, history, RNG state, args - plus the library versions that wrote it."""
-    return {"level": LEVEL, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "stage": stage, "epoch": epoch, "step_in_epoch": step_in_epoch,
-            "best_val_acc": best_val_acc, "history": history,
-            "rng": common.rng_state(), "args": vars(args), "versions": common.library_versions()}
+def resume(args, model, optimizer, scaler):
+    """Continue after a levelN_last.pth, at the next epoch: weights, optimiser, loss scale, best score and history."""
+    checkpoint = common.load_checkpoint(args.resume, LEVEL)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint["scaler"]:  # empty when it was saved by a bf16 or fp32 run
+        scaler.load_state_dict(checkpoint["scaler"])
+    return checkpoint["epoch"], checkpoint["best_acc"], checkpoint["history"]
 
+def save_checkpoints(model, optimizer, scaler, history, best_acc, args):
+    """levelN_last.pth after every epoch, for --resume; levelN_best.pth when validation improved (with --train-on-all:
+    every epoch, so the last one). Returns the best validation accuracy so far."""
+    row, checkpoint_dir = history[-1], Path(args.checkpoint_dir)
+    checkpoint = {"level": LEVEL, "model": model.state_dict(), "epoch": row["epoch"], "history": history,
+                  "args": vars(args)}
+    if args.train_on_all or row["val_acc"] > best_acc:
+        best_acc = row.get("val_acc", best_acc)
+        selected_by = "last epoch (no validation)" if args.train_on_all else "validation accuracy"
+        common.save_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", {**checkpoint, "selected_by": selected_by})
+    common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", {
+        **checkpoint, "best_acc": best_acc, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()})
+    return best_acc
+
+def final_test(model, test_set, device, args, history, info):
+    """The selected checkpoint, measured once on the test set by evaluate.py; results/levelN.json and the curves."""
+    best = common.load_checkpoint(Path(args.checkpoint_dir) / f"{LEVEL}_best.pth")
+    model.load_state_dict(best["model"])
+    test, _ = evaluate.report(model, test_set, device, args.img_size)
+    results = {"level": LEVEL, **info, "args": vars(args), "history": history, "best_epoch": best["epoch"],
+               "selected_by": best["selected_by"], "best_val_acc": best["history"][-1].get("val_acc", math.nan),
+               "test": test, "seconds": time.time() - info["started"]}
+    evaluate.write_json(Path(args.results_dir) / f"{LEVEL}.json", results)
+    evaluate.plot_curves(history, Path(args.results_dir) / f"{LEVEL}_curves.png", f"{LEVEL}, {args.img_size} px")
+    print(f"final: acc1={test['acc1']:.4f} val_acc1={results['best_val_acc']:.4f} ece={test['ece']:.4f} nll="
+          f"{test['nll']:.4f} epoch={best['epoch']} test_images={test['num_images']} seconds={results['seconds']:.0f}")
+    return results
 
 def main(args):
-    if args.quick:
-        common.apply_quick(args)
-    if not args.resume:
-        common.check_overwrite(args.checkpoint_dir, LEVEL, args)
-    dist, device = common.init_distributed(args.device)  # torchrun: one process per GPU; else one process
-    if args.batch_size % dist.world_size:
-        raise common.UserError(f"--batch-size {args.batch_size} is the global batch: make it a multiple of the "
-                               f"{dist.world_size} processes")
-    common.seed_everything(args.seed)
-    print(f"{LEVEL}: device {common.device_name(device)}, {common.precision_name(device)}, {args.img_size} px, "
-          f"weights {args.weights}")
-
-    # Data: augmentation on 32-px uint8 images in the workers; upsampling and normalisation on the device.
-    data = common.build_datasets(args, common.train_transform())
-    train_sampler = common.EpochSampler(len(data.train), args.seed, dist.rank, dist.world_size)
-    # drop_last: a last batch of one image would break BatchNorm (and small ones make noisy steps).
-    # --batch-size is global: each of the world_size processes takes its share, so one GPU or eight give
-    # the same optimisation (same LR, same steps per epoch) and no LR scaling rule is needed.
-    train_loader = common.make_loader(data.train, args.batch_size // dist.world_size, train_sampler, args.workers,
-                                      device, drop_last=True)
-    val_loader = common.make_loader(common.shard(data.val, dist), 2 * args.batch_size, workers=args.workers,
-                                    device=device)
-    print(f"data: {len(data.train)} train, {len(data.val)} validation, {len(data.test)} test images")
-
+    rank, world_size, device = setup_distributed(args)
+    master = rank == 0  # rank 0 alone validates, writes and prints; the others wait for it at a barrier
+    if master:
+        common.start_run(LEVEL, args.checkpoint_dir, args.results_dir, args.resume, args.overwrite)
+    if args.batch_size % world_size or args.batch_size // world_size < 2 or (args.sync_bn and device.type != "cuda"):
+        raise common.UserError("--batch-size must be a multiple of the processes, 2 or more each; --sync-bn needs GPUs")
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN times its kernels once and keeps the fastest
+    train_set, val_set, test_set, train_loader = load_data(args, rank, world_size, device)
     model = common.build_model(args.weights).to(device, memory_format=torch.channels_last)
     if args.sync_bn:
-        model = common.convert_sync_bn(model, device)
-    total_epochs = args.head_epochs + args.epochs
-    checkpoint_dir, results_dir = Path(args.checkpoint_dir), Path(args.results_dir)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = make_optimizer(model, args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=common.amp_dtype(device) == torch.float16)  # fp16 only
+    start_epoch, best_acc, history = resume(args, model, optimizer, scaler) if args.resume else (0, -1.0, [])
+    info = {**evaluate.run_info(device), "train_images": len(train_set), "started": time.time()}
+    if master:
+        print(f"{LEVEL}: {info['device']} x {world_size}, {info['precision']}, {args.img_size} px, {args.weights} "
+              f"weights, epoch {start_epoch + 1} on; train images: {len(train_set)}, val {len(val_set)}, test "
+              f"{len(test_set)}; Ctrl-C stops the run, {LEVEL}_last.pth keeps its last epoch", flush=True)
 
-    def stage_of(epoch):
-        return "head" if epoch < args.head_epochs else "full"
-
-    # Resume: the position is (completed epochs, steps into the next one); the optimiser state carries over
-    # only if the next step is in the same stage as the one that saved it.
-    start_epoch, skip_steps, best_val_acc, history = 0, 0, -1.0, []
-    resumed = common.resume_from(args.resume, LEVEL, model, args) if args.resume else None
-    if resumed:
-        start_epoch, skip_steps = resumed["epoch"], resumed["step_in_epoch"]
-        best_val_acc, history = resumed["best_val_acc"], resumed["history"]
-    optimizer, trainable, stage = None, None, None
-    scaler = common.grad_scaler(device)  # fp16 loss scaling on pre-Ampere GPUs; a no-op otherwise
-    if resumed:
-        common.restore_scaler(scaler, resumed)
-
-    stop = common.StopOnInterrupt(enabled=not dist.enabled)
-    progress = common.Progress(total_epochs, start_epoch)
+    total_epochs, wrapped = args.head_epochs + args.epochs, None
     for epoch in range(start_epoch, total_epochs):
-        if stage_of(epoch) != stage:
-            stage = stage_of(epoch)
-            optimizer, trainable = make_optimizer(model, stage, args, device)
-            # Built again when the trainable set changes: DDP all-reduces what trains now.
-            train_model = common.wrap_for_training(model, dist, device, args.compile)
-            if resumed and resumed["stage"] == stage and epoch == start_epoch:
-                optimizer.load_state_dict(resumed["optimizer"])
-        train_sampler.set_epoch(epoch, skip=skip_steps * args.batch_size)
-        started = time.time()
-        train_stats = train_one_epoch(train_model, trainable, train_loader, optimizer, scaler, device, args, epoch,
-                                      stop, progress)
-        if stop.requested and train_stats["steps"] < len(train_loader):  # mid-epoch: save the exact position
-            steps_done = skip_steps + train_stats["steps"]
-            common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", make_checkpoint(
-                model, optimizer, scaler, stage, epoch, steps_done, best_val_acc, history, args))
-            common.exit_interrupted(checkpoint_dir / f"{LEVEL}_last.pth")
-        skip_steps = 0
-        val_loss, val_acc = common.evaluate_loss_acc(model, val_loader, device, args.img_size, dist)
-        seconds = time.time() - started
-        row = {"epoch": epoch + 1, "stage": stage, "lr": optimizer.param_groups[0]["lr"], **train_stats,
-               "val_loss": val_loss, "val_acc": val_acc, "seconds": seconds,
-               "images_per_s": train_stats["images"] / seconds}
-        history.append(row)
-        if val_acc > best_val_acc:
-            best_val_acc = val_acc
-            common.save_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", make_checkpoint(
-                model, optimizer, scaler, stage, epoch + 1, 0, best_val_acc, history, args))
-        common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", make_checkpoint(
-            model, optimizer, scaler, stage, epoch + 1, 0, best_val_acc, history, args))
-        elapsed, eta = progress.eta(epoch)
-        print(f"epoch {epoch + 1}/{total_epochs} [{stage}] lr {row['lr']:.2e} train loss {row['train_loss']:.4f} "
-              f"acc {row['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | "
-              f"{row['images_per_s']:.0f} img/s | {elapsed:.0f} s elapsed, ETA {eta:.0f} s", flush=True)
-        print("json: " + json.dumps(row), flush=True)
-        if stop.requested:  # Ctrl-C in the epoch's last step or in validation: the whole epoch is saved
-            common.exit_interrupted(checkpoint_dir / f"{LEVEL}_last.pth", training_done=epoch + 1 == total_epochs)
+        stage = "head" if epoch < args.head_epochs else "full"
+        set_stage(model, stage)  # every epoch: validation leaves the model in eval mode
+        if stage != wrapped:  # what trains changed: wrap again
+            train_model, wrapped = wrap(model, world_size, device, args), stage
+        lr = args.head_lr if stage == "head" else args.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        train_loader.sampler.set_epoch(epoch)
+        epoch_start = time.time()
+        train_loss = train_one_epoch(train_model, train_loader, optimizer, scaler, device, args)
+        if not math.isfinite(train_loss):  # once per epoch: a check in every step would make the CPU wait
+            raise common.UserError(f"loss became {train_loss} in epoch {epoch + 1} (lr {lr:.0e}): lower --lr/--head-lr")
+        row = {"epoch": epoch + 1, "stage": stage, "lr": lr, "train_loss": train_loss,
+               "images_per_s": len(train_loader) * args.batch_size / (time.time() - epoch_start)}
+        if master:
+            if not args.train_on_all:
+                row["val_loss"], row["val_acc"] = evaluate.loss_and_accuracy(model, val_set, device, args.img_size)
+            history.append(row)
+            best_acc = save_checkpoints(model, optimizer, scaler, history, best_acc, args)
+            elapsed = time.time() - info["started"]
+            val = "" if args.train_on_all else f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
+            print(f"epoch {epoch + 1}/{total_epochs} [{stage}] lr {lr:.1e} train loss {train_loss:.4f}{val} | "
+                  f"{row['images_per_s']:.0f} img/s | {elapsed:.0f} s, ETA "
+                  f"{elapsed / (epoch + 1 - start_epoch) * (total_epochs - epoch - 1):.0f} s", flush=True)
+        if world_size > 1:
+            torch.distributed.barrier()  # the others wait while rank 0 validates and saves
 
-    common.cleanup_distributed(dist)  # no collective operation after this point
-    if not dist.is_main:  # rank 0 alone evaluates the test set (the whole split: exact) and writes results
-        return None
-    # Final: the best validation checkpoint, evaluated once on the test set.
-    best = common.load_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", LEVEL)
-    model.load_state_dict(best["model"])
-    test_loader = common.make_loader(data.test, 2 * args.batch_size, workers=args.workers, device=device)
-    probs, labels = common.predict(model, test_loader, device, args.img_size)
-    test = common.classification_report(probs, labels, data.classes)
-    results = {"level": LEVEL, "args": vars(args), "device": common.device_name(device), "commit": common.git_commit(),
-               "versions": common.library_versions(), "history": history, "best_val_acc": best_val_acc,
-               "best_epoch": best["epoch"], "test": test, "seconds": time.time() - progress.start}
-    common.write_json(results_dir / f"{LEVEL}.json", results)
-    common.plot_curves(history, results_dir / f"{LEVEL}_curves.png",
-                       f"{LEVEL}: {args.weights} weights, {args.img_size} px")
-    print(f"test ({test['num_images']} images, best epoch {best['epoch']}): acc1 {test['acc1']:.4f} "
-          f"ece {test['ece']:.4f} nll {test['nll']:.4f}")
-    print(f"final: acc1={test['acc1']:.4f} val_acc1={best_val_acc:.4f} ece={test['ece']:.4f} "
-          f"seconds={results['seconds']:.0f}")
-
+    del train_loader  # its worker processes stop now, rather than being waited for one by one at exit
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    return final_test(model, test_set, device, args, history, info) if master else None
 
 if __name__ == "__main__":
     common.run_main(main, get_args_parser(), validate_args)

@@ -1,635 +1,480 @@
 """Level 4 - Level 3 plus SWA, advanced TTA, calibration, error analysis and real ablation studies.
 
 What this level adds to level3.py:
-  - Stochastic Weight Averaging (Izmailov et al. 2018): after Level 3's schedule, --swa-epochs at --swa-lr
-    (constant or cyclic), averaging the weights once per epoch (or every --swa-every steps); BatchNorm
-    statistics of the average recomputed on the clean training images; validation picks raw, EMA or SWA;
-  - advanced TTA: every named view set (flip, flip+translate, flip+translate+scale), softmax or logit
-    averaging, with accuracy, ECE and images/s for each;
-  - calibration: temperature scaling (Guo et al. 2017) fitted on validation only and stored in the best
-    checkpoint; ECE, NLL and Brier before and after; reliability diagrams;
+  - Stochastic Weight Averaging (Izmailov et al. 2018): --swa-epochs at --swa-lr after Level 3's schedule, averaging
+    the weights once per epoch (or every --swa-every steps); validation picks raw, EMA or SWA weights;
+  - advanced TTA: every view set, softmax or logit averaging; temperature scaling (Guo et al. 2017) fitted on
+    validation: ECE, NLL, Brier before and after, reliability diagrams (TTA predicts with T = 1: T only calibrates);
   - error analysis: confusion matrix, per-class precision/recall/F1, most-confused pairs, most confident mistakes;
-  - --ablate: a declared grid of real, shorter runs, each switching one technique off; --summary: all levels.
+  - --ablate: real, shorter runs that each switch one technique off; --summary: one table across the levels.
+
+Each level is one self-contained script, as airbench's are: it repeats the previous level's lines on purpose, so that
+`diff level3.py level4.py` shows exactly what this level adds.
 
     python level4.py --epochs 30
-    python level4.py --ablate --ablate-epochs 5          # results/ablation.md, .json, .png
-    python level4.py --summary                            # results/summary.md from results/level*.json
-    python evaluate.py checkpoints/level4_best.pth --tta
+    python level4.py --ablate --ablate-epochs 5                  # results/ablation.{json,md,png}
+    python level4.py --summary                                   # results/summary.{md,png} from results/level*.json
 """
 import argparse
 import json
+import math
 import os
-import shlex
 import time
 from pathlib import Path
 
 import torch
+from torchvision.transforms import v2
 
 import common
+import evaluate
 
 LEVEL = "level4"
-
+# --quick: a smoke run that shows every stage working, in a minute or two on a CPU; its numbers mean nothing.
+QUICK = {"subset": 128, "eval_subset": 128, "img_size": 32, "batch_size": 32, "head_epochs": 1, "epochs": 1,
+         "final_epochs": 1, "swa_epochs": 1}
+# Progressive unfreezing walks ResNet-50's stages from the output back to the input.
+GROUPS = ("fc", "layer4", "layer3", "layer2", "layer1", "stem")
+# The EMA's and SWA's BatchNorm statistics come from this many clean training images (2 % of a 224-px GPU epoch).
+BN_IMAGES = 5000
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py (default: ./data)")
-    data.add_argument("--img-size", type=int, default=224,
-                      help="side the 32-px images are upsampled to on the device; 224 is ImageNet's (default: 224)")
-    data.add_argument("--subset", type=int, default=None, help="train on the first N training images (default: all)")
-    data.add_argument("--eval-subset", type=int, default=None,
-                      help="validate and test on the first N images only, for quick trials (default: all)")
-    data.add_argument("-j", "--workers", type=int, default=common.default_workers(),
-                      help=f"DataLoader worker processes (default: {common.default_workers()})")
+    data.add_argument("--img-size", type=int, default=224, help="side the images are upsampled to (default: 224)")
+    data.add_argument("--subset", type=int, help="train on the first N training images (default: all)")
+    data.add_argument("--eval-subset", type=int, help="validate and test on the first N images only (default: all)")
+    data.add_argument("--train-on-all", action="store_true", help="all 50,000 images, no validation (default: off)")
+    data.add_argument("-j", "--workers", type=int, default=min(8, max(1, os.cpu_count() - 1)),
+                      help="DataLoader worker processes (default: CPU cores - 1, at most 8)")
     model = parser.add_argument_group("model")
-    model.add_argument("--weights", default="imagenet",
-                       help="imagenet, none (random init) or PATH to a state_dict/checkpoint (default: imagenet)")
-    # Mild: RandAugment, MixUp/CutMix, smoothing and erasing already regularise strongly; more dropout on a
-    # 2048-d pooled feature mostly slows the head down.
+    model.add_argument("--weights", default="imagenet", help="imagenet, none, or a checkpoint PATH (default: imagenet)")
+    # Mild: RandAugment, mixing, smoothing and erasing already regularise strongly.
     model.add_argument("--dropout", type=float, default=0.1, help="dropout before the head (default: 0.1)")
     optim = parser.add_argument_group("optimisation")
-    # Defaults from common fine-tuning practice, not tuned here (no ImageNet weights on our machines):
-    # a linear probe tolerates a high LR (1e-3) and converges in a few epochs; full fine-tuning of a
-    # pretrained network wants ~10x less (1e-4) so the ImageNet features are adapted, not overwritten;
-    # AdamW's decoupled decay of 0.05 is the usual value for fine-tuning with AdamW (e.g. DeiT, ConvNeXt).
+    # Common fine-tuning values, not tuned here: a linear probe takes a high LR; fine-tuning a pretrained network
+    # wants ~10x less, so the ImageNet features are adapted, not overwritten; AdamW's usual decay for fine-tuning.
     optim.add_argument("--head-epochs", type=int, default=2, help="stage 1: epochs training the head only (default: 2)")
     optim.add_argument("--head-lr", type=float, default=1e-3, help="stage 1 learning rate (default: 0.001)")
-    optim.add_argument("--epochs", type=int, default=30,
-                       help="stage 2: epochs of the cosine, while the groups unfreeze (default: 30)")
+    optim.add_argument("--epochs", type=int, default=30, help="stage 2: epochs of the cosine (default: 30)")
     optim.add_argument("--lr", type=float, default=1e-4, help="stage 2 learning rate (default: 0.0001)")
     optim.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=0.05,
-                       help="AdamW weight decay, not applied to BatchNorm and biases (default: 0.05)")
-    optim.add_argument("-b", "--batch-size", type=int, default=128,
-                       help="images per step, over all GPUs under torchrun (default: 128)")
-    # Warmup keeps the first large updates (driven by a still-poor head) from wrecking pretrained features;
-    # the head stage trains on frozen features and needs none, so there the schedule is cosine only.
-    optim.add_argument("--warmup-epochs", type=float, default=1.0,
-                       help="stage 2: linear LR warmup, in epochs (default: 1.0)")
+                       help="AdamW weight decay, none on BatchNorm and biases (default: 0.05)")
+    optim.add_argument("-b", "--batch-size", type=int, default=128, help="images per step, all GPUs (default: 128)")
+    # Warmup keeps the first large updates, driven by a still poor head, from wrecking the pretrained features; the
+    # head stage trains on frozen features and needs none: its schedule is the cosine alone.
+    optim.add_argument("--warmup-epochs", type=float, default=1.0, help="stage 2 LR warmup, in epochs (default: 1.0)")
     optim.add_argument("--min-lr", type=float, default=1e-6, help="LR at the end of each cosine (default: 1e-06)")
-    unfreeze = parser.add_argument_group("progressive unfreezing, discriminative LRs, long low-LR fine-tuning")
-    unfreeze.add_argument("--unfreeze-every", type=int, default=1,
-                          help="stage 2: unfreeze one more group (layer4, layer3, ..., stem) every N epochs; "
-                               "0 = all at once (default: 1)")
-    unfreeze.add_argument("--unfreeze-warmup-epochs", type=float, default=0.5,
-                          help="LR warmup of each newly unfrozen group, in epochs (default: 0.5)")
-    # 0.7 per stage: the stem learns at 0.7^5 = 17 % of the head's LR. Lower layers hold generic features
-    # (edges, textures) that transfer as they are (Yosinski et al. 2014), so they should move least.
-    unfreeze.add_argument("--lr-decay", type=float, default=0.7,
-                          help="each group's LR = this times the LR of the group above it (default: 0.7)")
-    # After the cosine has annealed, a few epochs at a small constant LR let the weights settle (and give the
-    # EMA a stable stretch to average); 5e-6 is 1/20 of --lr, above --min-lr so the weights still move.
-    unfreeze.add_argument("--final-epochs", type=int, default=5,
-                          help="epochs at --final-lr after the cosine, 0 = off (default: 5)")
-    unfreeze.add_argument("--final-lr", type=float, default=5e-6, help="LR of the final epochs (default: 5e-06)")
+    stages = parser.add_argument_group("progressive unfreezing, discriminative LRs, long low-LR fine-tuning")
+    stages.add_argument("--unfreeze-every", type=int, default=1, help="epochs per new stage, 0 = all (default: 1)")
+    stages.add_argument("--unfreeze-warmup-epochs", type=float, default=0.5, help="a stage's warmup (default: 0.5)")
+    # 0.7 per stage: the stem learns at 0.7^5 = 17 % of the head's LR. Lower layers hold generic features (edges,
+    # textures) that transfer as they are (Yosinski et al. 2014), so they should move least.
+    stages.add_argument("--lr-decay", type=float, default=0.7, help="LR factor per stage below the head (default: 0.7)")
+    # After the cosine, a few epochs at a small constant LR let the weights settle and give the EMA a stable stretch.
+    stages.add_argument("--final-epochs", type=int, default=5, help="epochs at --final-lr at the end (default: 5)")
+    stages.add_argument("--final-lr", type=float, default=5e-6, help="LR of the final epochs (default: 5e-06)")
     swa = parser.add_argument_group("SWA (stochastic weight averaging)")
-    # A constant LR a fifth of --lr keeps the weights exploring the basin the cosine found, without leaving
-    # it (Izmailov et al. use a high constant or cyclic LR; fine-tuning a pretrained net wants it lower).
-    swa.add_argument("--swa-epochs", type=int, default=5, help="epochs of SWA after the schedule, 0 = off (default: 5)")
+    # A fifth of --lr keeps the weights moving about the basin the cosine found without leaving it (Izmailov et al.
+    # use a high constant or cyclic LR; fine-tuning a pretrained network wants it lower).
+    swa.add_argument("--swa-epochs", type=int, default=5, help="SWA epochs at the end, 0 = off (default: 5)")
     swa.add_argument("--swa-lr", type=float, default=2e-5, help="SWA learning rate (default: 2e-05)")
     swa.add_argument("--swa-schedule", choices=["constant", "cyclic"], default="constant",
-                     help="constant LR, or cyclic: from --swa-lr down to a tenth over each averaging cycle "
-                          "(default: constant)")
-    swa.add_argument("--swa-every", type=int, default=0,
-                     help="average every N steps; 0 = once per epoch, at its end (default: 0)")
+                     help="constant, or cyclic: --swa-lr down to a tenth in each cycle (default: constant)")
+    swa.add_argument("--swa-every", type=int, default=0, help="average every N steps, 0 = each epoch (default: 0)")
     ema = parser.add_argument_group("EMA of weights")
-    # 0.999 averages over the last ~1,000 steps: about 3 epochs of 45,000 images at batch 128.
+    # 0.999 averages over about the last 1,000 steps: about 3 epochs of 45,000 images at batch 128.
     ema.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay per step, 0 = no EMA (default: 0.999)")
+    ema.add_argument("--ema-bn", choices=["recompute", "copy"], default="recompute",
+                     help="the EMA's BatchNorm statistics: recomputed, or copied from the model (default: recompute)")
     aug = parser.add_argument_group("augmentation and regularisation")
     aug.add_argument("--randaug-n", type=int, default=2, help="RandAugment: ops per image, 0 = off (default: 2)")
     aug.add_argument("--randaug-m", type=int, default=9, help="RandAugment: magnitude, 0..30 (default: 9)")
-    # MixUp/CutMix values of timm/DeiT (alpha 0.8 / 1.0, switch 0.5), applied to half of the batches as the
-    # seed project did: with a short fine-tuning schedule, mixing every batch slows convergence.
-    aug.add_argument("--mix-prob", type=float, default=0.5,
-                     help="probability that a batch is mixed (MixUp or CutMix), 0 = off (default: 0.5)")
-    aug.add_argument("--switch-prob", type=float, default=0.5,
-                     help="probability of CutMix rather than MixUp for a mixed batch (default: 0.5)")
-    aug.add_argument("--mixup-alpha", type=float, default=0.8, help="MixUp: lam ~ Beta(a, a), 0 = off (default: 0.8)")
-    aug.add_argument("--cutmix-alpha", type=float, default=1.0, help="CutMix: lam ~ Beta(a, a), 0 = off (default: 1.0)")
+    # timm's and DeiT's MixUp/CutMix values, on half the batches as the original notebooks did: with a short
+    # fine-tuning schedule, mixing every batch slows convergence.
+    aug.add_argument("--mix-prob", type=float, default=0.5, help="probability that a batch is mixed (default: 0.5)")
+    aug.add_argument("--switch-prob", type=float, default=0.5, help="CutMix rather than MixUp (default: 0.5)")
+    aug.add_argument("--mixup-alpha", type=float, default=0.8, help="MixUp lam ~ Beta(a, a), 0 = off (default: 0.8)")
+    aug.add_argument("--cutmix-alpha", type=float, default=1.0, help="CutMix lam ~ Beta(a, a), 0 = off (default: 1.0)")
     aug.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing epsilon (default: 0.1)")
     aug.add_argument("--erase-prob", type=float, default=0.25, help="random erasing probability (default: 0.25)")
     aug.add_argument("--tta-set", default="flip+translate", choices=list(common.TTA_SETS),
-                     help="test-time augmentation views for the final test report (default: flip+translate)")
-    parser.add_argument("--tta-average", choices=["softmax", "logit"], default="softmax",
-                        help="how the TTA views are combined (default: softmax)")
-    studies = parser.add_argument_group("ablation and summary")
-    studies.add_argument("--ablate", action="store_true", help="run the ablation grid instead of one run")
-    studies.add_argument("--ablate-epochs", type=int, default=5, help="--epochs of each ablation run (default: 5)")
-    studies.add_argument("--ablate-sizes", type=int, nargs="+", default=[128, 160, 224],
-                         help="input sizes the ablation compares (default: 128 160 224)")
-    studies.add_argument("--ablate-rows", nargs="+", default=None, metavar="ROW",
-                         help="run only these rows of the grid, e.g. no_ema img_size_128; the baseline always "
-                              "runs, and rows finished earlier stay in the table (default: every row)")
-    studies.add_argument("--summary", action="store_true",
-                         help="only write results/summary.md and summary.png from the results/level*.json")
+                     help="test-time augmentation views of the final test (default: flip+translate)")
+    aug.add_argument("--tta-average", choices=["softmax", "logit"], default="softmax", help="(default: softmax)")
+    study = parser.add_argument_group("ablation and summary")
+    study.add_argument("--ablate", action="store_true", help="run the ablation grid instead of one run (default: off)")
+    study.add_argument("--ablate-epochs", type=int, default=5, help="--epochs of each ablation run (default: 5)")
+    study.add_argument("--ablate-sizes", type=int, nargs="+", default=[128, 160, 224], help="(default: 128 160 224)")
+    study.add_argument("--ablate-rows", nargs="+", metavar="ROW", help="only these rows, and baseline (default: all)")
+    study.add_argument("--summary", action="store_true", help="only write results/summary.{md,png} (default: off)")
     run = parser.add_argument_group("run")
-    run.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cpu, ... (default: auto)")
-    run.add_argument("--seed", type=int, default=0, help="seeds the split, augmentation and init (default: 0)")
-    run.add_argument("--resume", default=None, help="continue from a checkpoint, e.g. checkpoints/level3_last.pth")
-    run.add_argument("--stop-after-epochs", type=int, default=None,
-                     help="save and stop after N epochs of this run, to --resume later (default: run to the end)")
+    run.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cpu (default: auto)")
+    run.add_argument("--seed", type=int, default=0, help="seeds the split, the augmentation and the head (default: 0)")
+    run.add_argument("--resume", help="continue from a levelN_last.pth, at the epoch after it (default: off)")
+    run.add_argument("--overwrite", action="store_true", help="replace an earlier run's checkpoints (default: off)")
     run.add_argument("--checkpoint-dir", default="checkpoints", help="where .pth files go (default: checkpoints)")
     run.add_argument("--results-dir", default="results", help="where JSON and PNG results go (default: results)")
-    run.add_argument("--print-freq", type=int, default=50,
-                     help="print a step line every N steps, 0 = never (default: 50)")
-    run.add_argument("--compile", action="store_true",
-                     help="torch.compile the model: faster steps after a first-epoch compile of ~1 min (default: off)")
-    run.add_argument("--sync-bn", action="store_true",
-                     help="under torchrun: BatchNorm statistics over the global batch (default: per GPU)")
-    run.add_argument("--quick", action="store_true",
-                     help="smoke run: tiny subset, 32 px, one epoch per stage, under checkpoints/quick/ (default: off)")
-    run.add_argument("--overwrite", action="store_true",
-                     help="allow replacing the best checkpoint of a longer run (default: refuse)")
+    run.add_argument("--print-freq", type=int, default=50, help="a step line every N steps, 0 = none (default: 50)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
+    run.add_argument("--sync-bn", action="store_true", help="torchrun, GPUs: BatchNorm over all GPUs (default: off)")
+    run.add_argument("--quick", action="store_true", help="smoke run: 128 images, 32 px, in quick/ (default: off)")
     return parser
 
-
 def validate_args(args):
-    common.check_common_args(args)
-    for name in ("mix_prob", "switch_prob", "erase_prob", "label_smoothing"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise common.UserError(f"--{name.replace('_', '-')} must be between 0 and 1 (got {getattr(args, name)})")
-    if args.randaug_n < 0 or not 0 <= args.randaug_m <= 30:
-        raise common.UserError("--randaug-n must be >= 0 and --randaug-m between 0 and 30")
-    for name in ("dropout", "ema_decay"):
-        if not 0 <= getattr(args, name) < 1:
-            raise common.UserError(f"--{name.replace('_', '-')} must be in [0, 1) (got {getattr(args, name)})")
-    if not 0 < args.lr_decay <= 1:
-        raise common.UserError(f"--lr-decay must be in (0, 1] (got {args.lr_decay})")
-    common.check_positive(args, "final_lr", "stop_after_epochs")
-    common.check_positive(args, "swa_lr", "ablate_epochs")
-    if any(size < 32 for size in args.ablate_sizes):
-        raise common.UserError("--ablate-sizes must all be at least 32")
-    if args.ablate_rows and not args.ablate:
-        raise common.UserError("--ablate-rows selects rows of the ablation grid: add --ablate")
-    grid_rows = [name for name, _, _ in ablation_grid(args)]
-    unknown = sorted(set(args.ablate_rows or []) - set(grid_rows))
-    if unknown:
-        raise common.UserError(f"--ablate-rows: no row named {', '.join(unknown)}; the grid has {' '.join(grid_rows)}")
-    common.check_non_negative(args, "final_epochs", "unfreeze_every", "swa_epochs", "swa_every")
+    if args.quick:  # shrink first, then check what will run; quick/ folders keep real runs' files apart
+        vars(args).update(QUICK, overwrite=True, checkpoint_dir=f"{args.checkpoint_dir}/quick",
+                          results_dir=f"{args.results_dir}/quick")
+    common.check_flags(args, positive=("epochs", "batch_size", "head_lr", "lr", "subset", "eval_subset", "swa_lr",
+                                       "ablate_epochs"),
+                       non_negative=("head_epochs", "weight_decay", "workers", "print_freq", "warmup_epochs", "min_lr",
+                                     "randaug_n", "mixup_alpha", "cutmix_alpha", "unfreeze_every",
+                                     "unfreeze_warmup_epochs", "final_epochs", "final_lr", "swa_epochs", "swa_every"),
+                       fraction=("mix_prob", "switch_prob", "label_smoothing", "erase_prob", "lr_decay", "ema_decay"))
+    if args.dropout >= 1 or args.dropout < 0 or args.ema_decay == 1 or args.lr_decay == 0:
+        raise common.UserError("need --dropout and --ema-decay in [0, 1) and --lr-decay in (0, 1]")
+    if not 0 <= args.randaug_m <= 30:
+        raise common.UserError(f"--randaug-m must be in 0..30 (got {args.randaug_m})")
+    rows, unknown = ablation_grid(args), set(args.ablate_rows or []) - set(ablation_grid(args))
+    if (args.ablate_rows and not args.ablate) or unknown or min(args.ablate_sizes) < 32 or args.ablate and args.resume:
+        raise common.UserError(f"--ablate-rows needs --ablate and rows of {' '.join(rows)}; --ablate-sizes must be "
+                               f">= 32; --ablate runs its own rows, without --resume")
+    if args.img_size < 32 or args.batch_size < 2 or (args.subset or math.inf) < args.batch_size:
+        raise common.UserError("need --img-size >= 32, --batch-size >= 2 (for BatchNorm), --subset >= --batch-size")
 
+def setup_distributed(args):
+    """torchrun starts one process per GPU and sets RANK, LOCAL_RANK and WORLD_SIZE; without it, one process."""
+    if "RANK" not in os.environ:
+        return 0, 1, common.resolve_device(args.device)
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # first: else every process opens a context on GPU 0
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
 
-# Unfreezing order, and each stage's depth below the head (its LR is --lr-decay ** depth times the head's).
-UNFREEZE_ORDER = ("layer4", "layer3", "layer2", "layer1", "stem")
-DEPTH = {"fc": 0, **{group: i + 1 for i, group in enumerate(UNFREEZE_ORDER)}}
+def train_transform(args):
+    """CIFAR's standard augmentation, on the 32-px uint8 image: a random crop with 4-px zero padding, a random flip;
+    then RandAugment: n random operations at magnitude m (of torchvision's 31 bins)."""
+    steps = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]
+    return v2.Compose(steps + ([v2.RandAugment(args.randaug_n, args.randaug_m)] if args.randaug_n else []))
 
+def group_of(name):
+    """The stage of a ResNet-50 parameter or module: stem, layer1 ... layer4, or fc (with the pooling and dropout)."""
+    top = name.split(".")[0]
+    return {"conv1": "stem", "bn1": "stem", "relu": "stem", "maxpool": "stem", "avgpool": "fc"}.get(top, top)
 
 def unfreeze_epoch(group, args):
-    """The epoch (0-based) from which `group` trains: fc from the start, layer4 when stage 2 starts, then one
-    more group every --unfreeze-every epochs (0: all together, as in Level 2)."""
-    return 0 if group == "fc" else args.head_epochs + UNFREEZE_ORDER.index(group) * args.unfreeze_every
+    """The epoch (0-based) from which `group` trains: the head from the start, layer4 when stage 2 starts, then one
+    more stage every --unfreeze-every epochs (0: all at once, as in Level 2)."""
+    return 0 if group == "fc" else args.head_epochs + (GROUPS.index(group) - 1) * args.unfreeze_every
 
-
-def trainable_groups(epoch, args):
-    return [group for group in common.LAYER_GROUPS if unfreeze_epoch(group, args) <= epoch]
-
+def set_trainable(model, epoch, args):
+    """Gradients and train mode for the stages unfrozen by `epoch`; the frozen ones keep BatchNorm in eval mode: their
+    statistics stay ImageNet's instead of drifting towards CIFAR-10 while their weights cannot follow."""
+    trainable = [group for group in GROUPS if unfreeze_epoch(group, args) <= epoch]
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(group_of(name) in trainable)
+    for name, child in model.train().named_children():
+        child.train(group_of(name) in trainable)
+    return trainable
 
 def make_optimizer(model, args, device):
-    """One AdamW for the whole run: two parameter groups per stage (with and without weight decay), each
-    tagged with its stage. Frozen parameters get no gradient, so AdamW leaves them (and their moments)
-    alone until they unfreeze: no optimiser rebuilt mid-run, and resume restores one state."""
+    """AdamW over every parameter (those without a gradient, the frozen ones, it skips); weight decay on conv and linear
+    weights, none on BatchNorm weights and biases (Goyal et al. 2017, sec. 3). Fused: one kernel launch on CUDA.
+    Two parameter groups per stage, tagged with it, so that each stage gets its own LR."""
     param_groups = []
-    for group in common.LAYER_GROUPS:
-        parameters = [p for module in common.layer_group_modules(model)[group] for p in module.parameters()]
-        for param_group in common.param_groups_no_bn_decay(parameters, args.weight_decay, args.lr,
-                                                           only_trainable=False):
-            param_groups.append({**param_group, "stage_name": group})
-    return common.adamw(param_groups, args.lr, args.weight_decay, device)
+    for group in GROUPS:
+        params = [p for name, p in model.named_parameters() if group_of(name) == group]
+        param_groups += [{"params": [p for p in params if p.ndim > 1], "weight_decay": args.weight_decay},
+                         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+        param_groups[-2]["group"] = param_groups[-1]["group"] = group
+    return torch.optim.AdamW(param_groups, lr=args.lr, fused=device.type == "cuda")
 
+def wrap(model, world_size, device, args):
+    """The model as the training step calls it: DistributedDataParallel (it registers the parameters that train when
+    it is built, so it is built again when they change), then torch.compile. Evaluation and checkpoints use `model`."""
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None)
+    return torch.compile(model) if args.compile else model
 
 def lr_at(step, group, steps_per_epoch, args):
-    """The LR of stage `group` at optimiser `step` (counted from the start of the run): the base LR (head
-    stage cosine | stage 2 warmup + cosine | constant --final-lr), times --lr-decay ** depth, times the
-    group's own linear warmup from the step it was unfrozen."""
+    """The LR of stage `group` at optimiser `step` of the run: the base schedule (head cosine, stage-2 warmup and
+    cosine, --final-lr), times --lr-decay per stage below the head, times the stage's warmup since its unfreezing (0
+    before it). A pure function of the step, so that resume and tests need no scheduler state."""
     head_steps, main_steps = args.head_epochs * steps_per_epoch, args.epochs * steps_per_epoch
     swa_start, swa_cycle = swa_steps(steps_per_epoch, args)
-    if step >= swa_start and args.swa_schedule == "cyclic":  # Izmailov et al. 2018, eq. 2: alpha1 -> alpha2
-        position = ((step - swa_start) % swa_cycle + 1) / swa_cycle
-        base = (1 - position) * args.swa_lr + position * args.swa_lr / 10
-    elif step >= swa_start:
-        base = args.swa_lr
+    if step >= swa_start:  # constant, or cyclic from --swa-lr down to a tenth (Izmailov et al. 2018, eq. 2)
+        position = ((step - swa_start) % swa_cycle + 1) / swa_cycle if args.swa_schedule == "cyclic" else 0.0
+        base = args.swa_lr * (1 - 0.9 * position)
     elif step < head_steps:
         base = common.warmup_cosine_lr(step, head_steps, 0, args.head_lr, args.min_lr)
     elif step < head_steps + main_steps:
-        warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-        base = common.warmup_cosine_lr(step - head_steps, main_steps, warmup_steps, args.lr, args.min_lr)
+        base = common.warmup_cosine_lr(step - head_steps, main_steps, round(args.warmup_epochs * steps_per_epoch),
+                                       args.lr, args.min_lr)
     else:
         base = args.final_lr
-    warmup_steps = round(args.unfreeze_warmup_epochs * steps_per_epoch)
     steps_unfrozen = step - unfreeze_epoch(group, args) * steps_per_epoch
-    warmup = 1.0 if group == "fc" or warmup_steps == 0 else min(1.0, (steps_unfrozen + 1) / warmup_steps)
-    return base * args.lr_decay ** DEPTH[group] * warmup
-
+    warmup_steps = 0 if group == "fc" else round(args.unfreeze_warmup_epochs * steps_per_epoch)
+    warmup = 0.0 if steps_unfrozen < 0 else min(1.0, (steps_unfrozen + 1) / warmup_steps) if warmup_steps else 1.0
+    return base * args.lr_decay ** GROUPS.index(group) * warmup
 
 def swa_steps(steps_per_epoch, args):
-    """(first step of the SWA phase, steps per averaging cycle)."""
-    start = (args.head_epochs + args.epochs + args.final_epochs) * steps_per_epoch
-    return start, args.swa_every or steps_per_epoch
+    """(the first step of the SWA phase, the steps per averaging cycle)."""
+    return (args.head_epochs + args.epochs + args.final_epochs) * steps_per_epoch, args.swa_every or steps_per_epoch
 
-
-def set_group_lrs(optimizer, step, steps_per_epoch, args):
-    for param_group in optimizer.param_groups:
-        param_group["lr"] = lr_at(step, param_group["stage_name"], steps_per_epoch, args)
-
-
-def train_one_epoch(model, model_ema, model_swa, trainable, loader, optimizer, scaler, device, args, epoch, stop,
-                    progress, first_step, steps_per_epoch):
-    """One pass over the training loader. The loss is summed on the device (no host sync per step) and read
-    once at the end; `.item()` only happens on the steps that print. `first_step` is the run's step count
-    at the start of this pass (the LR schedule is a function of it). The EMA follows every step; SWA takes
-    a snapshot at the end of each averaging cycle of the SWA phase."""
-    swa_start, swa_cycle = swa_steps(steps_per_epoch, args)
-    common.train_mode(model, trainable)
-    loss_sum = torch.zeros((), device=device)
-    images_seen = steps = 0
-    for images, labels in loader:
-        set_group_lrs(optimizer, first_step + steps, steps_per_epoch, args)
-        images = common.prepare_batch(images, device, args.img_size)
-        labels = labels.to(device, non_blocking=True)
-        targets = common.one_hot_smoothed(labels, smoothing=args.label_smoothing)
-        images, targets, _ = common.mix_batch(images, targets, args.mix_prob, args.switch_prob, args.mixup_alpha,
-                                              args.cutmix_alpha)
+def train_one_epoch(model, loader, optimizer, scaler, device, args, epoch, averages):
+    """One pass over the training data. The loss is summed on the device and read once, at the end: `loss.item()` in
+    every step would make the CPU wait for the GPU in every step. Returns the mean training loss."""
+    loss_sum, (swa_start, swa_cycle) = torch.zeros((), device=device), swa_steps(len(loader), args)
+    for step, (images, labels) in enumerate(loader):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(epoch * len(loader) + step, group["group"], len(loader), args)
+        images = common.prepare_batch(images, device, args.img_size)  # to [0, 1], upsampled, normalised
+        targets = common.smooth_one_hot(labels.to(device, non_blocking=True), args.label_smoothing)
+        images, targets = common.mix_batch(images, targets, args.mix_prob, args.switch_prob, args.mixup_alpha,
+                                           args.cutmix_alpha)
         images = common.random_erasing(images, args.erase_prob)
-        with common.autocast(device):
+        with common.autocast(device):  # bf16 (fp16 before Ampere) on CUDA, fp32 elsewhere
             logits = model(images)
-        loss = common.soft_target_cross_entropy(logits, targets)
+        loss = common.soft_cross_entropy(logits, targets)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()  # fp16 only: a scaled loss (common.grad_scaler); else unchanged
-        scaler.step(optimizer)  # fp16: unscales, skips the step if a gradient overflowed
+        scaler.scale(loss).backward()  # fp16: the loss scaled up, so that small gradients do not underflow
+        scaler.step(optimizer)  # fp16: unscales, and skips the step if a gradient overflowed
         scaler.update()
-        if model_ema is not None:
-            model_ema.update(model)
-        step = first_step + steps
-        if model_swa is not None and step >= swa_start and (step + 1 - swa_start) % swa_cycle == 0:
-            model_swa.update(model)
-        loss_sum += loss.detach() * len(labels)
-        images_seen += len(labels)
-        steps += 1
-        if args.print_freq and steps % args.print_freq == 0:
-            progress.step_line(epoch, steps, len(loader), loss.detach())
-        if stop.requested:
-            break
-    progress.end_line()
-    loss_sum, images_seen = common.sum_over_ranks(loss_sum, images_seen)
-    return {"train_loss": loss_sum / max(images_seen, 1), "steps": steps, "images": int(images_seen)}
+        if "ema" in averages:  # the EMA follows every step; SWA takes a snapshot at the end of each cycle
+            averages["ema"].update(model)
+        swa_done = epoch * len(loader) + step + 1 - swa_start  # steps of the SWA phase, this one included
+        if "swa" in averages and swa_done > 0 and swa_done % swa_cycle == 0:
+            averages["swa"].update(model)
+        loss_sum += loss.detach()
+        if args.print_freq and (step + 1) % args.print_freq == 0:
+            print(f"  step {step + 1}/{len(loader)} loss {loss.item():.4f}", flush=True)  # the step's only sync
+    return loss_sum.item() / len(loader)
 
+def load_data(args, rank, world_size, device):
+    """Training, validation and test sets, and the training loader (augmentation at 32 px in its workers)."""
+    if world_size > 1 and rank > 0:
+        torch.distributed.barrier()  # rank 0 first: it downloads CIFAR-10 if it is missing
+    train_set, val_set, test_set = common.cifar10_datasets(args.data_dir, args.seed, args.subset, args.eval_subset,
+                                                           args.train_on_all, train_transform(args))
+    if world_size > 1 and rank == 0:
+        torch.distributed.barrier()
+    # DistributedSampler also with one process: its shuffle is a function of (seed, epoch) through set_epoch; under
+    # torchrun each process takes every world_size-th image of it. drop_last: a batch of one would break BatchNorm.
+    sampler = torch.utils.data.DistributedSampler(train_set, world_size, rank, seed=args.seed, drop_last=True)
+    train_loader = torch.utils.data.DataLoader(
+        train_set, args.batch_size // world_size, sampler=sampler, num_workers=args.workers, drop_last=True,
+        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+        generator=torch.Generator().manual_seed(args.seed))  # the workers' seeds, not drawn from the global RNG
+    return train_set, val_set, test_set, train_loader
 
-def make_checkpoint(model, optimizer, scaler, model_ema, model_swa, epoch, step_in_epoch, best_val_acc, history, args,
-                    model_source="raw", resumable=True):
-    """Everything --resume needs: model, optimiser, EMA, SWA, position (completed epochs + steps into the next;
-    the LR schedule is a function of it), best score, history, RNG state, args - and the library versions.
-    `model` holds the weights named by `model_source` (raw or EMA), so evaluate.py reads any checkpoint.
-    A best checkpoint (resumable=False) leaves out the averaged models' states: it is for evaluation."""
-    weights = model_ema.module if model_source == "ema" else model
-    return {"level": LEVEL, "model": weights.state_dict(), "model_source": model_source,
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "resumable": resumable,
-            "model_ema": model_ema.state_dict() if model_ema and resumable else None,
-            "model_swa": model_swa.state_dict() if model_swa and resumable else None,
-            "epoch": epoch, "step_in_epoch": step_in_epoch, "best_val_acc": best_val_acc, "history": history,
-            "rng": common.rng_state(), "args": vars(args), "versions": common.library_versions()}
+def resume(args, model, averages, optimizer, scaler):
+    """Continue after a levelN_last.pth, at the next epoch: weights, averages, optimiser, loss scale, best, history."""
+    checkpoint = common.load_checkpoint(args.resume, LEVEL)
+    model.load_state_dict(checkpoint["model"])
+    for name, average in averages.items():
+        if name in checkpoint["averages"]:
+            average.module.load_state_dict(checkpoint["averages"][name]["module"])
+            average.num_updates = checkpoint["averages"][name]["num_updates"]
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint["scaler"]:  # empty when it was saved by a bf16 or fp32 run
+        scaler.load_state_dict(checkpoint["scaler"])
+    return checkpoint["epoch"], checkpoint["best_acc"], checkpoint["history"]
 
-
-def validate_epoch(model, model_ema, val_loader, device, args, dist):
-    """Validation loss/accuracy of the raw weights and of the EMA; which of the two is better."""
-    val_loss, val_acc = common.evaluate_loss_acc(model, val_loader, device, args.img_size, dist)
-    row = {"val_loss": val_loss, "val_acc": val_acc, "val_loss_ema": None, "val_acc_ema": None, "better": "raw"}
-    if model_ema is not None:
-        row["val_loss_ema"], row["val_acc_ema"] = common.evaluate_loss_acc(model_ema.module, val_loader, device,
-                                                                           args.img_size, dist)
-        row["better"] = "ema" if row["val_acc_ema"] > val_acc else "raw"
-    return row
-
-
-def finish_swa(model_swa, data, device, args):
-    """SWA's BatchNorm statistics: the average of weights needs its own, from one pass over the clean
-    (un-augmented, un-mixed) training images (Izmailov et al. 2018, sec. 3.2)."""
-    clean = common.CifarDataset(data.train.images, data.train.labels)
-    loader = common.make_loader(clean, 2 * args.batch_size, workers=args.workers, device=device)
-    with common.autocast(device):
-        common.recompute_bn(model_swa.module, loader,
-                            lambda images: common.prepare_batch(images, device, args.img_size))
-
-
-def candidate_models(model, model_ema, model_swa):
-    """The final weights of the run: raw, EMA and SWA (those that exist)."""
+def validate(model, averages, bn_set, val_set, device, args):
+    """Validation loss and accuracy of the raw weights and of each average that has averaged something, after its
+    BatchNorm statistics are recomputed on clean training images so that all are judged alike (with --ema-bn copy,
+    the EMA's are the raw model's, which follow the last augmented batches). Returns (figures, candidate models)."""
     models = {"raw": model}
-    if model_ema is not None:
-        models["ema"] = model_ema.module
-    if model_swa is not None and model_swa.num_averaged > 0:
-        models["swa"] = model_swa.module
-    return models
+    for name, average in averages.items():
+        if average.num_updates and name == "ema" and args.ema_bn == "copy":
+            for average_buffer, buffer in zip(average.module.buffers(), model.buffers()):
+                average_buffer.copy_(buffer)
+        elif average.num_updates:
+            common.recompute_bn(average.module, bn_set, device, args.img_size, args.batch_size)
+        models.update({name: average.module} if average.num_updates else {})
+    val = {}
+    for name, candidate in ({} if args.train_on_all else models).items():
+        suffix = "" if name == "raw" else f"_{name}"
+        val[f"val_loss{suffix}"], val[f"val_acc{suffix}"] = evaluate.loss_and_accuracy(candidate, val_set, device,
+                                                                                       args.img_size)
+    return val, models
 
+def save_checkpoints(model, models, averages, optimizer, scaler, history, best_acc, args):
+    """levelN_last.pth after every epoch, for --resume; levelN_best.pth when validation improved (with --train-on-all:
+    every epoch, so the last one), holding the best of the candidate models. Returns the best accuracy so far."""
+    row, checkpoint_dir = history[-1], Path(args.checkpoint_dir)
+    score = {name: row.get("val_acc" + ("" if name == "raw" else f"_{name}"), -1.0) for name in models}
+    source = list(models)[-1] if args.train_on_all else max(models, key=score.get)  # no validation: the last average
+    checkpoint = {"level": LEVEL, "model": models[source].state_dict(), "model_source": source, "epoch": row["epoch"],
+                  "history": history, "args": vars(args)}
+    if args.train_on_all or score[source] > best_acc:
+        best_acc = score[source]
+        selected_by = "last epoch (no validation)" if args.train_on_all else "validation accuracy"
+        common.save_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", {**checkpoint, "selected_by": selected_by})
+    averages = {name: {"module": a.module.state_dict(), "num_updates": a.num_updates} for name, a in averages.items()}
+    common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", {
+        **checkpoint, "model": model.state_dict(), "best_acc": best_acc, "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(), "averages": averages})
+    return best_acc
 
-def tta_table(model, loader, device, classes, args, temperature):
-    """Accuracy, ECE and images/s of every named TTA view set (with the fitted temperature applied)."""
-    rows = {}
-    for name, views in common.TTA_SETS.items():
-        report, images_per_s = common.timed_report(model, loader, device, args.img_size, classes, views,
-                                                   args.tta_average, temperature)
-        rows[name] = {"views": len(views), "acc1": report["acc1"], "ece": report["ece"], "nll": report["nll"],
-                      "images_per_s": images_per_s}
-        print(f"  TTA {name:<22} {len(views)} views: acc1 {report['acc1']:.4f} ece {report['ece']:.4f} "
-              f"{images_per_s:.0f} img/s")
-    return rows
-
-
-def calibrate(model, val_loader, test_loader, device, classes, args, results_dir):
-    """Temperature scaling (Guo et al. 2017): fit T on validation logits only, then report the test set's ECE,
-    NLL and Brier score before and after, and draw the reliability diagrams."""
-    val_logits, val_labels = common.predict_logits(model, val_loader, device, args.img_size)
-    temperature = common.fit_temperature(val_logits, val_labels)
-    test_logits, test_labels = common.predict_logits(model, test_loader, device, args.img_size)
-    before, after = test_logits.softmax(-1), (test_logits / temperature).softmax(-1)
-    calibration = {"temperature": temperature, "fitted_on": f"validation ({len(val_labels)} images)"}
-    for name, probs in (("before", before), ("after", after)):
-        calibration[name] = {"ece": common.expected_calibration_error(probs, test_labels),
-                             "nll": common.negative_log_likelihood(probs, test_labels),
-                             "brier": common.brier_score(probs, test_labels),
-                             "acc1": float((probs.argmax(-1) == test_labels).double().mean())}
-    common.plot_reliability(common.reliability_bins(before, test_labels), common.reliability_bins(after, test_labels),
-                            results_dir / f"{LEVEL}_reliability.png", f"{LEVEL} test set, T = {temperature:.3f}")
-    print(f"calibration: T = {temperature:.4f} (fitted on validation); test ECE {calibration['before']['ece']:.4f} -> "
-          f"{calibration['after']['ece']:.4f}, NLL {calibration['before']['nll']:.4f} -> "
-          f"{calibration['after']['nll']:.4f}")
-    return calibration, after, test_labels
-
-
-def error_analysis(report, probs, labels, data, results_dir):
-    """Confusion matrix (from the test `report`), the most-confused pairs and a grid of the most confident
-    mistakes - where the model is wrong, and how sure it was."""
-    common.plot_confusion_matrix(report["confusion_matrix"], data.classes, results_dir / f"{LEVEL}_confusion.png",
-                                 f"{LEVEL}: test set ({len(labels)} images)")
-    pairs = common.most_confused_pairs(report["confusion_matrix"], data.classes, k=5)
-    mistakes = common.confident_mistakes(probs, labels, k=24)
-    confidence, preds = probs.max(-1)
-    captions = [f"{data.classes[labels[i]]} -> {data.classes[preds[i]]}\np={confidence[i]:.2f}" for i in mistakes]
-    common.plot_image_grid(data.test.images[mistakes], captions, results_dir / f"{LEVEL}_mistakes.png",
-                           "most confident mistakes (true -> predicted, confidence)")
-    print("most confused (true -> predicted): " + ", ".join(f"{t} -> {p} ({n})" for t, p, n in pairs))
-    return {"most_confused": [{"true": t, "predicted": p, "count": n} for t, p, n in pairs],
-            "confident_mistakes": [{"index": i, "true": data.classes[labels[i]], "predicted": data.classes[preds[i]],
-                                    "confidence": float(confidence[i])} for i in mistakes]}
-
-
-def final_evaluation(model, model_ema, model_swa, data, device, args, best_val_acc, history, started):
-    """SWA's BatchNorm pass, then validation picks among the best checkpoint (raw or EMA) and SWA; the
-    chosen weights are calibrated, tested once (with each TTA set) and analysed. All three are reported.
-    Runs on rank 0 alone, over whole splits."""
-    checkpoint_dir, results_dir = Path(args.checkpoint_dir), Path(args.results_dir)
-    val_loader = common.make_loader(data.val, 2 * args.batch_size, workers=args.workers, device=device)
-    if model_swa is not None and model_swa.num_averaged > 0:
-        finish_swa(model_swa, data, device, args)
-    finals = candidate_models(model, model_ema, model_swa)
-    val = {name: common.evaluate_loss_acc(m, val_loader, device, args.img_size)[1] for name, m in finals.items()}
-    best = common.load_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", LEVEL)
-    if val.get("swa", -1.0) > best_val_acc:  # SWA wins on validation: it becomes the best checkpoint
-        best_val_acc = val["swa"]
-        best = {**best, "model": model_swa.module.state_dict(), "model_source": "swa", "best_val_acc": best_val_acc,
-                "epoch": len(history)}
-    print("validation, final weights: " + ", ".join(f"{name} {acc:.4f}" for name, acc in val.items())
-          + f" | chosen: {best['model_source']} ({best_val_acc:.4f})")
-    chosen = common.build_model("none", args.dropout).to(device, memory_format=torch.channels_last)
-    chosen.load_state_dict(best["model"])
-
-    test_loader = common.make_loader(data.test, 2 * args.batch_size, workers=args.workers, device=device)
-    calibration, probs, labels = calibrate(chosen, val_loader, test_loader, device, data.classes, args, results_dir)
-    common.save_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", {**best, "temperature": calibration["temperature"]})
-    test = common.classification_report(probs, labels, data.classes)
-    print("test, every set of TTA views:")
-    tta = tta_table(chosen, test_loader, device, data.classes, args, calibration["temperature"])
-    analysis = error_analysis(test, probs, labels, data, results_dir)
-    test_of_finals = {name: common.classification_report(common.predict(m, test_loader, device, args.img_size)[0],
-                                                         labels, data.classes)["acc1"] for name, m in finals.items()}
-    return {"level": LEVEL, "args": vars(args), "device": common.device_name(device), "commit": common.git_commit(),
-            "versions": common.library_versions(), "history": history, "best_val_acc": best_val_acc,
-            "best_epoch": best["epoch"], "best_model_source": best["model_source"], "val_final": val,
-            "test_final": test_of_finals, "test": test, "test_tta": tta[args.tta_set], "tta_set": args.tta_set,
-            "tta_sets": tta, "calibration": calibration, "errors": analysis, "seconds": time.time() - started}
-
-
-def ablation_grid(args):
-    """The declared grid: each row switches one technique off or changes one value of the full recipe."""
-    rows = [("baseline", "the full Level 4 recipe", []),
-            ("no_randaugment", "RandAugment off", ["--randaug-n", "0"]),
-            ("no_mixup_cutmix", "MixUp/CutMix off", ["--mix-prob", "0"]),
-            ("no_label_smoothing", "label smoothing 0", ["--label-smoothing", "0"]),
-            ("no_random_erasing", "random erasing off", ["--erase-prob", "0"]),
-            ("no_ema", "EMA off", ["--ema-decay", "0"]),
-            ("no_swa", "SWA off", ["--swa-epochs", "0"]),
-            ("no_tta", "test-time augmentation off", ["--tta-set", "none"]),
-            ("no_progressive_unfreezing", "all groups unfrozen at once", ["--unfreeze-every", "0"])]
-    rows += [(f"img_size_{size}", f"input {size} px", ["--img-size", str(size)])
-             for size in args.ablate_sizes if size != args.img_size]  # the baseline row already has that size
-    return rows
-
-
-def run_ablation(args):
-    """Run every row of the grid (or the --ablate-rows, plus the baseline) as a real, shorter training run
-    (--epochs = --ablate-epochs) and write ablation.json, ablation.md (each row with its command) and a bar
-    chart. Finished rows are kept: an interrupted ablation, re-run with the same command, continues with the
-    rows that are missing; rows run earlier with the same settings stay in the table."""
-    parser = get_args_parser()
-    results_dir = Path(args.results_dir)
-    skip = {"ablate", "ablate_epochs", "ablate_sizes", "ablate_rows", "summary", "epochs", "checkpoint_dir",
-            "results_dir", "resume", "stop_after_epochs"}
-    base_argv = common.args_to_argv(parser, args, skip) + ["--epochs", str(args.ablate_epochs)]
-    path = results_dir / "ablation.json"
-    done = {row["name"]: row for row in json.loads(path.read_text())["rows"]} if path.is_file() else {}
-    grid = ablation_grid(args)
-    selected = {"baseline", *(args.ablate_rows or [name for name, _, _ in grid])}
-    rows = []
-    for name, change, flags in grid:
-        argv = base_argv + flags + ["--checkpoint-dir", str(Path(args.checkpoint_dir) / "ablation" / name),
-                                    "--results-dir", str(results_dir / "ablation" / name)]
-        command = "python level4.py " + shlex.join(argv)
-        if name in done and done[name]["command"] == command:
-            print(f"ablation {name}: done earlier, kept")
-            rows.append(done[name])
-            continue
-        if name not in selected:
-            continue
-        print(f"ablation {name}: {command}", flush=True)
-        row_args = parser.parse_args(argv)
-        validate_args(row_args)
-        result = main(row_args)
-        rows.append({"name": name, "change": change, "command": command, "acc1": result["test"]["acc1"],
-                     "tta_acc1": result["test_tta"]["acc1"], "ece": result["test"]["ece"],
-                     "best_val_acc": result["best_val_acc"], "model_source": result["best_model_source"],
-                     "seconds": result["seconds"], "device": result["device"], "commit": result["commit"]})
-        common.write_json(path, {"rows": rows + [r for n, r in done.items() if n not in {x["name"] for x in rows}]})
-    common.write_json(path, {"rows": rows})
-    write_ablation_report(rows, results_dir)
-    return rows
-
-
-def write_ablation_report(rows, results_dir):
-    """ablation.md: one line per row (test accuracy with the row's TTA, difference to the baseline, command)."""
-    baseline = next(row["tta_acc1"] for row in rows if row["name"] == "baseline")
-    lines = ["# Ablation (computed by `python level4.py --ablate`; every row is a real training run)", "",
-             f"Device: {rows[0]['device']}; commit: {rows[0]['commit']}. Test accuracy uses each row's TTA "
-             f"setting; the baseline is {baseline:.4f}.", "",
-             "| row | change | test acc1 (TTA) | vs baseline | test acc1 (no TTA) | ECE | best of | seconds "
-             "| command |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(f"| {row['name']} | {row['change']} | {row['tta_acc1']:.4f} | {row['tta_acc1'] - baseline:+.4f} | "
-                     f"{row['acc1']:.4f} | {row['ece']:.4f} | {row['model_source']} | {row['seconds']:.0f} | "
-                     f"`{row['command']}` |")
-    (results_dir / "ablation.md").write_text("\n".join(lines) + "\n")
-    common.plot_bars([row["name"] for row in rows], [row["tta_acc1"] for row in rows], results_dir / "ablation.png",
-                     "ablation: test accuracy per row", "test top-1 (with the row's TTA)", reference=baseline)
-    print(f"wrote {results_dir / 'ablation.json'}, {results_dir / 'ablation.md'} and {results_dir / 'ablation.png'}")
-
-
-def write_summary(args):
-    """results/summary.md and summary.png from whichever results/level*.json exist: one row per level."""
-    results_dir = Path(args.results_dir)
-    rows = []
-    for level in ("level1", "level2", "level3", "level4"):
-        path = results_dir / f"{level}.json"
-        if path.is_file():
-            result = json.loads(path.read_text())
-            rows.append({"level": level, "acc1": result["test"]["acc1"],
-                         "tta_acc1": result.get("test_tta", {}).get("acc1"), "ece": result["test"]["ece"],
-                         "epochs": len(result["history"]), "seconds": result["seconds"], "device": result["device"],
-                         "commit": result["commit"], "test_images": result["test"]["num_images"]})
-    if not rows:
-        raise common.UserError(f"no results/level*.json in {results_dir}: run a level first, e.g. python level1.py")
-    lines = ["# Summary across levels (`python level4.py --summary`, from the results/level*.json that exist)", "",
-             "| level | test acc1 | with TTA | ECE | epochs | wall time (s) | test images | device | commit |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        tta = f"{row['tta_acc1']:.4f}" if row["tta_acc1"] is not None else "-"
-        lines.append(f"| {row['level']} | {row['acc1']:.4f} | {tta} | {row['ece']:.4f} | {row['epochs']} | "
-                     f"{row['seconds']:.0f} | {row['test_images']} | {row['device']} | {row['commit']} |")
-    (results_dir / "summary.md").write_text("\n".join(lines) + "\n")
-    common.plot_bars([row["level"] for row in rows], [row["acc1"] for row in rows], results_dir / "summary.png",
-                     "test accuracy per level (no TTA)", "test top-1")
-    print("\n".join(lines))
-    return rows
-
-
-def main(args):
-    if args.summary:
-        return write_summary(args)
-    if args.ablate:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise common.UserError("--ablate runs its rows one after another in one process: start it with python, "
-                                   "not torchrun")
-        return run_ablation(args)
-    if args.quick:
-        common.apply_quick(args)
-    if not args.resume:
-        common.check_overwrite(args.checkpoint_dir, LEVEL, args)
-    dist, device = common.init_distributed(args.device)  # torchrun: one process per GPU; else one process
-    if args.batch_size % dist.world_size:
-        raise common.UserError(f"--batch-size {args.batch_size} is the global batch: make it a multiple of the "
-                               f"{dist.world_size} processes")
-    common.seed_everything(args.seed)
-    print(f"{LEVEL}: device {common.device_name(device)}, {common.precision_name(device)}, {args.img_size} px, "
-          f"weights {args.weights}")
-
-    # Data: augmentation on 32-px uint8 images in the workers; upsampling and normalisation on the device.
-    data = common.build_datasets(args, common.train_transform(args.randaug_n, args.randaug_m))
-    train_sampler = common.EpochSampler(len(data.train), args.seed, dist.rank, dist.world_size)
-    # drop_last: a last batch of one image would break BatchNorm (and small ones make noisy steps).
-    # --batch-size is global: each of the world_size processes takes its share, so one GPU or eight give
-    # the same optimisation (same LR, same steps per epoch) and no LR scaling rule is needed.
-    train_loader = common.make_loader(data.train, args.batch_size // dist.world_size, train_sampler, args.workers,
-                                      device, drop_last=True)
-    val_loader = common.make_loader(common.shard(data.val, dist), 2 * args.batch_size, workers=args.workers,
-                                    device=device)
-    print(f"data: {len(data.train)} train, {len(data.val)} validation, {len(data.test)} test images")
-
-    model = common.build_model(args.weights, args.dropout).to(device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, args, device)
-    scaler = common.grad_scaler(device)  # fp16 loss scaling on pre-Ampere GPUs; a no-op otherwise
-    model_ema = common.ModelEma(model, args.ema_decay) if args.ema_decay > 0 else None
-    model_swa = common.SwaAverage(model) if args.swa_epochs > 0 else None
-    if args.sync_bn:  # after the EMA/SWA copies: those are evaluated on one process, with plain BatchNorm
-        model = common.convert_sync_bn(model, device)
-    total_epochs = args.head_epochs + args.epochs + args.final_epochs + args.swa_epochs
-    steps_per_epoch = len(train_sampler) // (args.batch_size // dist.world_size)  # before any resume skip
-    checkpoint_dir, results_dir = Path(args.checkpoint_dir), Path(args.results_dir)
-
-    # Resume: the position is (completed epochs, steps into the next one); schedule and unfreezing are
-    # functions of it, so restoring model, optimiser, EMA and RNG continues the run exactly.
-    start_epoch, skip_steps, best_val_acc, history = 0, 0, -1.0, []
-    resumed = common.resume_from(args.resume, LEVEL, model, args) if args.resume else None
-    if resumed:
-        start_epoch, skip_steps = resumed["epoch"], resumed["step_in_epoch"]
-        best_val_acc, history = resumed["best_val_acc"], resumed["history"]
-        optimizer.load_state_dict(resumed["optimizer"])
-        common.restore_scaler(scaler, resumed)
-        if model_ema is not None and resumed["model_ema"] is not None:
-            model_ema.load_state_dict(resumed["model_ema"])
-        if model_swa is not None and resumed["model_swa"] is not None:
-            model_swa.load_state_dict(resumed["model_swa"])
-
-    stop = common.StopOnInterrupt(enabled=not dist.enabled)
-    progress = common.Progress(total_epochs, start_epoch)
-    end_epoch = total_epochs if args.stop_after_epochs is None else min(total_epochs,
-                                                                        start_epoch + args.stop_after_epochs)
-    for epoch in range(start_epoch, end_epoch):
-        trainable = trainable_groups(epoch, args)
-        common.set_trainable(model, trainable)
-        if epoch == start_epoch or trainable != history[-1]["trainable"]:
-            # Built again when the trainable set changes: DDP all-reduces what trains now.
-            train_model = common.wrap_for_training(model, dist, device, args.compile)
-        train_sampler.set_epoch(epoch, skip=skip_steps * args.batch_size)
-        started = time.time()
-        train_stats = train_one_epoch(train_model, model_ema, model_swa, trainable, train_loader, optimizer,
-                                      scaler, device, args, epoch, stop, progress, epoch * steps_per_epoch + skip_steps,
-                                      steps_per_epoch)
-        if stop.requested and train_stats["steps"] < len(train_loader):  # mid-epoch: save the exact position
-            steps_done = skip_steps + train_stats["steps"]
-            common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", make_checkpoint(
-                model, optimizer, scaler, model_ema, model_swa, epoch, steps_done, best_val_acc, history, args))
-            common.exit_interrupted(checkpoint_dir / f"{LEVEL}_last.pth")
-        skip_steps = 0
-        val = validate_epoch(model, model_ema, val_loader, device, args, dist)
-        seconds = time.time() - started
-        head_lr = next(group["lr"] for group in optimizer.param_groups if group["stage_name"] == "fc")
-        row = {"epoch": epoch + 1, "trainable": trainable, "lr": head_lr, **train_stats, **val,
-               "seconds": seconds, "images_per_s": train_stats["images"] / seconds}
-        history.append(row)
-        if max(val["val_acc"], val["val_acc_ema"] or -1.0) > best_val_acc:
-            best_val_acc = max(val["val_acc"], val["val_acc_ema"] or -1.0)
-            common.save_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", make_checkpoint(
-                model, optimizer, scaler, model_ema, model_swa, epoch + 1, 0, best_val_acc, history, args,
-                model_source=val["better"],
-                resumable=False))
-        common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", make_checkpoint(
-            model, optimizer, scaler, model_ema, model_swa, epoch + 1, 0, best_val_acc, history, args))
-        elapsed, eta = progress.eta(epoch)
-        ema_text = f" ema {val['val_acc_ema']:.4f}" if model_ema is not None else ""
-        print(f"epoch {epoch + 1}/{total_epochs} [{'+'.join(trainable)}] lr {head_lr:.2e} train loss "
-              f"{row['train_loss']:.4f} | val loss {val['val_loss']:.4f} acc {val['val_acc']:.4f}{ema_text} | "
-              f"{row['images_per_s']:.0f} img/s | {elapsed:.0f} s elapsed, ETA {eta:.0f} s", flush=True)
-        print("json: " + json.dumps(row), flush=True)
-        if stop.requested:  # Ctrl-C in the epoch's last step or in validation: the whole epoch is saved
-            common.exit_interrupted(checkpoint_dir / f"{LEVEL}_last.pth", training_done=epoch + 1 == total_epochs)
-    common.cleanup_distributed(dist)  # no collective operation after this point
-    if not dist.is_main:  # rank 0 alone evaluates the test set (the whole split: exact) and writes results
-        return None
-    if end_epoch < total_epochs:
-        print(f"stopped after {end_epoch} of {total_epochs} epochs (--stop-after-epochs); continue with "
-              f"--resume {checkpoint_dir / f'{LEVEL}_last.pth'}")
-        return
-
-    # Final: SWA's BatchNorm pass; validation picks raw, EMA or SWA; calibrate, test once, analyse.
-    results = final_evaluation(model, model_ema, model_swa, data, device, args, best_val_acc, history,
-                               progress.start)
-    common.write_json(results_dir / f"{LEVEL}.json", results)
-    common.plot_curves(history, results_dir / f"{LEVEL}_curves.png",
-                       f"{LEVEL}: {args.weights} weights, {args.img_size} px",
-                       extra_val_keys=("val_acc_ema",) if model_ema is not None else ())
-    test, tta = results["test"], results["test_tta"]
-    print(f"test ({test['num_images']} images, {results['best_model_source']} weights, T = "
-          f"{results['calibration']['temperature']:.3f}): acc1 {test['acc1']:.4f} ece {test['ece']:.4f} "
-          f"(before temperature scaling {results['calibration']['before']['ece']:.4f})")
-    print(f"final: acc1={test['acc1']:.4f} tta_acc1={tta['acc1']:.4f} val_acc1={results['best_val_acc']:.4f} "
-          f"ece={test['ece']:.4f} seconds={results['seconds']:.0f}")
+def final_test(model, val_set, test_set, device, args, history, info):
+    """The selected weights (raw, EMA or SWA), their temperature fitted on validation and stored in the checkpoint; the
+    test set with every TTA view set, the calibration before and after, the errors: results/level4.json and PNGs."""
+    path, results_dir = Path(args.checkpoint_dir) / f"{LEVEL}_best.pth", Path(args.results_dir)
+    best = common.load_checkpoint(path)
+    model.load_state_dict(best["model"])  # raw, EMA or SWA weights, as chosen on validation
+    temperature, at_bound = (1.0, False) if args.train_on_all else common.fit_temperature(  # no held-out images: T = 1
+        common.predict(model, val_set, device, args.img_size)[0][0], val_set.labels)
+    common.save_checkpoint(path, {**best, "temperature": temperature, "temperature_at_bound": at_bound})
+    calibrated_t = 1.0 if at_bound else temperature
+    logits, labels = common.predict(model, test_set, device, args.img_size)
+    test, probs = evaluate.from_logits(logits, labels)  # T = 1: the raw calibration, as at every level
+    calibrated, calibrated_probs = evaluate.from_logits(logits, labels, calibrated_t)
+    print(("warning: the temperature fit ended at its bound, so it is no fit: not applied; " if at_bound else "")
+          + f"T = {temperature:.3g}: test ECE {test['ece']:.4f} -> {calibrated['ece']:.4f}, NLL {test['nll']:.4f} -> "
+          f"{calibrated['nll']:.4f}")
+    tta = {name: evaluate.report(model, test_set, device, args.img_size, views, calibrated_t, args.tta_average)[0]
+           for name, views in common.TTA_SETS.items()}
+    print(f"TTA (ECE at T = {calibrated_t:.3g}): " + ", ".join(f"{name} ({len(r['views'])} views) acc1 {r['acc1']:.4f} "
+          f"ece {r['ece']:.4f} {r['images_per_s']:.0f} img/s" for name, r in tta.items()))
+    evaluate.plot_reliability({"T = 1": (probs, labels), f"T = {calibrated_t:.3g}": (calibrated_probs, labels)},
+                              results_dir / f"{LEVEL}_reliability.png", f"{LEVEL}: test set")
+    evaluate.plot_confusion(test["confusion_matrix"], results_dir / f"{LEVEL}_confusion.png", f"{LEVEL}: test set")
+    mistakes = evaluate.plot_mistakes(test_set, probs, results_dir / f"{LEVEL}_mistakes.png")
+    source = best["model_source"]
+    results = {"level": LEVEL, **info, "args": vars(args), "history": history, "best_epoch": best["epoch"],
+               "selected_by": best["selected_by"], "model_source": source, "best_val_acc": best["history"]
+               [-1].get("val_acc" + ("" if source == "raw" else f"_{source}"), math.nan),
+               "test": test, "test_calibrated": calibrated, "test_tta": tta[args.tta_set], "tta_sets": tta,
+               "calibration": {"temperature": temperature, "at_bound": at_bound, "applied": calibrated_t,
+                               "fitted_on": None if args.train_on_all else f"validation ({len(val_set)} images)"},
+               "most_confused": evaluate.most_confused(test["confusion_matrix"]), "confident_mistakes": mistakes,
+               "seconds": time.time() - info["started"]}
+    evaluate.write_json(results_dir / f"{LEVEL}.json", results)
+    evaluate.plot_curves(history, results_dir / f"{LEVEL}_curves.png", f"{LEVEL}, {args.img_size} px")
+    print("most confused, true -> predicted: " + ", ".join(f"{t} -> {p} ({n})" for t, p, n in results["most_confused"]))
+    print(f"final: acc1={test['acc1']:.4f} tta_acc1={tta[args.tta_set]['acc1']:.4f} val_acc1="
+          f"{results['best_val_acc']:.4f} ece={test['ece']:.4f} ece_t={calibrated['ece']:.4f} temperature="
+          f"{calibrated_t:.4f} epoch={best['epoch']} test_images={test['num_images']} seconds={results['seconds']:.0f}")
     return results
 
+def ablation_grid(args):
+    """The declared grid: each row switches one technique of the full recipe off, or changes the input size."""
+    grid = {"baseline": {}, "no_randaugment": {"randaug_n": 0}, "no_mixup_cutmix": {"mix_prob": 0.0},
+            "no_label_smoothing": {"label_smoothing": 0.0}, "no_random_erasing": {"erase_prob": 0.0},
+            "no_ema": {"ema_decay": 0.0}, "no_swa": {"swa_epochs": 0}, "no_tta": {"tta_set": "none"},
+            "no_progressive_unfreezing": {"unfreeze_every": 0}}
+    return {**grid, **{f"img_size_{size}": {"img_size": size} for size in args.ablate_sizes if size != args.img_size}}
+
+def run_ablation(args):
+    """Each row of the grid (or of --ablate-rows, and the baseline) as a real, shorter run: --epochs --ablate-epochs,
+    its own folders. results/ablation.{json,md,png}. A row run earlier with the same settings is kept."""
+    path, rows = Path(args.results_dir) / "ablation.json", []
+    done = {row["name"]: row for row in json.loads(path.read_text())["rows"]} if path.is_file() else {}
+    for name, change in ablation_grid(args).items():
+        row_args = argparse.Namespace(**{**vars(args), "ablate": False, "epochs": args.ablate_epochs, **change,
+                                         "checkpoint_dir": f"{args.checkpoint_dir}/ablation/{name}", "overwrite": True,
+                                         "results_dir": f"{args.results_dir}/ablation/{name}"})
+        settings = json.loads(json.dumps(vars(row_args)))
+        if name in done and done[name]["args"] == settings:
+            rows.append(done[name])
+        elif name == "baseline" or name in (args.ablate_rows or [name]):
+            print(f"ablation {name}: {' '.join(f'--{k} {v}' for k, v in change.items()) or 'the full recipe'}")
+            result = main(row_args)
+            done[name] = {"name": name, "change": change, "args": settings, "acc1": result["test"]["acc1"], "tta_acc1":
+                          result["test_tta"]["acc1"], "ece": result["test"]["ece"], **{k: result[k] for k in (
+                              "model_source", "seconds", "device", "commit")}}
+            rows.append(done[name])
+            evaluate.write_json(path, {"rows": list(done.values())})  # an interrupted grid keeps its finished rows
+    evaluate.write_json(path, {"rows": rows})
+    baseline = rows[0]["tta_acc1"]
+    print(evaluate.write_table(path.with_suffix(".md"), f"Ablation (`python level4.py --ablate`), {args.ablate_epochs} "
+                               f"epochs per row, on {rows[0]['device']}, commit {rows[0]['commit']}",
+                               ["row", "change", "test acc1 (TTA)", "vs baseline", "acc1", "ECE", "weights", "seconds"],
+                               [[r["name"], r["change"], r["tta_acc1"], f"{r['tta_acc1'] - baseline:+.4f}", r["acc1"],
+                                 r["ece"], r["model_source"], f"{r['seconds']:.0f}"] for r in rows]))
+    evaluate.plot_bars([r["name"] for r in rows], [r["tta_acc1"] for r in rows], path.with_suffix(".png"),
+                       "ablation: test accuracy (each row's TTA)", "test top-1", reference=baseline)
+    return rows
+
+def write_summary(args):
+    """results/summary.{md,png}: one row per results/levelN.json there; a malformed one is skipped, with a warning."""
+    rows = []
+    for path in sorted(Path(args.results_dir).glob("level[1-4].json")):
+        try:
+            r = json.loads(path.read_text())
+            rows.append([path.stem, r["test"]["acc1"], r.get("test_tta", {}).get("acc1", "-"), r["test"]["ece"],
+                         r.get("test_calibrated", {}).get("ece", "-"), len(r["history"]), f"{r['seconds']:.0f}",
+                         r["device"], r["commit"]])
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            print(f"warning: skipped {path}: not a results file of this suite ({type(error).__name__})")
+    if not rows:
+        raise common.UserError(f"no readable levelN.json in {args.results_dir}: run a level first")
+    print(evaluate.write_table(Path(args.results_dir) / "summary.md", "Summary (`python level4.py --summary`)",
+                               ["level", "test acc1", "with TTA", "ECE", "ECE (T)", "epochs", "seconds", "device",
+                                "commit"], rows))
+    evaluate.plot_bars([r[0] for r in rows], [r[1] for r in rows], Path(args.results_dir) / "summary.png",
+                       "test accuracy per level (no TTA)", "test top-1")
+    return rows
+
+def main(args):
+    if args.summary or args.ablate:
+        return write_summary(args) if args.summary else run_ablation(args)
+    rank, world_size, device = setup_distributed(args)
+    master = rank == 0  # rank 0 alone validates, writes and prints; the others wait for it at a barrier
+    if master:
+        common.start_run(LEVEL, args.checkpoint_dir, args.results_dir, args.resume, args.overwrite)
+    if args.batch_size % world_size or args.batch_size // world_size < 2 or (args.sync_bn and device.type != "cuda"):
+        raise common.UserError("--batch-size must be a multiple of the processes, 2 or more each; --sync-bn needs GPUs")
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN times its kernels once and keeps the fastest
+    train_set, val_set, test_set, train_loader = load_data(args, rank, world_size, device)
+    model = common.build_model(args.weights, args.dropout).to(device, memory_format=torch.channels_last)
+    averages = {"ema": common.ModelEma(model, args.ema_decay)} if args.ema_decay > 0 else {}  # plain BatchNorm copies
+    averages.update({"swa": common.SwaAverage(model)} if args.swa_epochs > 0 else {})
+    bn_set = common.CifarDataset(train_set.images[:BN_IMAGES], train_set.labels[:BN_IMAGES])  # clean: no transform
+    if args.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = make_optimizer(model, args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=common.amp_dtype(device) == torch.float16)  # fp16 only
+    start_epoch, best_acc, history = resume(args, model, averages, optimizer, scaler) if args.resume else (0, -1.0, [])
+    info = {**evaluate.run_info(device), "train_images": len(train_set), "started": time.time()}
+    if master:
+        print(f"{LEVEL}: {info['device']} x {world_size}, {info['precision']}, {args.img_size} px, {args.weights} "
+              f"weights, epoch {start_epoch + 1} on; train images: {len(train_set)}, val {len(val_set)}, test "
+              f"{len(test_set)}; Ctrl-C stops the run, {LEVEL}_last.pth keeps its last epoch", flush=True)
+
+    total_epochs, wrapped = args.head_epochs + args.epochs + args.final_epochs + args.swa_epochs, None
+    for epoch in range(start_epoch, total_epochs):
+        trainable = set_trainable(model, epoch, args)  # every epoch: validation leaves the model in eval mode
+        if trainable != wrapped:  # what trains changed: wrap again
+            train_model, wrapped = wrap(model, world_size, device, args), trainable
+        stage = "+".join(trainable)
+        train_loader.sampler.set_epoch(epoch)
+        epoch_start = time.time()
+        train_loss = train_one_epoch(train_model, train_loader, optimizer, scaler, device, args, epoch, averages)
+        lr = optimizer.param_groups[0]["lr"]  # the head's
+        if not math.isfinite(train_loss):  # once per epoch: a check in every step would make the CPU wait
+            raise common.UserError(f"loss became {train_loss} in epoch {epoch + 1} (lr {lr:.0e}): lower --lr/--head-lr")
+        row = {"epoch": epoch + 1, "stage": stage, "lr": lr, "train_loss": train_loss,
+               "images_per_s": len(train_loader) * args.batch_size / (time.time() - epoch_start)}
+        if master:
+            val, models = validate(model, averages, bn_set, val_set, device, args)
+            history.append({**row, **val})
+            best_acc = save_checkpoints(model, models, averages, optimizer, scaler, history, best_acc, args)
+            elapsed = time.time() - info["started"]
+            val = " | val " + " ".join(f"{name[4:]} {value:.4f}" for name, value in val.items()) if val else ""
+            print(f"epoch {epoch + 1}/{total_epochs} [{stage}] lr {lr:.1e} train loss {train_loss:.4f}{val} | "
+                  f"{row['images_per_s']:.0f} img/s | {elapsed:.0f} s, ETA "
+                  f"{elapsed / (epoch + 1 - start_epoch) * (total_epochs - epoch - 1):.0f} s", flush=True)
+        if world_size > 1:
+            torch.distributed.barrier()  # the others wait while rank 0 validates and saves
+
+    del train_loader  # its worker processes stop now, rather than being waited for one by one at exit
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    return final_test(model, val_set, test_set, device, args, history, info) if master else None
 
 if __name__ == "__main__":
     common.run_main(main, get_args_parser(), validate_args)
