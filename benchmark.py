@@ -150,7 +150,8 @@ def level_img_s(module, level_args, args, device):
 
 def eval_img_s(model, val_set, args, device):
     """common.predict's images/s on up to `steps` evaluation batches of the validation split, one view and TTA."""
-    count = min(len(val_set), 2 * args.batch_size * args.steps)
+    count = min(len(val_set), 2 * args.batch_size * args.steps) // (2 * args.batch_size) * 2 * args.batch_size
+    count = count or len(val_set)  # whole batches only: a last, smaller one would be autotuned inside the clock
     images = common.CifarDataset(val_set.images[:count], val_set.labels[:count])
     warmup = common.CifarDataset(val_set.images[:2 * args.batch_size], val_set.labels[:2 * args.batch_size])
     rates = []
@@ -177,8 +178,8 @@ def benchmark_level(level, args, device):
         torch.cuda.reset_peak_memory_stats(device)
     real, (memory, memory_kind), model, val_set = level_img_s(module, level_args, args, device)
     plain, tta = eval_img_s(model, val_set, args, device)
-    return {"level": level, "img_size": args.img_size, "batch": args.batch_size, "bare_img_s": round(bare, 1),
-            "level_img_s": round(real, 1), "ratio": round(real / bare, 4), "eval_img_s": round(plain, 1),
+    return {"level": level, "img_size": args.img_size, "batch": args.batch_size, "bare_img_s": round(bare, 2),
+            "level_img_s": round(real, 2), "ratio": round(real / bare, 4), "eval_img_s": round(plain, 1),
             "tta_img_s": round(tta, 1), "peak_mem_mb": round(memory), "peak_mem_kind": memory_kind}
 
 def main(args):

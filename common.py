@@ -46,6 +46,8 @@ def run_main(main, parser, validate):
         sys.exit(130)
     except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
         text = str(error).lower()
+        if "overflow" in text:  # e.g. AdamW given --lr 1e38
+            fail(f"a number overflowed ({text.splitlines()[0][:80]}): lower --lr/--head-lr")
         if not isinstance(error, MemoryError) and "out of memory" not in text and "allocate memory" not in text:
             raise
         fail(f"out of memory at --batch-size {getattr(args, 'batch_size', '?')} and --img-size "
@@ -239,7 +241,7 @@ def load_checkpoint(path, level=None):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        if "Unsupported global" in str(error):
+        if "unsupported global" in str(error).lower():  # a class or function the file would call
             raise UserError(f"{path} was refused: it holds pickled objects that could run code, which weights_only "
                             f"loading does not allow; load only checkpoints you trust") from None
         raise UserError(f"{path} is not a PyTorch checkpoint (empty, truncated, or another kind of file)") from None
@@ -401,7 +403,7 @@ def _shift(images, dy, dx):  # translate by (dy, dx) pixels, filling with zeros 
     pad, (height, width) = max(abs(dy), abs(dx)), images.shape[-2:]
     return F.pad(images, (pad,) * 4)[..., pad - dy:pad - dy + height, pad - dx:pad - dx + width]
 
-def _zoom(images, scale=1.125):  # zoom in about the centre: upsample by `scale`, crop back to the same size
+def _zoom(images, scale=1.125):  # zoom in about the centre of square images: upsample by `scale`, crop back
     side = images.shape[-1]
     big = F.interpolate(images, size=(round(side * scale),) * 2, mode="bilinear", align_corners=False)
     offset = (big.shape[-1] - side) // 2
@@ -439,8 +441,7 @@ def fit_temperature(logits, labels, low=1e-2, high=1e2, iterations=100):
     no fit (chance-level logits want T = infinity). T > 0 keeps each arg-max: accuracy never changes."""
     logits, labels = logits.double(), labels.long()
     nll = lambda log_t: float(F.cross_entropy(logits / math.exp(log_t), labels))  # noqa: E731
-    lo, hi = math.log(low), math.log(high)
-    golden = (math.sqrt(5) - 1) / 2
+    lo, hi, golden = math.log(low), math.log(high), (math.sqrt(5) - 1) / 2
     for _ in range(iterations):
         a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
         lo, hi = (lo, b) if nll(a) < nll(b) else (a, hi)

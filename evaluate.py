@@ -84,11 +84,11 @@ def from_logits(view_logits, labels, temperature=1.0, average="softmax"):
     preds = common.average_views(view_logits, 1.0, average).argmax(-1)
     return {**metrics(probs, labels, preds), "temperature": temperature, "tta_average": average}, probs
 
-def report(model, dataset, device, img_size, views=("identity",), temperature=1.0, average="softmax"):
+def report(model, dataset, device, img_size, views=("identity",), temperature=1.0, average="softmax", batch_size=256):
     """Run `model` over `dataset` with the TTA `views` and measure it (see from_logits); adds the images per second.
     Returns (report, probs)."""
     started = time.time()
-    view_logits, labels = common.predict(model, dataset, device, img_size, views)
+    view_logits, labels = common.predict(model, dataset, device, img_size, views, batch_size)
     result, probs = from_logits(view_logits, labels, temperature, average)
     return {**result, "views": list(views), "images_per_s": len(labels) / (time.time() - started)}, probs
 
@@ -156,7 +156,8 @@ def plot_curves(history, path, title):
     ax_acc.set(xlabel="epoch", ylabel="top-1", title="validation accuracy")
     for axis in (ax_loss, ax_acc):
         axis.grid(alpha=0.3)
-        axis.legend()
+        if axis.get_legend_handles_labels()[0]:  # with --train-on-all there is no validation curve
+            axis.legend()
     _save(fig, path, title)
 
 def plot_confusion(cm, path, title):
@@ -179,8 +180,8 @@ def plot_reliability(panels, path, title):
     fig, axes = _pyplot().subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
     for axis, (name, (probs, labels)) in zip(axes[0], panels.items()):
         count, accuracy, _ = calibration_bins(probs, labels)
-        centres = (torch.arange(len(count)) + 0.5) / len(count)
-        axis.bar(centres, accuracy, width=1 / len(count), edgecolor="black", label="accuracy")
+        centres = ((torch.arange(len(count)) + 0.5) / len(count)).tolist()
+        axis.bar(centres, accuracy.tolist(), width=1 / len(count), edgecolor="black", label="accuracy")
         axis.plot([0, 1], [0, 1], "r--", label="perfect calibration")
         axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=name)
         axis.legend(loc="upper left")
@@ -299,6 +300,7 @@ def predict_images(args, model, device, img_size, views, temperature):
         print(f"{name}: " + ", ".join(f"{c} {q:.3f}" for c, q in top))
         rows.append({"file": name, "top3": top})
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "predictions.json", {"checkpoint": args.checkpoint, "temperature": temperature, "views": views,
                                           "images": rows, **run_info(device)})
     plot_images(images, [f"{Path(r['file']).name[:18]}\n{r['top3'][0][0]} {r['top3'][0][1]:.2f}" for r in rows],
@@ -330,7 +332,7 @@ def main(args):
                                f"no validation split; use --split test")
     _, val_set, test_set = common.cifar10_datasets(args.data_dir, train_args.get("seed", 0), eval_subset=args.subset)
     result, _ = report(model, val_set if args.split == "val" else test_set, device, img_size, views, temperature,
-                       args.tta_average)
+                       args.tta_average, args.batch_size)
     tag = f"{Path(args.checkpoint).stem}_{args.split}" + (f"_tta-{tta_set}" if tta_set else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -188,6 +188,8 @@ def load_data(args, rank, world_size, device):
 def resume(args, model, optimizer, scaler):
     """Continue after a levelN_last.pth, at the next epoch: weights, optimiser, loss scale, best score and history."""
     checkpoint = common.load_checkpoint(args.resume, LEVEL)
+    if any(checkpoint["args"][name] != getattr(args, name) for name in ("seed", "subset", "train_on_all")):
+        raise common.UserError("--seed, --subset and --train-on-all fix the data split: resume with the run's own")
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint["scaler"]:  # empty when it was saved by a bf16 or fp32 run
@@ -256,13 +258,14 @@ def main(args):
         epoch_start = time.time()
         train_loss = train_one_epoch(train_model, train_loader, optimizer, scaler, device, args, epoch)
         lr = optimizer.param_groups[0]["lr"]
-        if not math.isfinite(train_loss):  # once per epoch: a check in every step would make the CPU wait
-            raise common.UserError(f"loss became {train_loss} in epoch {epoch + 1} (lr {lr:.0e}): lower --lr/--head-lr")
         row = {"epoch": epoch + 1, "stage": stage, "lr": lr, "train_loss": train_loss,
                "images_per_s": len(train_loader) * args.batch_size / (time.time() - epoch_start)}
+        if master and not args.train_on_all:
+            row["val_loss"], row["val_acc"] = evaluate.loss_and_accuracy(model, val_set, device, args.img_size)
+        bad = [loss for loss in (train_loss, row.get("val_loss", 0.0)) if not math.isfinite(loss)]
+        if bad:  # checked once per epoch: a check in every step would make the CPU wait for the GPU
+            raise common.UserError(f"loss became {bad[0]} in epoch {epoch + 1} (lr {lr:.0e}): lower --lr/--head-lr")
         if master:
-            if not args.train_on_all:
-                row["val_loss"], row["val_acc"] = evaluate.loss_and_accuracy(model, val_set, device, args.img_size)
             history.append(row)
             best_acc = save_checkpoints(model, optimizer, scaler, history, best_acc, args)
             elapsed = time.time() - info["started"]

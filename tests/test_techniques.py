@@ -1,14 +1,11 @@
-"""The hand-written technique helpers of common.py, checked against library references or hand-computed answers.
-
-Every reference is either a public torch / torchvision API (SequentialLR, v2.MixUp / v2.CutMix,
-F.cross_entropy(label_smoothing=...), AveragedModel, update_bn) or a number worked out by hand in a comment.
-Tiny models only: the whole file runs in seconds on two CPU cores.
-"""
+"""The hand-written techniques of common.py, each checked against a library implementation (torch.optim.lr_scheduler,
+torchvision.transforms.v2.MixUp / CutMix, F.cross_entropy(label_smoothing=...), torch.optim.swa_utils) or against an
+answer worked out by hand in a comment. Tiny tensors and models only: the file runs in a few seconds on two cores."""
+import argparse
 import copy
+import functools
 import math
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,604 +16,490 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 from torchvision.transforms import v2
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
+import common
+import evaluate
 
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True, scope="module")
 def single_thread():
-    """Tiny tensors run faster single-threaded; restored afterwards so other test files are unaffected."""
+    """Tiny tensors run faster on one thread; the setting is restored for the other test files."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
 
-def tiny_model(seed=0, num_classes=10):
-    """conv + BN + ReLU + pool + linear (+ BatchNorm1d): small, but has every kind of parameter and buffer."""
+def tiny_model(seed=0):
+    """conv + BatchNorm2d + ReLU + pool + linear: every kind of parameter and buffer ResNet-50 has, in 200 numbers."""
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(),
-        nn.Linear(8, num_classes))
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 10))
 
 
-def assert_params_close(module_a, module_b, atol=1e-6):
-    params_a, params_b = list(module_a.parameters()), list(module_b.parameters())
-    assert len(params_a) == len(params_b)
-    for a, b in zip(params_a, params_b):
-        torch.testing.assert_close(a, b, atol=atol, rtol=0)
+def sgd_steps(model, steps, seed=0):
+    """`steps` SGD steps on random data in train mode (so that parameters and BatchNorm statistics move)."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        x, y = torch.randn(8, 3, 8, 8, generator=generator), torch.randint(10, (8,), generator=generator)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        yield
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 1. warmup_cosine_lr vs SequentialLR(LinearLR, CosineAnnealingLR)
+def random_dataset(n, seed=0):
+    """A common.CifarDataset of `n` random uint8 32 x 32 images."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    return common.CifarDataset(images, torch.randint(10, (n,), generator=generator))
 
+
+def assert_params_close(a, b, atol=1e-6):
+    params_a, params_b = list(a.parameters()), list(b.parameters())
+    assert len(params_a) == len(params_b) > 0
+    for x, y in zip(params_a, params_b):
+        torch.testing.assert_close(x, y, atol=atol, rtol=0)
+
+
+# ---- 1. warmup_cosine_lr vs SequentialLR(LinearLR, CosineAnnealingLR) ---------------------------------------------
 
 def torch_schedule(total, warmup, base_lr, min_lr, start_factor):
-    """The LR torch's schedulers give at steps 0 .. total-1 (read before each optimiser step)."""
-    param = nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([param], lr=base_lr)
-    if warmup == 0:  # SequentialLR cannot express an empty warmup (LinearLR with total_iters=0)
-        scheduler = CosineAnnealingLR(opt, T_max=total, eta_min=min_lr)
-    else:
-        scheduler = SequentialLR(opt, [
-            LinearLR(opt, start_factor=start_factor, end_factor=1.0, total_iters=warmup),
-            CosineAnnealingLR(opt, T_max=total - warmup, eta_min=min_lr)], milestones=[warmup])
+    """The LR torch's schedulers give at optimiser steps 0 .. total - 1."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base_lr)
+    scheduler = SequentialLR(optimizer, [LinearLR(optimizer, start_factor, 1.0, warmup),
+                                         CosineAnnealingLR(optimizer, total - warmup, min_lr)], milestones=[warmup])
     lrs = []
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # SequentialLR's internal step(0) is deprecated upstream
+        warnings.simplefilter("ignore")
         for _ in range(total):
-            lrs.append(opt.param_groups[0]["lr"])
-            opt.step()
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
             scheduler.step()
     return lrs
 
 
 @pytest.mark.parametrize("total, warmup, base_lr, min_lr, start_factor", [
-    (100, 10, 0.1, 0.0, 0.01),
-    (57, 5, 3e-4, 1e-6, 0.1),
-    (30, 29, 1.0, 0.05, 0.25),  # warmup almost everything: a one-step cosine
-    (40, 0, 0.5, 0.01, 0.01),  # no warmup: against CosineAnnealingLR alone
-])
-def test_warmup_cosine_matches_torch_schedulers(total, warmup, base_lr, min_lr, start_factor):
+    (100, 10, 0.1, 0.0, 0.01), (57, 5, 3e-4, 1e-6, 0.1), (30, 29, 1.0, 0.05, 0.25), (40, 0, 0.5, 0.01, 0.01)])
+def test_warmup_cosine_matches_torch_sequential_lr(total, warmup, base_lr, min_lr, start_factor):
+    """Step by step equal to SequentialLR(LinearLR, CosineAnnealingLR), warmup 0 included."""
     expected = torch_schedule(total, warmup, base_lr, min_lr, start_factor)
     got = [common.warmup_cosine_lr(step, total, warmup, base_lr, min_lr, start_factor) for step in range(total)]
-    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9 * base_lr)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
 
 
 def test_warmup_cosine_endpoints():
+    """Start at start_factor * base, base at the end of warmup, min_lr at the end, by hand."""
     total, warmup, base_lr, min_lr = 100, 10, 0.1, 1e-4
-    first = common.warmup_cosine_lr(0, total, warmup, base_lr, min_lr, warmup_start_factor=0.01)
-    assert first > 0
-    assert first == pytest.approx(base_lr * 0.01)
-    assert common.warmup_cosine_lr(warmup, total, warmup, base_lr, min_lr) == pytest.approx(base_lr)
+    assert common.warmup_cosine_lr(0, total, warmup, base_lr, min_lr, 0.01) == pytest.approx(0.001, rel=1e-12)
+    assert common.warmup_cosine_lr(5, total, warmup, base_lr, min_lr, 0.01) == pytest.approx(0.0505, rel=1e-12)
+    assert common.warmup_cosine_lr(warmup, total, warmup, base_lr, min_lr) == pytest.approx(base_lr, rel=1e-12)
+    # Halfway through the 90 cosine steps: min + (base - min) / 2.
+    assert common.warmup_cosine_lr(55, total, warmup, base_lr, min_lr) == pytest.approx((base_lr + min_lr) / 2)
+    # One step before the end: min_lr + (base - min) * (1 + cos(pi * 89 / 90)) / 2 = min + (base - min) sin^2(pi/180).
     last = common.warmup_cosine_lr(total - 1, total, warmup, base_lr, min_lr)
-    # One step before the end of a 90-step cosine: min_lr + (base - min) * sin^2(pi / 180) ~ min_lr + 3e-5.
     assert last == pytest.approx(min_lr + (base_lr - min_lr) * math.sin(math.pi / 180) ** 2, rel=1e-9)
-    assert abs(last - min_lr) < 1e-3 * base_lr
-    assert common.warmup_cosine_lr(total, total, warmup, base_lr, min_lr) == pytest.approx(min_lr)
-    # No warmup: step 0 is the full base LR (still > 0).
-    assert common.warmup_cosine_lr(0, total, 0, base_lr, min_lr) == pytest.approx(base_lr)
+    for step in (total, total + 5):
+        assert common.warmup_cosine_lr(step, total, warmup, base_lr, min_lr) == pytest.approx(min_lr, rel=1e-12)
+    assert common.warmup_cosine_lr(0, total, 0, base_lr, min_lr) == pytest.approx(base_lr, rel=1e-12)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 2. mixup / cutmix vs torchvision.transforms.v2.MixUp / CutMix
+# ---- 2. mixup / cutmix vs torchvision.transforms.v2.MixUp / CutMix ------------------------------------------------
 
-# Neighbours under roll(1, 0) always have different labels, so each row's weight on its own class is lam.
-LABELS = torch.tensor([3, 1, 4, 1, 5, 9])
+LABELS = torch.tensor([3, 1, 4, 1, 5, 9])  # neighbours under roll(1, 0) differ, so each own-class weight is lam
 
 
-def lam_from_targets(targets, labels):
-    """torchvision's soft targets are lam * onehot + (1 - lam) * onehot.roll(1, 0): read lam back."""
-    own = targets[torch.arange(len(labels)), labels]
-    assert torch.allclose(own, own[0].expand_as(own), atol=1e-6)  # one lam for the whole batch
-    return float(own.double().mean())
+class FixedLam:
+    """Stands in for v2's Beta distribution: `sample` gives the chosen lam, as v2's (1,)-shaped draw."""
+
+    def __init__(self, lam):
+        self.lam = lam
+
+    def sample(self, shape=()):
+        return torch.tensor([self.lam])
 
 
-@pytest.mark.parametrize("alpha", [0.2, 1.0])
-def test_mixup_matches_torchvision(alpha):
-    one_hot = F.one_hot(LABELS, 10).float()
-    for seed in range(10):
-        torch.manual_seed(seed)
-        images = torch.rand(len(LABELS), 3, 8, 12)
-        tv_images, tv_targets = v2.MixUp(alpha=alpha, num_classes=10)(images, LABELS)
-        lam = lam_from_targets(tv_targets, LABELS)
-        images_ours, targets_ours = common.mixup(images, one_hot, lam)
-        torch.testing.assert_close(images_ours, tv_images, atol=1e-6, rtol=0)
-        torch.testing.assert_close(targets_ours, tv_targets, atol=1e-6, rtol=0)
+def fixed_centre(monkeypatch, height, width, cy, cx):
+    """torch.randint(high, ...) -> cy for high == height, cx for high == width (height != width): the same box
+    centre for v2 (which draws x, then y) and common.cutmix (y, then x), whatever the order."""
+    assert height != width
+
+    def randint(high, *args, **kwargs):
+        value = {height: cy, width: cx}[int(high)]
+        size = kwargs.get("size", args[0] if args else ())
+        return torch.full(tuple(size), value, dtype=torch.long)
+    monkeypatch.setattr(torch, "randint", randint)
 
 
-def box_from_changed_pixels(original, mixed):
-    """(top, left, bottom, right) of the pixels CutMix replaced; (0, 0, 0, 0) when none were."""
-    changed = (original != mixed).any(0).any(0)  # H x W: the same box for every image of the batch
-    if not changed.any():
-        return 0, 0, 0, 0
-    rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
-    top, bottom, left, right = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
-    assert changed[top:bottom, left:right].all() and changed.sum() == (bottom - top) * (right - left)
-    return top, left, bottom, right
-
-
-@pytest.mark.parametrize("alpha", [0.5, 1.0])
-def test_cutmix_matches_torchvision(alpha):
-    one_hot = F.one_hot(LABELS, 10).float()
-    height, width = 24, 32  # not square: a swapped height / width would show
-    areas = set()
-    for seed in range(20):
-        torch.manual_seed(seed)
-        images = torch.rand(len(LABELS), 3, height, width)  # distinct values: every pasted pixel differs
-        tv_images, tv_targets = v2.CutMix(alpha=alpha, num_classes=10)(images, LABELS)
-        tv_lam = lam_from_targets(tv_targets, LABELS)
-        box = box_from_changed_pixels(images, tv_images)
-        top, left, bottom, right = box
-        areas.add((bottom - top) * (right - left))
-        images_ours, targets_ours, lam = common.cutmix(images, one_hot, box)
-        torch.testing.assert_close(images_ours, tv_images, atol=1e-6, rtol=0)
-        torch.testing.assert_close(targets_ours, tv_targets, atol=1e-6, rtol=0)
-        assert lam == pytest.approx(1 - (bottom - top) * (right - left) / (height * width), abs=1e-12)
-        assert lam == pytest.approx(tv_lam, abs=1e-6)
-        assert torch.equal(images, images.clone())  # the input batch is not modified in place
-    assert len(areas) > 5  # the seeds really exercised different boxes
-
-
-def test_cutmix_box_size_matches_torchvision_formula():
-    """Unclipped, the box is 2 * int(0.5 * sqrt(1 - lam) * side) on each side (torchvision's r_h_half)."""
-    generator = torch.Generator().manual_seed(0)
-    height, width = 24, 32
-    unclipped = 0
-    for lam in np.linspace(0.01, 0.99, 60):
-        top, left, bottom, right = common.cutmix_box(float(lam), height, width, generator=generator)
-        assert 0 <= top <= bottom <= height and 0 <= left <= right <= width
-        half_h, half_w = int(0.5 * math.sqrt(1 - lam) * height), int(0.5 * math.sqrt(1 - lam) * width)
-        assert bottom - top <= 2 * half_h and right - left <= 2 * half_w
-        if top > 0 and bottom < height and left > 0 and right < width:
-            unclipped += 1
-            assert (bottom - top, right - left) == (2 * half_h, 2 * half_w)
-    assert unclipped > 5
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 3. mix_batch
-
-
-def small_batch(n=4, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.rand(n, 3, 8, 8, generator=generator)
-    labels = torch.arange(n) % 10
-    return images, common.one_hot_smoothed(labels, 10, 0.1)
-
-
-def test_mix_batch_targets_are_distributions():
-    images, targets = small_batch()
+@pytest.mark.parametrize("lam", [0.0, 0.13, 0.5, 0.87, 1.0])
+def test_mixup_matches_torchvision(lam):
+    """Same lam: the same blended images and soft targets as v2.MixUp."""
     torch.manual_seed(0)
-    seen = set()
-    for _ in range(50):
-        mixed, mixed_targets, lam = common.mix_batch(images, targets, mix_prob=0.8, switch_prob=0.5,
-                                                     mixup_alpha=0.4, cutmix_alpha=1.0)
-        assert mixed.shape == images.shape and mixed_targets.shape == targets.shape
-        torch.testing.assert_close(mixed_targets.sum(1), torch.ones(len(targets)), atol=1e-6, rtol=0)
-        assert (mixed_targets >= 0).all()
-        seen.add(lam is None)
-        if lam is not None:
-            assert 0 <= lam <= 1
-    assert seen == {True, False}  # mix_prob=0.8: some batches mixed, some left alone
+    images = torch.rand(len(LABELS), 3, 8, 12)
+    reference = v2.MixUp(alpha=1.0, num_classes=10)
+    reference._dist = FixedLam(lam)
+    tv_images, tv_targets = reference(images, LABELS)
+    ours_images, ours_targets = common.mixup(images, F.one_hot(LABELS, 10).float(), lam)
+    torch.testing.assert_close(ours_images, tv_images, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours_targets, tv_targets, atol=1e-6, rtol=0)
+
+
+CUTMIX_CASES = [(0.5, 12, 16), (0.3, 5, 7), (0.75, 0, 0), (0.2, 23, 31), (0.6, 0, 20), (0.05, 11, 2), (0.0, 12, 16),
+                (0.999, 12, 16)] + [(float(lam), int(cy), int(cx)) for lam, cy, cx in zip(
+                    np.random.default_rng(0).uniform(0, 1, 12), np.random.default_rng(1).integers(0, 24, 12),
+                    np.random.default_rng(2).integers(0, 32, 12))]
+
+
+@pytest.mark.parametrize("lam, cy, cx", CUTMIX_CASES)
+def test_cutmix_matches_torchvision_for_the_same_lam_and_box(monkeypatch, lam, cy, cx):
+    """Same lam and box centre: the same pasted box and soft targets as v2.CutMix, clipped boxes included."""
+    height, width = 24, 32  # not square: a swapped height / width would show
+    torch.manual_seed(0)
+    images = torch.rand(len(LABELS), 3, height, width)  # distinct values: every pasted pixel changes
+    reference = v2.CutMix(alpha=1.0, num_classes=10)
+    reference._dist = FixedLam(lam)
+    fixed_centre(monkeypatch, height, width, cy, cx)
+    tv_images, tv_targets = reference(images, LABELS)
+    ours_images, ours_targets = common.cutmix(images, F.one_hot(LABELS, 10).float(), lam)
+    torch.testing.assert_close(ours_images, tv_images, atol=0, rtol=0)
+    torch.testing.assert_close(ours_targets, tv_targets, atol=1e-6, rtol=0)
+    # The own-class weight is 1 - the area actually pasted (counted pixel by pixel), whether or not the box was clipped.
+    pasted = (ours_images != images).any(1)  # N x H x W
+    assert (pasted == pasted[0]).all()  # the same box for every image
+    own = ours_targets[torch.arange(len(LABELS)), LABELS]
+    torch.testing.assert_close(own, torch.full_like(own, 1 - int(pasted[0].sum()) / (height * width)),
+                               atol=1e-6, rtol=0)
+    assert torch.equal(images, images.clone())
+
+
+def test_cutmix_clipped_box_hand_computed(monkeypatch):
+    """lam 0.5, centre at the top-left corner of 24 x 32: sides int(24 * 0.7071) = 16, int(32 * 0.7071) = 22, the box
+    is clipped to rows 0..7 and columns 0..10 (8 x 11 = 88 px), so the own-class weight is 1 - 88 / 768, not 0.5."""
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 24, 32)
+    fixed_centre(monkeypatch, 24, 32, 0, 0)
+    mixed, targets = common.cutmix(images, F.one_hot(torch.tensor([0, 1, 2, 3]), 10).float(), 0.5)
+    changed = (mixed != images).any(1)
+    expected = torch.zeros(24, 32, dtype=torch.bool)
+    expected[:8, :11] = True
+    assert torch.equal(changed, expected.expand(4, 24, 32))
+    assert torch.equal(mixed[1:, :, :8, :11], images[:-1, :, :8, :11])  # pasted from the neighbour (roll by one)
+    torch.testing.assert_close(targets[0, :2], torch.tensor([1 - 88 / 768, 0.0]))
+    torch.testing.assert_close(targets[0, 3], torch.tensor(88 / 768))
+
+
+# ---- 3. mix_batch ---------------------------------------------------------------------------------------------------
+
+def two_class_batch(n=4):
+    torch.manual_seed(123)
+    return torch.rand(n, 3, 8, 8), F.one_hot(torch.arange(n) % 10, 10).float()
+
+
+@functools.lru_cache(maxsize=None)
+def mixup_lams(alpha, draws=2000, seed=0):
+    """lam of `draws` MixUp batches, read back from the targets: image 0's weight on its own class 0 (cached)."""
+    images, targets = two_class_batch(2)
+    torch.manual_seed(seed)
+    return np.array([float(common.mix_batch(images, targets, 1.0, 0.0, alpha, 0.0)[1][0, 0]) for _ in range(draws)])
+
+
+def ks_distance(samples, cdf):
+    """Kolmogorov-Smirnov statistic of `samples` against the distribution function `cdf`."""
+    samples = np.sort(samples)
+    n, values = len(samples), cdf(samples)
+    return max(np.max(np.arange(1, n + 1) / n - values), np.max(values - np.arange(n) / n))
+
+
+# Beta(a, a) distribution functions in closed form: a = 0.5 the arcsine law, a = 1 uniform, a = 2 3x^2 - 2x^3.
+BETA_CDF = {0.5: lambda x: 2 / np.pi * np.arcsin(np.sqrt(x)), 1.0: lambda x: x, 2.0: lambda x: 3 * x**2 - 2 * x**3}
 
 
 def test_mix_batch_prob_zero_is_identity():
-    images, targets = small_batch()
-    for _ in range(20):
-        mixed, mixed_targets, lam = common.mix_batch(images, targets, mix_prob=0.0, switch_prob=0.5,
-                                                     mixup_alpha=1.0, cutmix_alpha=1.0)
-        assert lam is None
-        assert torch.equal(mixed, images) and torch.equal(mixed_targets, targets)
+    """mix_prob 0 (or both alphas 0): the very same images and targets."""
+    images, targets = two_class_batch()
+    for args in ((0.0, 0.5, 1.0, 1.0), (1.0, 0.5, 0.0, 0.0)):
+        mixed, mixed_targets = common.mix_batch(images, targets, *args)
+        assert mixed is images and mixed_targets is targets
 
 
-def mixup_lams(alpha, draws=4000, seed=0):
-    images, targets = small_batch(n=2)
-    torch.manual_seed(seed)
-    lams = []
-    for _ in range(draws):
-        _, _, lam = common.mix_batch(images, targets, mix_prob=1.0, switch_prob=0.0, mixup_alpha=alpha,
-                                     cutmix_alpha=0.0)
-        lams.append(lam)
-    return np.array(lams)
+@pytest.mark.parametrize("switch_prob", [0.0, 0.5, 1.0])
+def test_mix_batch_targets_stay_distributions(switch_prob):
+    """mix_prob 1: every batch is mixed, the targets stay non-negative with rows summing to 1."""
+    images, targets = two_class_batch()
+    torch.manual_seed(0)
+    for _ in range(30):
+        mixed, mixed_targets = common.mix_batch(images, targets, 1.0, switch_prob, 0.8, 1.0)
+        assert mixed.shape == images.shape
+        torch.testing.assert_close(mixed_targets.sum(1), torch.ones(len(targets)), atol=1e-6, rtol=0)
+        assert (mixed_targets >= 0).all()
 
 
-@pytest.mark.parametrize("alpha", [0.4, 1.0])
-def test_mix_batch_lam_is_beta(alpha):
+def test_mix_batch_mix_prob_is_the_fraction_of_mixed_batches():
+    """mix_prob 0.3: about 30 % of 1000 batches are mixed (binomial standard error 1.4 %)."""
+    images, targets = two_class_batch()
+    torch.manual_seed(0)
+    mixed = [not torch.equal(common.mix_batch(images, targets, 0.3, 0.0, 1.0, 1.0)[1], targets) for _ in range(1000)]
+    assert np.mean(mixed) == pytest.approx(0.3, abs=0.06)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+def test_mix_batch_lam_is_beta_alpha_alpha(alpha):
+    """lam ~ Beta(alpha, alpha): KS distance to its closed-form CDF small (1 % critical value at n = 2000 is 0.036),
+    mean 1/2, variance 1 / (4 (2 alpha + 1))."""
     lams = mixup_lams(alpha)
-    beta_var = alpha**2 / ((2 * alpha) ** 2 * (2 * alpha + 1))  # Var Beta(a, a) = 1 / (4 (2a + 1))
-    # Standard errors at 4000 draws: mean ~0.006; variance ~0.002 (a=0.4) / ~0.001 (a=1).
-    assert lams.mean() == pytest.approx(0.5, abs=0.025)
-    assert lams.var() == pytest.approx(beta_var, rel=0.08)
-    assert ((lams >= 0) & (lams <= 1)).all()
+    assert ks_distance(lams, BETA_CDF[alpha]) < 0.036
+    assert lams.mean() == pytest.approx(0.5, abs=0.03)
+    assert lams.var() == pytest.approx(1 / (4 * (2 * alpha + 1)), rel=0.15)
 
 
-def test_mix_batch_alpha_changes_lam_distribution():
-    narrow, wide = mixup_lams(4.0, draws=2000), mixup_lams(0.2, draws=2000)
-    # Var Beta(4, 4) = 1/36 ~ 0.028; Var Beta(0.2, 0.2) = 1/5.6 ~ 0.18.
-    assert wide.var() > 3 * narrow.var()
-    assert np.mean(np.abs(wide - 0.5) > 0.4) > 5 * max(np.mean(np.abs(narrow - 0.5) > 0.4), 0.01)
+def test_mix_batch_alpha_changes_the_lam_distribution():
+    """Another alpha is another distribution: Beta(0.5, 0.5) samples are far from the Beta(2, 2) CDF and back."""
+    assert ks_distance(mixup_lams(0.5), BETA_CDF[2.0]) > 0.1
+    assert ks_distance(mixup_lams(2.0), BETA_CDF[0.5]) > 0.1
 
 
 def test_mix_batch_switch_prob_picks_cutmix_or_mixup():
-    images, targets = small_batch(n=4)
+    """switch_prob 1: CutMix (a rectangle of pixels replaced, the rest untouched, lam = its area); switch_prob 0:
+    MixUp (every pixel the same blend)."""
+    images, targets = two_class_batch()
     torch.manual_seed(0)
     for _ in range(10):
-        # switch_prob=1: always CutMix - the changed pixels are one rectangle and lam is its exact area.
-        mixed, mixed_targets, lam = common.mix_batch(images, targets, mix_prob=1.0, switch_prob=1.0,
-                                                     mixup_alpha=1.0, cutmix_alpha=1.0)
-        top, left, bottom, right = box_from_changed_pixels(images, mixed)
-        assert lam == pytest.approx(1 - (bottom - top) * (right - left) / 64)
-        torch.testing.assert_close(mixed_targets, lam * targets + (1 - lam) * targets.roll(1, 0))
-        # switch_prob=0: always MixUp - every pixel is the same blend.
-        mixed, mixed_targets, lam = common.mix_batch(images, targets, mix_prob=1.0, switch_prob=0.0,
-                                                     mixup_alpha=1.0, cutmix_alpha=1.0)
+        mixed, mixed_targets = common.mix_batch(images, targets, 1.0, 1.0, 1.0, 1.0)
+        changed = (mixed != images).any(0).any(0)
+        rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
+        area = int(changed.sum())
+        if area:
+            assert area == (int(rows.max()) - int(rows.min()) + 1) * (int(cols.max()) - int(cols.min()) + 1)
+        assert torch.equal(mixed[:, :, ~changed], images[:, :, ~changed])
+        torch.testing.assert_close(mixed_targets[0, 0], torch.tensor(1 - area / 64))
+        mixed, mixed_targets = common.mix_batch(images, targets, 1.0, 0.0, 1.0, 1.0)
+        lam = float(mixed_targets[0, 0])
         torch.testing.assert_close(mixed, lam * images + (1 - lam) * images.roll(1, 0))
-        torch.testing.assert_close(mixed_targets, lam * targets + (1 - lam) * targets.roll(1, 0))
 
 
-def test_mix_batch_generator_makes_it_reproducible():
-    """With an explicit generator, the result must not depend on the global RNG (every draw uses it)."""
-    images, targets = small_batch()
-    results = []
-    for global_seed in (1, 2):
-        torch.manual_seed(global_seed)
-        generator = torch.Generator().manual_seed(123)
-        results.append(common.mix_batch(images, targets, mix_prob=1.0, switch_prob=0.0, mixup_alpha=1.0,
-                                        cutmix_alpha=0.0, generator=generator))
-    (images_1, targets_1, lam_1), (images_2, targets_2, lam_2) = results
-    assert lam_1 == lam_2
-    assert torch.equal(images_1, images_2) and torch.equal(targets_1, targets_2)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 4. Label smoothing
-
+# ---- 4. Label smoothing ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
-def test_smoothed_soft_ce_matches_torch_label_smoothing(eps):
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(64, 10, generator=generator) * 3
-    labels = torch.randint(10, (64,), generator=generator)
-    targets = common.one_hot_smoothed(labels, 10, eps)
+def test_smooth_one_hot_soft_cross_entropy_matches_torch_label_smoothing(eps):
+    """soft_cross_entropy(logits, smooth_one_hot(labels, eps)) == F.cross_entropy(label_smoothing=eps)."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(64, 10) * 3, torch.randint(10, (64,))
+    targets = common.smooth_one_hot(labels, eps)
     torch.testing.assert_close(targets.sum(1), torch.ones(64))
-    assert targets.max() == pytest.approx(1 - eps + eps / 10) and targets.min() == pytest.approx(eps / 10)
-    ours = common.soft_target_cross_entropy(logits, targets)
-    reference = F.cross_entropy(logits, labels, label_smoothing=eps)
-    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-6)
+    assert float(targets.max()) == pytest.approx(1 - eps + eps / 10) and float(targets.min()) == pytest.approx(eps / 10)
+    torch.testing.assert_close(common.soft_cross_entropy(logits, targets),
+                               F.cross_entropy(logits, labels, label_smoothing=eps), atol=1e-5, rtol=1e-6)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 5. Random erasing
+# ---- 5. Random erasing ---------------------------------------------------------------------------------------------
 
-
-def changed_box(before, after):
-    """The changed pixels of one C x H x W image: assert they form one full rectangle; return its area."""
+def erased_box(before, after):
+    """(height, width) of the one rectangle where C x H x W `after` differs from `before` in every channel."""
     changed = (before != after).any(0)
+    if not changed.any():
+        return 0, 0
     rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
-    if len(rows) == 0:
-        return 0
     top, bottom, left, right = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
-    area = (bottom - top) * (right - left)
-    assert int(changed.sum()) == area, "the erased pixels do not form a rectangle"
+    assert int(changed.sum()) == (bottom - top) * (right - left), "the erased pixels are not one rectangle"
     assert (before != after)[:, top:bottom, left:right].all(), "a channel inside the rectangle was not erased"
-    return area
+    return bottom - top, right - left
 
 
 def test_random_erasing_prob_zero_is_identity():
+    """prob 0: the images unchanged."""
     images = torch.randn(8, 3, 32, 32)
-    out = common.random_erasing(images, 0.0)
-    assert torch.equal(out, images)
+    assert torch.equal(common.random_erasing(images, 0.0), images)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_random_erasing_prob_one_erases_one_rectangle_per_image(dtype):
+def test_random_erasing_prob_one_erases_one_rectangle_per_image():
+    """prob 1: each image gets exactly one rectangle of N(0, 1) noise, its area within the drawn range up to rounding
+    each side to whole pixels (and clipping at the border, which only shrinks it); the input is not modified."""
     torch.manual_seed(0)
-    images = torch.randn(200, 3, 32, 32, dtype=dtype)
-    original = images.clone()
-    out = common.random_erasing(images, 1.0)
-    assert out.shape == images.shape and out.dtype == dtype
-    assert torch.equal(images, original)  # not in place
-    fractions = torch.tensor([changed_box(original[i], out[i]) / (32 * 32) for i in range(len(images))])
-    assert (fractions > 0).all(), "prob=1 left an image untouched"
-    # Area drawn in [0.02, 0.33]; rounding each side to whole pixels moves it a little either way, and a
-    # rectangle clipped at the border only shrinks: 16/1024 (e.g. 2 x 8 for a target of 20.5 px) is possible.
-    assert fractions.min() >= 0.02 * 0.7 and fractions.max() <= 0.33 * 1.2
-    assert 0.12 < float(fractions.mean()) < 0.2  # uniform on [0.02, 0.33] has mean 0.175
+    images = torch.full((300, 3, 32, 32), 7.0)  # far from N(0, 1) values: every noise pixel differs
+    out = common.random_erasing(images, 1.0, area=(0.02, 0.33))
+    assert torch.equal(images, torch.full_like(images, 7.0))
+    boxes = [erased_box(images[i], out[i]) for i in range(len(images))]
+    area = 32 * 32
+    for h, w in boxes:
+        assert h > 0 and w > 0, "prob 1 left an image untouched"
+        assert (h - 0.5) * (w - 0.5) <= 0.33 * area  # each side at most half a pixel above the drawn one
+        if h < 32 and w < 32:  # not clipped: each side at most half a pixel below the drawn one
+            assert (h + 0.5) * (w + 0.5) >= 0.02 * area
+    fractions = np.array([h * w for h, w in boxes]) / area
+    assert 0.14 < fractions.mean() < 0.2  # uniform on [0.02, 0.33]: 0.175, a little less with clipping
+    noise = out[out != 7.0]
+    assert abs(float(noise.mean())) < 0.02 and float(noise.std()) == pytest.approx(1.0, abs=0.02)
 
 
 def test_random_erasing_prob_is_per_image():
+    """prob 0.3: about 30 % of 2000 images erased (binomial standard error 1 %), not all or none of a batch."""
     torch.manual_seed(0)
-    images = torch.randn(2000, 1, 16, 16)
-    out = common.random_erasing(images, 0.3)
-    erased = (out != images).flatten(1).any(1).double().mean()
-    assert float(erased) == pytest.approx(0.3, abs=0.04)  # binomial standard error ~0.01
+    images = torch.full((2000, 1, 16, 16), 7.0)
+    erased = (common.random_erasing(images, 0.3) != images).flatten(1).any(1).double().mean()
+    assert float(erased) == pytest.approx(0.3, abs=0.04)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 6. ModelEma vs AveragedModel(get_ema_multi_avg_fn)
-
-
-def sgd_steps(model, steps, seed=0):
-    """A generator of `steps` SGD steps on random data (train mode: BatchNorm running stats move too)."""
-    generator = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model.train()
-    for _ in range(steps):
-        x = torch.randn(8, 3, 8, 8, generator=generator)
-        y = torch.randint(10, (8,), generator=generator)
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        yield
-
+# ---- 6. ModelEma vs AveragedModel(get_ema_multi_avg_fn) -----------------------------------------------------------
 
 def test_model_ema_matches_averaged_model():
+    """warmup=False: after 20 updates the same parameters as AveragedModel(multi_avg_fn=get_ema_multi_avg_fn)."""
     decay = 0.9
     model = tiny_model()
     ema = common.ModelEma(model, decay=decay, warmup=False)
-    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
-    averaged.update_parameters(model)  # first call copies: both start from the initial weights
-    assert_params_close(ema.module, averaged.module)
+    reference = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    reference.update_parameters(model)  # its first update copies: both start from the initial weights
     for _ in sgd_steps(model, 20):
         ema.update(model)
-        averaged.update_parameters(model)
+        reference.update_parameters(model)
     assert ema.num_updates == 20
-    assert_params_close(ema.module, averaged.module, atol=1e-6)
-    # ... and the average really lags behind the model (the test could fail).
-    assert any((a - p).abs().max() > 1e-3 for a, p in zip(ema.module.parameters(), model.parameters()))
-    for ema_buffer, buffer in zip(ema.module.buffers(), model.buffers()):
-        assert torch.equal(ema_buffer, buffer)
+    assert_params_close(ema.module, reference.module)
+    assert max(float((a - p).detach().abs().max()) for a, p in zip(ema.module.parameters(), model.parameters())) > 1e-3
     assert not ema.module.training and not any(p.requires_grad for p in ema.module.parameters())
 
 
 def test_model_ema_warmup_decay_schedule():
-    decay = 0.8  # (1 + n) / (10 + n) reaches 0.8 at n = 35: the 60 updates cover both regimes
+    """warmup=True: d_n = min(decay, (1 + n) / (10 + n)) after n updates (0.1, 2/11, ...), the average by hand."""
+    decay = 0.8  # (1 + n) / (10 + n) reaches 0.8 at n = 35: 50 updates cover both regimes
     model = tiny_model()
     ema = common.ModelEma(model, decay=decay, warmup=True)
     expected = [p.detach().clone() for p in model.parameters()]
-    for n, _ in enumerate(sgd_steps(model, 60)):
-        d = min(decay, (1 + n) / (10 + n))  # hand-computed: 0.1, 2/11, 3/12, ..., 35/44, then 0.8
+    for n, _ in enumerate(sgd_steps(model, 50)):
+        d = min(decay, (1 + n) / (10 + n))
         assert ema.current_decay() == pytest.approx(d, abs=1e-12)
         ema.update(model)
         expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, model.parameters())]
-    assert ema.num_updates == 60 and ema.current_decay() == pytest.approx(decay)
+    assert ema.current_decay() == pytest.approx(decay)
     for e, p in zip(expected, ema.module.parameters()):
         torch.testing.assert_close(p, e, atol=1e-6, rtol=0)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 7. SwaAverage vs AveragedModel; recompute_bn vs update_bn
-
+# ---- 7. SwaAverage vs AveragedModel ---------------------------------------------------------------------------------
 
 def test_swa_average_matches_averaged_model():
+    """The equal-weight mean of 5 snapshots, as AveragedModel's default average."""
     model = tiny_model()
-    swa = common.SwaAverage(model)
-    averaged = AveragedModel(model)
-    snapshots = 0
+    swa, reference = common.SwaAverage(model), AveragedModel(model)
+    snapshots = []
     for step, _ in enumerate(sgd_steps(model, 10)):
-        if step % 2 == 1:  # 5 snapshots
+        if step % 2:
             swa.update(model)
-            averaged.update_parameters(model)
-            snapshots += 1
-    assert snapshots == 5 and swa.num_averaged == 5 and int(averaged.n_averaged) == 5
-    assert_params_close(swa.module, averaged.module, atol=1e-6)
-    assert any((a - p).abs().max() > 1e-3 for a, p in zip(swa.module.parameters(), model.parameters()))
+            reference.update_parameters(model)
+            snapshots.append([p.detach().clone() for p in model.parameters()])
+    assert swa.num_updates == int(reference.n_averaged) == 5
+    assert_params_close(swa.module, reference.module)
+    for p, *snaps in zip(swa.module.parameters(), *snapshots):  # and by hand
+        torch.testing.assert_close(p, torch.stack(snaps).mean(0), atol=1e-6, rtol=0)
+    assert max(float((a - p).detach().abs().max()) for a, p in zip(swa.module.parameters(), model.parameters())) > 1e-3
 
+
+# ---- 8. recompute_bn vs update_bn (issue 13 point 5) ---------------------------------------------------------------
 
 def test_recompute_bn_matches_update_bn():
+    """After recompute_bn, running mean / var equal update_bn's over the same images prepared by prepare_batch."""
     model = tiny_model()
-    for _ in sgd_steps(model, 3):  # running statistics away from their defaults
+    for _ in sgd_steps(model, 3):  # statistics away from their defaults
         pass
     model.eval()
+    dataset, img_size, batch_size = random_dataset(48), 40, 16  # 16 divides 48: no batch dropped
     ours, reference = copy.deepcopy(model), copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(1)
-    inputs = torch.randn(44, 3, 8, 8, generator=generator) * 2 + 0.5  # 44: the last batch is short
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(inputs, torch.zeros(44, dtype=torch.long)), batch_size=8)
-    common.recompute_bn(ours, loader)
-    update_bn(loader, reference)
-    def norms(module):
-        return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-    assert len(norms(model)) == 2
-    for ours_bn, reference_bn, before in zip(norms(ours), norms(reference), norms(model)):
-        torch.testing.assert_close(ours_bn.running_mean, reference_bn.running_mean, atol=1e-5, rtol=0)
-        torch.testing.assert_close(ours_bn.running_var, reference_bn.running_var, atol=1e-5, rtol=0)
-        assert int(ours_bn.num_batches_tracked) == int(reference_bn.num_batches_tracked) == 6
-        assert ours_bn.momentum == before.momentum  # momentum restored
-        assert not torch.allclose(ours_bn.running_mean, before.running_mean, atol=1e-3)  # the stats did change
-    assert not ours.training  # the train / eval flag is restored
+    common.recompute_bn(ours, dataset, CPU, img_size, batch_size)
+    loader = [common.prepare_batch(dataset.images[i:i + batch_size], CPU, img_size)
+              for i in range(0, len(dataset), batch_size)]
+    update_bn(loader, reference, device=CPU)
+    bn_ours, bn_reference, bn_before = (next(m for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+                                        for net in (ours, reference, model))
+    torch.testing.assert_close(bn_ours.running_mean, bn_reference.running_mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bn_ours.running_var, bn_reference.running_var, atol=1e-5, rtol=1e-5)
+    assert int(bn_ours.num_batches_tracked) == int(bn_reference.num_batches_tracked) == 3
+    assert not torch.allclose(bn_ours.running_mean, bn_before.running_mean, atol=1e-3)  # the statistics did change
+    assert bn_ours.momentum == bn_before.momentum and not ours.training
     assert_params_close(ours, model, atol=0)  # only statistics change
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 8. Temperature scaling
+# ---- 9. fit_temperature (issue 13 point 1) -----------------------------------------------------------------------
+
+def calibrated_logits(n=8000, scale=3.0, seed=0):
+    """Logits and labels drawn from their own softmax: T = 1 is the NLL-optimal temperature."""
+    torch.manual_seed(seed)
+    logits = torch.randn(n, 10, dtype=torch.float64) * scale
+    return logits, torch.multinomial(logits.softmax(-1), 1).flatten()
 
 
-@pytest.mark.parametrize("temperature", [0.5, 2.0])
-def test_fit_temperature_recovers_known_temperature(temperature):
-    generator = torch.Generator().manual_seed(0)
-    true_logits = torch.randn(20000, 10, generator=generator, dtype=torch.float64) * 2
-    labels = torch.multinomial(true_logits.softmax(-1), 1, generator=generator).flatten()
-    # softmax(logits / T) = softmax(true_logits), the distribution the labels come from: T is NLL-optimal.
-    # (T > 1: the logits are overconfident and must be softened; T < 1: underconfident.)
-    logits = (true_logits * temperature).float()
-    fitted = common.fit_temperature(logits, labels)
-    assert fitted == pytest.approx(temperature, rel=0.05)
-    nll_fitted = F.cross_entropy(logits.double() / fitted, labels)
-    nll_one = F.cross_entropy(logits.double(), labels)
-    assert nll_fitted <= nll_one
-    assert torch.equal((logits / fitted).argmax(-1), logits.argmax(-1))
+def test_fit_temperature_keeps_already_calibrated_logits_near_one():
+    """Calibrated logits: T close to 1, not at a bound."""
+    temperature, at_bound = common.fit_temperature(*calibrated_logits())
+    assert temperature == pytest.approx(1.0, rel=0.02) and not at_bound
 
 
-def test_fit_temperature_keeps_one_when_already_calibrated():
-    generator = torch.Generator().manual_seed(3)
-    logits = torch.randn(20000, 10, generator=generator, dtype=torch.float64) * 2
-    labels = torch.multinomial(logits.softmax(-1), 1, generator=generator).flatten()
-    assert common.fit_temperature(logits, labels) == pytest.approx(1.0, rel=0.05)
+def test_fit_temperature_recovers_large_and_small_temperatures():
+    """logits * 30 and logits / 30 of calibrated logits: T = 30 and 1/30 within 2 %, at_bound False; the fit scales
+    exactly with the logits, and dividing by it never changes the arg-max."""
+    logits, labels = calibrated_logits()
+    base, _ = common.fit_temperature(logits, labels)
+    for factor in (30.0, 1 / 30):
+        temperature, at_bound = common.fit_temperature(logits * factor, labels)
+        assert temperature == pytest.approx(factor, rel=0.02) and not at_bound
+        assert temperature == pytest.approx(factor * base, rel=1e-6)
+        scaled = logits * factor
+        assert F.cross_entropy(scaled / temperature, labels) < F.cross_entropy(scaled, labels)
+        assert torch.equal((scaled / temperature).argmax(-1), scaled.argmax(-1))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 9. Metrics vs hand-computed answers
-
-# Six images, three classes. Confidence = top probability; 15 bins (lo, hi] of width 1/15 = 0.0667.
-#   probs                label pred correct conf  bin (index: interval)
-#   [0.95, 0.03, 0.02]   0     0    yes     0.95  14: (0.933, 1.000]
-#   [0.01, 0.97, 0.02]   2     1    no      0.97  14: (0.933, 1.000]
-#   [0.25, 0.20, 0.55]   2     2    yes     0.55   8: (0.533, 0.600]
-#   [0.58, 0.22, 0.20]   0     0    yes     0.58   8: (0.533, 0.600]
-#   [0.28, 0.42, 0.30]   0     1    no      0.42   6: (0.400, 0.467]
-#   [0.10, 0.75, 0.15]   1     1    yes     0.75  11: (0.733, 0.800]
-# ECE = 2/6 |1/2 - 0.96| + 2/6 |1 - 0.565| + 1/6 |0 - 0.42| + 1/6 |1 - 0.75|
-#     = 0.153333 + 0.145 + 0.07 + 0.041667 = 0.41
-# NLL = -(ln 0.95 + ln 0.02 + ln 0.55 + ln 0.58 + ln 0.28 + ln 0.75) / 6
-#     = (0.051293 + 3.912023 + 0.597837 + 0.544727 + 1.272966 + 0.287682) / 6 = 6.666528 / 6 = 1.111088
-# Brier per image = sum_k (p_k - y_k)^2:
-#     0.0025+0.0009+0.0004 = 0.0038;  0.0001+0.9409+0.9604 = 1.9014;  0.0625+0.04+0.2025 = 0.305;
-#     0.1764+0.0484+0.04 = 0.2648;    0.5184+0.1764+0.09 = 0.7848;    0.01+0.0625+0.0225 = 0.095
-#     mean = 3.3548 / 6 = 0.559133
-# Confusion matrix (row = true, column = predicted): true 0 -> pred 0, 0, 1; true 1 -> 1; true 2 -> 1, 2
-#     [[2, 1, 0], [0, 1, 0], [0, 1, 1]]
-# per-class accuracy (recall) = [2/3, 1, 1/2]; precision (diag / column sums [2, 3, 1]) = [1, 1/3, 1]
-# F1 = 2PR / (P + R) = [0.8, 0.5, 2/3]
-PROBS = torch.tensor([[0.95, 0.03, 0.02], [0.01, 0.97, 0.02], [0.25, 0.20, 0.55],
-                      [0.58, 0.22, 0.20], [0.28, 0.42, 0.30], [0.10, 0.75, 0.15]])
-TRUE = torch.tensor([0, 2, 2, 0, 0, 1])
+def test_fit_temperature_flags_chance_level_logits_at_its_bound():
+    """Random logits with independent labels want T = infinity: the search ends at its upper bound, at_bound True."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(5000, 10), torch.randint(10, (5000,))
+    temperature, at_bound = common.fit_temperature(logits, labels)
+    assert at_bound and temperature == pytest.approx(100.0, rel=1e-2)
 
 
-def test_confusion_matrix_and_per_class_metrics():
-    preds = PROBS.argmax(-1)
-    assert preds.tolist() == [0, 1, 2, 0, 1, 1]
-    cm = common.confusion_matrix(preds, TRUE, 3)
-    assert cm.tolist() == [[2, 1, 0], [0, 1, 0], [0, 1, 1]]
-    np.testing.assert_allclose(common.per_class_accuracy(cm).numpy(), [2 / 3, 1, 1 / 2], rtol=1e-12)
-    precision, recall, f1 = common.precision_recall_f1(cm)
-    np.testing.assert_allclose(precision.numpy(), [1, 1 / 3, 1], rtol=1e-12)
-    np.testing.assert_allclose(recall.numpy(), [2 / 3, 1, 1 / 2], rtol=1e-12)
-    np.testing.assert_allclose(f1.numpy(), [0.8, 0.5, 2 / 3], rtol=1e-12)
+# ---- 10. TTA views -----------------------------------------------------------------------------------------------
 
-
-def test_metrics_with_an_absent_class():
-    # Class 3 never occurs and is never predicted: accuracy nan (undefined), precision/recall/F1 0.
-    cm = common.confusion_matrix(torch.tensor([0, 1, 2, 0, 1, 1]), TRUE, 4)
-    assert cm.shape == (4, 4) and cm[3].sum() == 0 and cm[:, 3].sum() == 0 and cm.sum() == 6
-    accuracy = common.per_class_accuracy(cm)
-    assert torch.isnan(accuracy[3]) and not torch.isnan(accuracy[:3]).any()
-    precision, recall, f1 = common.precision_recall_f1(cm)
-    assert precision[3] == 0 and recall[3] == 0 and f1[3] == 0
-    # A class predicted but never true: precision 0 (its column is all wrong), recall 0 (by convention).
-    cm = common.confusion_matrix(torch.tensor([3, 1, 2, 0, 1, 1]), TRUE, 4)
-    precision, recall, f1 = common.precision_recall_f1(cm)
-    assert precision[3] == 0 and recall[3] == 0 and f1[3] == 0
-    assert recall[0] == pytest.approx(1 / 3) and precision[0] == pytest.approx(1.0)
-
-
-def test_expected_calibration_error_hand_computed():
-    assert common.expected_calibration_error(PROBS, TRUE, n_bins=15) == pytest.approx(0.41, abs=1e-6)
-    # The bins themselves (the table above): only 6, 8, 11 and 14 are occupied.
-    rows = common.reliability_bins(PROBS, TRUE, n_bins=15)
-    assert len(rows) == 15
-    assert {b: count for b, (_, _, count) in enumerate(rows) if count} == {6: 1, 8: 2, 11: 1, 14: 2}
-    assert rows[14][0] == pytest.approx(0.96) and rows[14][1] == pytest.approx(0.5)
-    assert rows[8][0] == pytest.approx(0.565) and rows[8][1] == pytest.approx(1.0)
-    # The lowest bins (20 classes allow a top probability under 2/15): 0.06 -> bin 0 (0, 0.067], right;
-    # 0.10 -> bin 1 (0.067, 0.133], wrong. ECE = 1/2 |1 - 0.06| + 1/2 |0 - 0.10| = 0.47 + 0.05 = 0.52.
-    low = torch.stack([torch.full((20,), 0.94 / 19), torch.full((20,), 0.90 / 19)])
-    low[0, 0], low[1, 1] = 0.06, 0.10
-    assert common.expected_calibration_error(low, torch.tensor([0, 5]), n_bins=15) == pytest.approx(0.52, abs=1e-6)
-    # Bins are (lo, hi]: with 10 bins a confidence of exactly 0.5 shares bin (0.4, 0.5] with 0.45.
-    # Right at 0.5, wrong at 0.45: ECE = |1/2 - 0.475| = 0.025 (with [lo, hi) bins it would be 0.475).
-    edge = torch.tensor([[0.5, 0.25, 0.25], [0.45, 0.30, 0.25]])
-    assert common.expected_calibration_error(edge, torch.tensor([0, 1]), n_bins=10) == pytest.approx(0.025, abs=1e-6)
-    # Perfectly confident and always right: ECE 0. Always wrong at confidence 1: ECE 1.
-    sure = F.one_hot(TRUE, 3).float()
-    assert common.expected_calibration_error(sure, TRUE) == pytest.approx(0.0, abs=1e-12)
-    assert common.expected_calibration_error(sure, (TRUE + 1) % 3) == pytest.approx(1.0, abs=1e-12)
-
-
-def test_expected_calibration_error_matches_a_loop():
-    """A second, plain-Python ECE on random predictions (bins (lo, hi], the first bin also holds 0)."""
-    generator = torch.Generator().manual_seed(0)
-    probs = (torch.randn(500, 10, generator=generator) * 3).softmax(-1)
-    labels = torch.randint(10, (500,), generator=generator)
-    n_bins = 15
-    rows = [(float(p.max()), int(p.argmax()) == int(y)) for p, y in zip(probs, labels)]
-    expected = 0.0
-    for b in range(n_bins):
-        lo, hi = b / n_bins, (b + 1) / n_bins
-        members = [(c, ok) for c, ok in rows if (lo < c <= hi) or (b == 0 and c == 0)]
-        if members:
-            accuracy = sum(ok for _, ok in members) / len(members)
-            confidence = sum(c for c, _ in members) / len(members)
-            expected += len(members) / len(rows) * abs(accuracy - confidence)
-    assert common.expected_calibration_error(probs, labels, n_bins) == pytest.approx(expected, abs=1e-6)
-
-
-def test_negative_log_likelihood_and_brier_hand_computed():
-    nll = -(math.log(0.95) + math.log(0.02) + math.log(0.55) + math.log(0.58) + math.log(0.28)
-            + math.log(0.75)) / 6
-    assert nll == pytest.approx(1.111088, abs=1e-6)  # the comment above, to its 6 decimals
-    assert common.negative_log_likelihood(PROBS, TRUE) == pytest.approx(nll, abs=1e-6)
-    assert common.brier_score(PROBS, TRUE) == pytest.approx(3.3548 / 6, abs=1e-6)
-    # A zero probability on the true class stays finite (clamped at 1e-12): -ln(1e-12) = 27.631.
-    zero = torch.tensor([[1.0, 0.0, 0.0]])
-    assert common.negative_log_likelihood(zero, torch.tensor([1])) == pytest.approx(-math.log(1e-12), rel=1e-6)
-    assert common.brier_score(zero, torch.tensor([1])) == pytest.approx(2.0)
-
-
-def test_classification_report_agrees_with_the_parts():
-    report = common.classification_report(PROBS, TRUE, ["a", "b", "c"])
-    assert report["acc1"] == pytest.approx(4 / 6)
-    assert report["ece"] == pytest.approx(0.41, abs=1e-6)
-    assert report["confusion_matrix"] == [[2, 1, 0], [0, 1, 0], [0, 1, 1]]
-    assert report["f1"] == pytest.approx({"a": 0.8, "b": 0.5, "c": 2 / 3})
-    assert report["num_images"] == 6
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 10. Test-time augmentation
-
-
-@pytest.mark.parametrize("shape", [(2, 3, 32, 32), (3, 3, 24, 40)])
+@pytest.mark.parametrize("shape", [(2, 3, 32, 32), (3, 3, 24, 24)])
 def test_tta_views_keep_shape_and_are_deterministic(shape):
+    """Every view: same shape, the same output twice, the input untouched; every view but identity changes it."""
+    torch.manual_seed(0)
     images = torch.rand(*shape)
-    names = {name for views in common.TTA_SETS.values() for name in views}
-    assert names <= set(common.TTA_VIEWS)
-    for name in names:
-        out = common.TTA_VIEWS[name](images)
+    original = images.clone()
+    for name, view in common.TTA_VIEWS.items():
+        out = view(images)
         assert out.shape == images.shape, name
-        assert torch.equal(out, common.TTA_VIEWS[name](images)), name
-        assert torch.equal(images, images.clone())
-        if name != "identity":
-            assert not torch.equal(out, images), name  # every other view really changes the batch
+        assert torch.equal(out, view(images)), name
+        assert torch.equal(images, original), name
+        assert torch.equal(out, images) == (name == "identity"), name
 
 
-def test_tta_translations_move_content_and_fill_zeros():
-    images = torch.rand(2, 3, 8, 10) + 1  # strictly positive, so the zero fill is visible
-    right = common.TTA_VIEWS["shift_right"](images)
+def test_tta_shift_views_move_content_two_pixels_and_fill_zeros():
+    """shift_right/left/down/up move the content 2 px and fill zeros; flip mirrors; zoom by hand on a ramp."""
+    images = torch.rand(2, 3, 8, 10) + 1  # strictly positive: the zero fill shows
+    views = common.TTA_VIEWS
+    right, left, down, up = (views[name](images) for name in ("shift_right", "shift_left", "shift_down", "shift_up"))
     assert torch.equal(right[..., 2:], images[..., :-2]) and (right[..., :2] == 0).all()
-    left = common.TTA_VIEWS["shift_left"](images)
     assert torch.equal(left[..., :-2], images[..., 2:]) and (left[..., -2:] == 0).all()
-    down = common.TTA_VIEWS["shift_down"](images)
     assert torch.equal(down[..., 2:, :], images[..., :-2, :]) and (down[..., :2, :] == 0).all()
-    up = common.TTA_VIEWS["shift_up"](images)
     assert torch.equal(up[..., :-2, :], images[..., 2:, :]) and (up[..., -2:, :] == 0).all()
-    assert torch.equal(common.TTA_VIEWS["flip"](images), images.flip(-1))
-    constant = torch.full((1, 3, 32, 32), 0.7)
-    torch.testing.assert_close(common.TTA_VIEWS["zoom"](constant), constant)
-    # Zoom by s = 1.125 about the centre c = 15.5 (upsample 32 -> 36 with bilinear, align_corners=False, crop
-    # rows/columns 2..37): output pixel j samples the input at (j + 2 + 0.5) / s - 0.5 = (j - c) / s + c. On a
-    # horizontal ramp (value = column index) that whole row is linear, with no border clamping (0.44 .. 30.56).
+    assert torch.equal(views["flip"](images), images.flip(-1))
+    # Zoom by 1.125 about the centre 15.5 (bilinear 32 -> 36, crop 2..37): output column j samples the input at
+    # (j - 15.5) / 1.125 + 15.5, which on a ramp (value = column index) is that number, no border clamping.
     ramp = torch.arange(32.0).expand(1, 3, 32, 32)
-    expected = (torch.arange(32.0) - 15.5) / 1.125 + 15.5
-    torch.testing.assert_close(common.TTA_VIEWS["zoom"](ramp), expected.expand(1, 3, 32, 32), atol=1e-5, rtol=0)
-    cifar = torch.rand(2, 3, 32, 32)  # 32 -> 36: 2 px cropped each side, a centred zoom commutes with the mirror
-    torch.testing.assert_close(common.TTA_VIEWS["flip_zoom"](cifar), common.TTA_VIEWS["zoom"](cifar).flip(-1),
-                               atol=1e-6, rtol=0)
+    expected = ((torch.arange(32.0) - 15.5) / 1.125 + 15.5).expand(1, 3, 32, 32)
+    torch.testing.assert_close(views["zoom"](ramp), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(views["flip_zoom"](ramp), expected.flip(-1), atol=1e-5, rtol=0)
 
+
+def test_tta_sets_are_nested_as_documented():
+    """none < flip < flip+translate (+ the 4 shifts) < flip+translate+scale (+ zoom, flip_zoom), each a prefix."""
+    sets = common.TTA_SETS
+    assert sets["none"] == ["identity"] and sets["flip"] == ["identity", "flip"]
+    assert sets["flip+translate"] == sets["flip"] + ["shift_right", "shift_left", "shift_down", "shift_up"]
+    assert sets["flip+translate+scale"] == sets["flip+translate"] + ["zoom", "flip_zoom"]
+    assert {v for views in sets.values() for v in views} == set(common.TTA_VIEWS)
+
+
+# ---- 11. predict + average_views ------------------------------------------------------------------------------------
 
 class FlipInvariant(nn.Module):
     """f(x) = g(x) + g(flip(x)): the same output for an image and its mirror, by construction."""
@@ -629,64 +512,77 @@ class FlipInvariant(nn.Module):
         return self.inner(x) + self.inner(x.flip(-1))
 
 
-def random_loader(n=20, batch_size=8, seed=0):
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, size=n)
-    return torch.utils.data.DataLoader(common.CifarDataset(images, labels), batch_size=batch_size)
-
-
 @pytest.mark.parametrize("img_size", [32, 48])
-def test_predict_identity_is_plain_softmax(img_size):
+def test_predict_identity_view_is_the_softmax_of_the_models_logits(img_size):
+    """identity: V = 1 logits equal to the model's on prepare_batch (in eval mode), in dataset order across batches."""
     model = tiny_model()
-    for _ in sgd_steps(model, 2):  # non-default BatchNorm statistics, so eval mode matters
+    for _ in sgd_steps(model, 2):  # non-default BatchNorm statistics: eval mode matters
         pass
-    loader = random_loader()
-    probs, labels = common.predict(model, loader, torch.device("cpu"), img_size, views=["identity"])
-    assert not model.training
-    expected, expected_labels = [], []
+    dataset = random_dataset(20)
+    logits, labels = common.predict(model, dataset, CPU, img_size, views=("identity",), batch_size=8)
+    assert not model.training and logits.shape == (1, 20, 10) and logits.dtype == torch.float32
     with torch.no_grad():
-        for images, batch_labels in loader:
-            expected.append(model(common.prepare_batch(images, torch.device("cpu"), img_size)).softmax(-1))
-            expected_labels.append(batch_labels)
-    assert probs.shape == (20, 10) and probs.dtype == torch.float32
-    torch.testing.assert_close(probs, torch.cat(expected), atol=1e-6, rtol=0)
-    assert torch.equal(labels, torch.cat(expected_labels))
-    torch.testing.assert_close(probs.sum(1), torch.ones(20))
+        expected = model(common.prepare_batch(dataset.images, CPU, img_size))
+    torch.testing.assert_close(logits[0], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(common.average_views(logits), expected.softmax(-1), atol=1e-6, rtol=0)
+    assert torch.equal(labels, dataset.labels)
 
 
-def test_predict_flip_set_on_flip_invariant_model_equals_none():
-    loader, device = random_loader(), torch.device("cpu")
-    invariant = FlipInvariant(tiny_model()).eval()
-    none, _ = common.predict(invariant, loader, device, 32, views=common.TTA_SETS["none"])
-    flip, _ = common.predict(invariant, loader, device, 32, views=common.TTA_SETS["flip"])
-    torch.testing.assert_close(flip, none, atol=1e-6, rtol=0)
-    flip_logit, _ = common.predict(invariant, loader, device, 32, views=common.TTA_SETS["flip"], average="logit")
-    torch.testing.assert_close(flip_logit, none, atol=1e-6, rtol=0)
-    # The same check on a model that is not flip-invariant does see a difference (so the test can fail).
-    plain = tiny_model().eval()
-    none, _ = common.predict(plain, loader, device, 32, views=common.TTA_SETS["none"])
-    flip, _ = common.predict(plain, loader, device, 32, views=common.TTA_SETS["flip"])
-    assert (flip - none).abs().max() > 1e-4
+def test_predict_flip_set_on_a_flip_invariant_model_equals_no_tta():
+    """A flip-invariant model: the "flip" set gives the probabilities of "none"; a plain model does not."""
+    dataset = random_dataset(12)
+
+    def probs(model, tta_set):
+        return common.average_views(common.predict(model, dataset, CPU, 32, common.TTA_SETS[tta_set])[0])
+    invariant = FlipInvariant(tiny_model())
+    torch.testing.assert_close(probs(invariant, "flip"), probs(invariant, "none"), atol=1e-6, rtol=0)
+    plain = tiny_model()
+    assert float((probs(plain, "flip") - probs(plain, "none")).abs().max()) > 1e-4
 
 
-def test_predict_averages_views_and_temperature():
-    """softmax averaging = mean of the per-view softmaxes; temperature divides the logits first."""
-    loader, device = random_loader(n=8), torch.device("cpu")
-    model = tiny_model().eval()
-    views = common.TTA_SETS["flip+translate+scale"]
-    single = {name: common.predict(model, loader, device, 32, views=[name], temperature=2.0)[0] for name in views}
-    averaged, _ = common.predict(model, loader, device, 32, views=views, temperature=2.0)
-    torch.testing.assert_close(averaged, torch.stack([single[name] for name in views]).mean(0), atol=1e-6, rtol=0)
-    logits = torch.cat([model(common.prepare_batch(x, device, 32)) for x, _ in loader]).detach()
-    torch.testing.assert_close(single["identity"], (logits / 2.0).softmax(-1), atol=1e-6, rtol=0)
+def test_average_views_softmax_and_logit_averaging_by_hand():
+    """Views [2, 0] and [0, 0]: softmax averaging = mean of the softmaxes, logit averaging = softmax of [1, 0],
+    each at T = 1 and T = 2."""
+    logits = torch.tensor([[[2.0, 0.0]], [[0.0, 0.0]]], dtype=torch.float64)  # V=2 x N=1 x K=2
+    for t in (1.0, 2.0):
+        p0 = math.exp(2 / t) / (math.exp(2 / t) + 1)
+        expected_softmax = [(p0 + 0.5) / 2, (1 - p0 + 0.5) / 2]
+        q0 = math.exp(1 / t) / (math.exp(1 / t) + 1)
+        torch.testing.assert_close(common.average_views(logits, t)[0].tolist(), expected_softmax)
+        torch.testing.assert_close(common.average_views(logits, t, "logit")[0].tolist(), [q0, 1 - q0])
 
 
-@pytest.mark.parametrize("capability,expected", [((9, 0), torch.bfloat16), ((8, 6), torch.bfloat16),
-                                                 ((8, 0), torch.bfloat16), ((7, 5), torch.float16),
-                                                 ((7, 0), torch.float16), ((6, 0), torch.float16)])
-def test_mixed_precision_is_bf16_from_ampere_and_fp16_before(monkeypatch, capability, expected):
-    """H100/A100/RTX 30xx: bf16. T4 (7.5), V100 (7.0), P100 (6.0): fp16 - a P100 refuses bf16 autocast."""
+def test_tta_prediction_does_not_depend_on_temperature():
+    """Issue 13 point 2: views [10, 0], [0, 1], [0, 1]. Softmax-averaged at T = 1 they predict class 0 (mean p0 =
+    (1 + 2 * 0.269) / 3 = 0.51), at T = 0.5 class 1 (p0 = (1 + 2 * 0.119) / 3 = 0.41). from_logits must predict
+    with T = 1 whatever the temperature, so top-1 and the confusion matrix agree, while the NLL differs."""
+    filler = -1e4  # classes 2..9 get no probability
+    view_logits = torch.full((3, 1, 10), filler)
+    view_logits[0, 0, :2] = torch.tensor([10.0, 0.0])
+    view_logits[1:, 0, :2] = torch.tensor([0.0, 1.0])
+    labels = torch.tensor([0])
+    assert int(common.average_views(view_logits, 1.0).argmax(-1)) == 0
+    assert int(common.average_views(view_logits, 0.5).argmax(-1)) == 1  # what a prediction at T = 0.5 would be
+    at_one, _ = evaluate.from_logits(view_logits, labels, 1.0)
+    at_half, probs_half = evaluate.from_logits(view_logits, labels, 0.5)
+    assert at_one["acc1"] == at_half["acc1"] == 1.0
+    assert at_one["confusion_matrix"] == at_half["confusion_matrix"] and at_half["confusion_matrix"][0][0] == 1
+    assert at_half["temperature"] == 0.5
+    # The probabilities do follow T: NLL = -log p0 at each temperature.
+    p0_one = (1 / (1 + math.exp(-10)) + 2 / (1 + math.e)) / 3
+    p0_half = (1 / (1 + math.exp(-20)) + 2 / (1 + math.e ** 2)) / 3
+    assert at_one["nll"] == pytest.approx(-math.log(p0_one), rel=1e-5)
+    assert at_half["nll"] == pytest.approx(-math.log(p0_half), rel=1e-5)
+    assert float(probs_half[0, 0]) == pytest.approx(p0_half, rel=1e-5)
+
+
+# ---- 12. amp_dtype ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("capability, expected", [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16),
+                                                  ((8, 6), torch.bfloat16), ((7, 5), torch.float16),
+                                                  ((7, 0), torch.float16), ((6, 0), torch.float16)])
+def test_amp_dtype_bf16_from_capability_8_fp16_before(monkeypatch, capability, expected):
+    """A (faked) CUDA device: bf16 from compute capability 8.0 (A100, H100), fp16 on 7.x (V100, T4) and older."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.version, "hip", None)
     common.amp_dtype.cache_clear()
@@ -696,13 +592,34 @@ def test_mixed_precision_is_bf16_from_ampere_and_fp16_before(monkeypatch, capabi
         common.amp_dtype.cache_clear()
 
 
-def test_cpu_runs_in_fp32_and_loss_scaling_only_with_fp16(monkeypatch):
-    cpu = torch.device("cpu")
-    assert common.amp_dtype(cpu) is None
-    assert not common.grad_scaler(cpu).is_enabled()
-    with common.autocast(cpu):
+def test_amp_dtype_is_none_on_cpu():
+    """The CPU runs in fp32: no dtype, and autocast leaves a matmul in float32."""
+    common.amp_dtype.cache_clear()
+    assert common.amp_dtype(CPU) is None
+    with common.autocast(CPU):
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
-    monkeypatch.setattr(common, "amp_dtype", lambda device: torch.float16)
-    assert common.grad_scaler(cpu).is_enabled()
-    with common.autocast(cpu):
-        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float16
+
+
+# ---- 13. check_flags -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_check_flags_refuses_non_finite_floats(value):
+    """nan / inf in any float flag, even one no range names (nan passes `lr <= 0`), is a UserError naming it."""
+    args = argparse.Namespace(lr=0.1, label_smoothing=value, epochs=3, name="x", flag=None)
+    with pytest.raises(common.UserError, match=r"--label-smoothing must be a finite number"):
+        common.check_flags(args, positive=("lr",))
+    with pytest.raises(common.UserError, match=r"--label-smoothing"):
+        common.check_flags(args, fraction=("label_smoothing",))
+
+
+@pytest.mark.parametrize("kind, name, bad, good", [
+    ("positive", "batch_size", 0, 1), ("positive", "lr", -1e-3, 1e-3), ("non_negative", "weight_decay", -0.1, 0.0),
+    ("non_negative", "workers", -1, 0), ("fraction", "mix_prob", 1.5, 1.0), ("fraction", "mix_prob", -0.1, 0.0)])
+def test_check_flags_ranges_name_the_flag(kind, name, bad, good):
+    """Out of range: a UserError naming --the-flag, its rule and the value; in range (its edge): accepted."""
+    rule = {"positive": "> 0", "non_negative": ">= 0", "fraction": "in [0, 1]"}[kind]
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(common.UserError) as error:
+        common.check_flags(argparse.Namespace(**{name: bad, "subset": None}), **{kind: (name, "subset")})
+    assert str(error.value) == f"{flag} must be {rule} (got {bad})"
+    common.check_flags(argparse.Namespace(**{name: good, "subset": None}), **{kind: (name, "subset")})

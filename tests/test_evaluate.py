@@ -1,0 +1,493 @@
+"""evaluate.py: the metrics against hand-computed answers and a plain loop, strict JSON, the Markdown table, report(),
+and the command line (in this process, through conftest.run_cli) on a few dozen synthetic images at 32 px."""
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import common
+import evaluate
+from conftest import final_line, run_cli, write_synthetic_cifar
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Small models on a shared 2-core machine run far faster on one thread; restored for the other test files."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- Metrics against a hand-computed example ----------------------------------------------------------------------
+# Six images, three classes (seven more, never present and never predicted, padded with zero probability).
+# Confidence = top probability; 15 bins (lo, hi] of width 1/15 = 0.0667.
+#   probs                label pred correct conf  bin (index: interval)
+#   [0.95, 0.03, 0.02]   0     0    yes     0.95  14: (0.933, 1.000]
+#   [0.01, 0.97, 0.02]   2     1    no      0.97  14: (0.933, 1.000]
+#   [0.25, 0.20, 0.55]   2     2    yes     0.55   8: (0.533, 0.600]
+#   [0.58, 0.22, 0.20]   0     0    yes     0.58   8: (0.533, 0.600]
+#   [0.28, 0.42, 0.30]   0     1    no      0.42   6: (0.400, 0.467]
+#   [0.10, 0.75, 0.15]   1     1    yes     0.75  11: (0.733, 0.800]
+# ECE = 2/6 |1/2 - 0.96| + 2/6 |1 - 0.565| + 1/6 |0 - 0.42| + 1/6 |1 - 0.75| = 0.153333 + 0.145 + 0.07 + 0.041667 = 0.41
+# NLL = -(ln 0.95 + ln 0.02 + ln 0.55 + ln 0.58 + ln 0.28 + ln 0.75) / 6 = 6.666528 / 6 = 1.111088
+# Brier per image = sum_k (p_k - y_k)^2: 0.0038, 1.9014, 0.305, 0.2648, 0.7848, 0.095; mean = 3.3548 / 6
+# Confusion matrix (row = true, column = predicted): [[2, 1, 0], [0, 1, 0], [0, 1, 1]]
+# recall = per-class accuracy = [2/3, 1, 1/2]; precision (diagonal / column sums [2, 3, 1]) = [1, 1/3, 1]
+# F1 = 2PR / (P + R) = [0.8, 0.5, 2/3]
+PROBS3 = torch.tensor([[0.95, 0.03, 0.02], [0.01, 0.97, 0.02], [0.25, 0.20, 0.55],
+                       [0.58, 0.22, 0.20], [0.28, 0.42, 0.30], [0.10, 0.75, 0.15]], dtype=torch.float64)
+PROBS = torch.cat([PROBS3, torch.zeros(6, 7, dtype=torch.float64)], 1)
+TRUE = torch.tensor([0, 2, 2, 0, 0, 1])
+HAND_CM = [[2, 1, 0], [0, 1, 0], [0, 1, 1]]
+
+
+def test_confusion_matrix_and_precision_recall_f1_by_hand():
+    """The table above: confusion matrix, precision, recall, F1; the 7 absent classes get 0, not nan."""
+    preds = PROBS.argmax(-1)
+    assert preds.tolist() == [0, 1, 2, 0, 1, 1]
+    assert evaluate.confusion_matrix(preds, TRUE, 3).tolist() == HAND_CM
+    cm = evaluate.confusion_matrix(preds, TRUE)
+    assert cm.shape == (10, 10) and cm[:3, :3].tolist() == HAND_CM and int(cm.sum()) == 6
+    precision, recall, f1 = evaluate.precision_recall_f1(cm)
+    np.testing.assert_allclose(precision.numpy(), [1, 1 / 3, 1] + [0] * 7, rtol=1e-12)
+    np.testing.assert_allclose(recall.numpy(), [2 / 3, 1, 1 / 2] + [0] * 7, rtol=1e-12)
+    np.testing.assert_allclose(f1.numpy(), [0.8, 0.5, 2 / 3] + [0] * 7, rtol=1e-12)
+
+
+def test_precision_recall_f1_of_a_class_predicted_but_never_present_is_zero():
+    """Class 3 predicted once but never true: precision 0 (its column all wrong), recall and F1 0, no nan."""
+    cm = evaluate.confusion_matrix(torch.tensor([3, 1, 2, 0, 1, 1]), TRUE, 4)
+    precision, recall, f1 = evaluate.precision_recall_f1(cm)
+    assert not any(torch.isnan(t).any() for t in (precision, recall, f1))
+    assert precision[3] == 0 and recall[3] == 0 and f1[3] == 0
+    assert recall[0] == pytest.approx(1 / 3) and precision[0] == pytest.approx(1.0)  # true 0 -> 3, 0, 1
+
+
+def test_expected_calibration_error_hand_computed():
+    """ECE 0.41 for the table; bins are (lo, hi]; sure and right 0, sure and wrong 1."""
+    assert evaluate.expected_calibration_error(PROBS, TRUE) == pytest.approx(0.41, abs=1e-9)
+    # 10 bins: a confidence of exactly 0.5 shares (0.4, 0.5] with 0.45. Right at 0.5, wrong at 0.45:
+    # ECE = |1/2 - 0.475| = 0.025 (with [lo, hi) bins: 1/2 * 0.5 + 1/2 * 0.45 = 0.475).
+    edge = torch.tensor([[0.5, 0.25, 0.25], [0.45, 0.30, 0.25]], dtype=torch.float64)
+    assert evaluate.expected_calibration_error(edge, torch.tensor([0, 1]), 10) == pytest.approx(0.025, abs=1e-9)
+    sure = torch.eye(10, dtype=torch.float64)[TRUE]
+    assert evaluate.expected_calibration_error(sure, TRUE) == pytest.approx(0.0, abs=1e-12)
+    assert evaluate.expected_calibration_error(sure, (TRUE + 1) % 3) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_calibration_bins_hand_computed():
+    """Per bin (count, accuracy, mean confidence): only bins 6, 8, 11 and 14 are occupied (the table above)."""
+    count, accuracy, confidence = evaluate.calibration_bins(PROBS, TRUE)
+    assert len(count) == len(accuracy) == len(confidence) == 15
+    assert {b: int(c) for b, c in enumerate(count) if c} == {6: 1, 8: 2, 11: 1, 14: 2}
+    expected = {6: (0.0, 0.42), 8: (1.0, 0.565), 11: (1.0, 0.75), 14: (0.5, 0.96)}
+    for b in range(15):
+        acc, conf = expected.get(b, (0.0, 0.0))
+        assert float(accuracy[b]) == pytest.approx(acc, abs=1e-12) and float(confidence[b]) == pytest.approx(conf)
+
+
+def test_expected_calibration_error_matches_a_plain_loop():
+    """A second ECE, plain Python over 15 bins (lo, hi], on 500 random predictions."""
+    torch.manual_seed(0)
+    probs = (torch.randn(500, 10) * 3).softmax(-1)
+    labels = torch.randint(10, (500,))
+    rows = [(float(p.max()), int(p.argmax()) == int(y)) for p, y in zip(probs, labels)]
+    expected = 0.0
+    for b in range(15):
+        members = [(c, ok) for c, ok in rows if b / 15 < c <= (b + 1) / 15]
+        if members:
+            accuracy = sum(ok for _, ok in members) / len(members)
+            confidence = sum(c for c, _ in members) / len(members)
+            expected += len(members) / len(rows) * abs(accuracy - confidence)
+    assert expected > 0.01  # a non-trivial example
+    assert evaluate.expected_calibration_error(probs, labels) == pytest.approx(expected, abs=1e-9)
+
+
+def test_metrics_by_hand():
+    """metrics(): top-1, ECE, NLL, Brier, per-class figures and the matrix of the table above."""
+    result = evaluate.metrics(PROBS, TRUE)
+    nll = -sum(math.log(p) for p in (0.95, 0.02, 0.55, 0.58, 0.28, 0.75)) / 6
+    assert nll == pytest.approx(1.111088, abs=1e-6)  # the comment above, to its 6 decimals
+    assert result["acc1"] == pytest.approx(4 / 6) and result["ece"] == pytest.approx(0.41)
+    assert result["nll"] == pytest.approx(nll, rel=1e-9) and result["brier"] == pytest.approx(3.3548 / 6, rel=1e-9)
+    assert result["num_images"] == 6 and [row[:3] for row in result["confusion_matrix"][:3]] == HAND_CM
+    names = common.CLASSES
+    assert list(result["per_class_acc"]) == list(names)
+    assert [result["per_class_acc"][n] for n in names[:3]] == pytest.approx([2 / 3, 1, 1 / 2])
+    assert result["recall"] == result["per_class_acc"]
+    assert [result["precision"][n] for n in names[:3]] == pytest.approx([1, 1 / 3, 1])
+    assert [result["f1"][n] for n in names[:3]] == pytest.approx([0.8, 0.5, 2 / 3])
+    assert all(result[key][n] == 0 for key in ("precision", "recall", "f1") for n in names[3:])
+    # A zero probability on the true class stays finite (clamped at 1e-12); Brier = 1 + 1 = 2.
+    zero = evaluate.metrics(torch.eye(10)[[0]], torch.tensor([1]))
+    assert zero["nll"] == pytest.approx(-math.log(1e-12), rel=1e-9) and zero["brier"] == pytest.approx(2.0)
+
+
+def test_metrics_with_explicit_preds_uses_them_for_top1_but_the_probabilities_for_ece():
+    """preds (all right here) give top-1 and the per-class figures; ECE, NLL, Brier stay those of the probabilities."""
+    result = evaluate.metrics(PROBS, TRUE, preds=TRUE.clone())
+    plain = evaluate.metrics(PROBS, TRUE)
+    assert result["acc1"] == 1.0 and plain["acc1"] == pytest.approx(4 / 6)
+    assert [row[:3] for row in result["confusion_matrix"][:3]] == [[3, 0, 0], [0, 1, 0], [0, 0, 2]]
+    assert [result["per_class_acc"][n] for n in common.CLASSES[:3]] == [1.0, 1.0, 1.0]
+    assert [result["precision"][n] for n in common.CLASSES[:3]] == [1.0, 1.0, 1.0]
+    for key in ("ece", "nll", "brier"):
+        assert result[key] == plain[key]
+    assert result["ece"] == pytest.approx(0.41)
+
+
+def test_most_confused_by_hand():
+    """The k largest off-diagonal cells as (true, predicted, count), the diagonal never, zero counts dropped."""
+    cm = torch.diag(torch.full((10,), 50))
+    cm[3, 5], cm[5, 3], cm[9, 1], cm[2, 0] = 7, 4, 2, 1  # cat -> dog, dog -> cat, truck -> car, bird -> plane
+    assert evaluate.most_confused(cm, k=3) == [("cat", "dog", 7), ("dog", "cat", 4), ("truck", "automobile", 2)]
+    assert evaluate.most_confused(cm.tolist(), k=10) == [("cat", "dog", 7), ("dog", "cat", 4),
+                                                          ("truck", "automobile", 2), ("bird", "airplane", 1)]
+    assert evaluate.most_confused(torch.diag(torch.full((10,), 5))) == []
+
+
+def test_confident_mistakes_by_hand():
+    """Indices of the wrong predictions, the most confident first; right ones never, at most k."""
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.45, 0.55], [0.95, 0.05]])
+    labels = torch.tensor([0, 0, 1, 1, 0, 1])  # wrong: 1 (0.8), 2 (0.6), 4 (0.55), 5 (0.95)
+    assert evaluate.confident_mistakes(probs, labels) == [5, 1, 2, 4]
+    assert evaluate.confident_mistakes(probs, labels, k=2) == [5, 1]
+    assert evaluate.confident_mistakes(probs, probs.argmax(-1)) == []
+
+
+# ---- JSON and Markdown -----------------------------------------------------------------------------------------------
+
+def refuse(constant):
+    raise ValueError(f"not strict JSON: {constant}")
+
+
+def strict_json(path):
+    """json.loads that refuses NaN / Infinity, as strict JSON readers do."""
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
+
+
+def test_write_json_turns_nan_and_inf_into_null(tmp_path):
+    """nan / inf anywhere (nested dicts, lists, tuples, numpy floats) become null; the file is strict JSON."""
+    obj = {"acc": 0.5, "nan": math.nan, "nested": {"list": [1.0, math.inf, {"deep": -math.inf, "ok": 2}]},
+           "tuple": (math.nan, 3), "numpy": np.float64("nan"), "text": "x", "none": None}
+    with pytest.raises(ValueError):  # what a plain json.dumps would write is refused by a strict reader
+        json.loads(json.dumps(obj), parse_constant=refuse)
+    evaluate.write_json(tmp_path / "r.json", obj)
+    assert strict_json(tmp_path / "r.json") == {
+        "acc": 0.5, "nan": None, "nested": {"list": [1.0, None, {"deep": None, "ok": 2}]}, "tuple": [None, 3],
+        "numpy": None, "text": "x", "none": None}
+    assert math.isnan(obj["nan"]) and isinstance(obj["tuple"], tuple)  # the input is not modified
+    assert os.listdir(tmp_path) == ["r.json"]  # no temp file left
+
+
+def test_write_table_writes_markdown(tmp_path):
+    """Heading, blank line, header row, separator, rows with floats to 4 decimals; the text is also returned."""
+    text = evaluate.write_table(tmp_path / "t.md", "# python x.py on cpu", ["row", "acc1", "epochs"],
+                                [["baseline", 0.876543, 3], ["mixup", 0.9, 10]])
+    expected = ["# python x.py on cpu", "", "| row | acc1 | epochs |", "|---|---|---|",
+                "| baseline | 0.8765 | 3 |", "| mixup | 0.9000 | 10 |"]
+    assert text == "\n".join(expected)
+    assert (tmp_path / "t.md").read_text() == "\n".join(expected) + "\n"
+
+
+# ---- report() --------------------------------------------------------------------------------------------------
+
+def tiny_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 10))
+
+
+def random_dataset(n, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    return common.CifarDataset(images, torch.randint(10, (n,), generator=generator))
+
+
+@pytest.mark.parametrize("average", ["softmax", "logit"])
+def test_report_is_the_metrics_of_predict(average):
+    """report(): images_per_s, views, temperature, and the figures of predict() + average_views done by hand
+    (prediction at T = 1, probabilities at T = 2)."""
+    model, dataset, views = tiny_model(), random_dataset(30), ("identity", "flip")
+    result, probs = evaluate.report(model, dataset, CPU, 32, views, temperature=2.0, average=average)
+    assert result["images_per_s"] > 0 and result["views"] == list(views)
+    assert result["temperature"] == 2.0 and result["tta_average"] == average and result["num_images"] == 30
+    view_logits, labels = common.predict(model, dataset, CPU, 32, views)
+    expected_probs = common.average_views(view_logits, 2.0, average)
+    preds = common.average_views(view_logits, 1.0, average).argmax(-1)
+    torch.testing.assert_close(probs, expected_probs)
+    assert result["acc1"] == pytest.approx(float((preds == labels).double().mean()))
+    assert result["ece"] == pytest.approx(evaluate.expected_calibration_error(expected_probs, labels))
+    nll = -float(sum(math.log(float(expected_probs[i, y])) for i, y in enumerate(labels.tolist()))) / 30
+    assert result["nll"] == pytest.approx(nll, rel=1e-5)
+    assert result["confusion_matrix"] == evaluate.confusion_matrix(preds, labels).tolist()
+
+
+# ---- Command line ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def resnet():
+    """A random-init 10-class ResNet-50 (built once per module)."""
+    torch.manual_seed(0)
+    return common.build_model("none")
+
+
+@pytest.fixture(scope="module")
+def state_dict(resnet):
+    return resnet.state_dict()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, state_dict):
+    """A bare state_dict saved with torch.save."""
+    path = tmp_path_factory.mktemp("ckpt") / "plain.pth"
+    torch.save(state_dict, path)
+    return path
+
+
+@pytest.fixture
+def fast_plots(monkeypatch):
+    """plot_confusion (2 s of matplotlib per run) replaced by a stub that records its title and writes an empty file,
+    for the command-line tests that check something else; test_cli_evaluates_a_state_dict draws the real one."""
+    titles = []
+
+    def stub(cm, path, title):
+        titles.append(title)
+        Path(path).write_bytes(b"")
+    monkeypatch.setattr(evaluate, "plot_confusion", stub)
+    return titles
+
+
+def cli(checkpoint_path, data_root, out, *extra):
+    return run_cli(evaluate, checkpoint_path, "--data-dir", data_root, "--device", "cpu", "--out", out, *extra)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def is_png(path):
+    return Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_evaluates_a_state_dict(tmp_path, checkpoint, resnet, synthetic_root):
+    """A bare state_dict on 40 test images: exit 0, strict eval_*.json and *_confusion.png, a final: line, and the
+    numbers of evaluate.report on the same model and images."""
+    out = tmp_path / "out"
+    result = cli(checkpoint, synthetic_root, out, "--subset", 40, "-b", 20, "--img-size", 32)
+    assert result.returncode == 0, result.stderr
+    saved = strict_json(out / "eval_plain_test.json")
+    assert is_png(out / "eval_plain_test_confusion.png")
+    assert saved["split"] == "test" and saved["img_size"] == 32 and saved["tta"] is None
+    assert saved["num_images"] == 40 and saved["views"] == ["identity"] and saved["temperature"] == 1.0
+    assert saved["checkpoint"] == str(checkpoint) and saved["precision"] == "fp32"
+    final = final_line(result.stdout)
+    assert final["images"] == 40
+    assert final["acc1"] == pytest.approx(saved["acc1"], abs=1e-4)
+    assert final["nll"] == pytest.approx(saved["nll"], abs=1e-4)
+    test_set = common.cifar10_datasets(synthetic_root, 0, eval_subset=40)[2]
+    assert [sum(row) for row in saved["confusion_matrix"]] == np.bincount(test_set.labels, minlength=10).tolist()
+    expected, _ = evaluate.report(resnet, test_set, CPU, 32)
+    for key in ("acc1", "ece", "nll", "brier"):
+        assert saved[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+    assert saved["confusion_matrix"] == expected["confusion_matrix"]
+
+
+def test_cli_batch_size_sets_the_evaluation_batches(tmp_path, checkpoint, synthetic_root, monkeypatch, fast_plots):
+    """-b 10 on 30 images: the model sees three batches of 10 (-b is what to lower when memory runs out)."""
+    sizes, prepare_batch = [], common.prepare_batch
+
+    def spy(images, *args, **kwargs):
+        sizes.append(len(images))
+        return prepare_batch(images, *args, **kwargs)
+    monkeypatch.setattr(common, "prepare_batch", spy)
+    result = cli(checkpoint, synthetic_root, tmp_path, "--subset", 30, "-b", 10, "--img-size", 32)
+    assert result.returncode == 0, result.stderr
+    assert sizes == [10, 10, 10]
+
+
+def test_cli_tta_flip_writes_its_own_files(tmp_path, checkpoint, synthetic_root, fast_plots):
+    """--tta flip: two views, named in the JSON and in the file names (_tta-flip)."""
+    result = cli(checkpoint, synthetic_root, tmp_path, "--subset", 20, "-b", 20, "--img-size", 32, "--tta", "flip")
+    assert result.returncode == 0, result.stderr
+    saved = strict_json(tmp_path / "eval_plain_test_tta-flip.json")
+    assert (tmp_path / "eval_plain_test_tta-flip_confusion.png").is_file() and len(fast_plots) == 1
+    assert saved["tta"] == "flip" and saved["views"] == ["identity", "flip"] and saved["num_images"] == 20
+    assert "TTA flip" in result.stdout and final_line(result.stdout)["images"] == 20
+
+
+def test_cli_split_val_uses_the_checkpoints_seed_and_img_size(tmp_path, state_dict, resnet, fast_plots):
+    """A checkpoint dict with args {seed: 5, img_size: 32}: --split val measures the validation images of seed 5's
+    split (the numbers of report() on them, which seed 0's split does not give), at the stored 32 px. The data has
+    1,000 training images per class, so that the 500 held out per class depend on the seed."""
+    synthetic_root = tmp_path / "data"
+    write_synthetic_cifar(synthetic_root / "cifar-10-batches-py", per_class_per_batch=200, test_per_class=2)
+    path = tmp_path / "run.pth"
+    torch.save({"model": state_dict, "args": {"seed": 5, "img_size": 32}}, path)
+    result = cli(path, synthetic_root, tmp_path / "out", "--split", "val", "--subset", 20, "-b", 20)
+    assert result.returncode == 0, result.stderr
+    saved = strict_json(tmp_path / "out" / "eval_run_val.json")
+    assert saved["split"] == "val" and saved["img_size"] == 32 and saved["num_images"] == 20
+    assert fast_plots == ["run.pth on val (20 images)"]
+    val_set = common.cifar10_datasets(synthetic_root, 5, eval_subset=20)[1]
+    expected, _ = evaluate.report(resnet, val_set, CPU, 32)
+    assert saved["nll"] == pytest.approx(expected["nll"], rel=1e-5)
+    assert saved["confusion_matrix"] == expected["confusion_matrix"]
+    seed0_val = common.cifar10_datasets(synthetic_root, 0, eval_subset=20)[1]  # the check can tell seeds apart
+    assert evaluate.report(resnet, seed0_val, CPU, 32)[0]["nll"] != pytest.approx(expected["nll"], rel=1e-5)
+
+
+def test_cli_split_val_of_a_train_on_all_checkpoint_is_a_one_line_error(tmp_path, state_dict, synthetic_root):
+    """A checkpoint trained on all 50,000 images has no validation split: exit 2, one line naming --split test."""
+    path = tmp_path / "all.pth"
+    torch.save({"model": state_dict, "args": {"seed": 0, "img_size": 32, "train_on_all": True}}, path)
+    assert_one_line_error(cli(path, synthetic_root, tmp_path / "out", "--split", "val", "--subset", 20), "--split test")
+    assert not (tmp_path / "out").exists()
+
+
+class Custom:
+    """Any class of the user's: torch.save pickles it by reference, so loading it would import and run code."""
+
+    def __init__(self):
+        self.value = 1
+
+
+class RunsShell:
+    """The classic malicious checkpoint: unpickling it calls os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def write_bad_checkpoint(path, kind, state_dict):
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "html":
+        path.write_text("<!DOCTYPE html>\n<html><head><title>Google Drive - Virus scan warning</title></head>\n"
+                        "<body>Google Drive can't scan this file for viruses.</body></html>\n")
+    elif kind == "random":
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    elif kind == "custom_class":
+        torch.save({"model": state_dict, "extra": Custom()}, path)
+    elif kind == "os_system":
+        torch.save({"model": RunsShell(path.parent / "code_ran")}, path)
+    elif kind == "imagenet_head":
+        torch.save({**state_dict, "fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)}, path)
+    elif kind == "nan":
+        weights = dict(state_dict)
+        weights["layer1.0.conv1.weight"] = weights["layer1.0.conv1.weight"].clone()
+        weights["layer1.0.conv1.weight"][0, 0, 0, 0] = math.nan
+        torch.save(weights, path)
+
+
+BAD_CHECKPOINTS = {"missing": ["not there"], "directory": ["a directory"], "empty": ["not a PyTorch checkpoint"],
+                   "html": ["not a PyTorch checkpoint"], "random": ["not a PyTorch checkpoint"],
+                   "custom_class": ["could run code"], "os_system": ["could run code"],
+                   "imagenet_head": ["no 10-class head"], "nan": ["non-finite", "nan"]}
+
+
+@pytest.mark.parametrize("kind", BAD_CHECKPOINTS)
+def test_cli_bad_checkpoints_are_one_line_errors(tmp_path, state_dict, synthetic_root, kind):
+    """Each bad checkpoint: exit 2, one `error:` line naming the file and what is wrong, no traceback, no code run;
+    a file that is merely not a checkpoint is not called dangerous."""
+    path = tmp_path / f"{kind}.pth"
+    write_bad_checkpoint(path, kind, state_dict)
+    line = assert_one_line_error(cli(path, synthetic_root, tmp_path / "out"), str(path), *BAD_CHECKPOINTS[kind])
+    if kind in ("empty", "html", "random"):
+        assert "run code" not in line
+    assert not (tmp_path / "code_ran").exists() and not (tmp_path / "out").exists()
+
+
+def test_cli_applies_the_stored_temperature_unless_told_not_to(tmp_path, state_dict, synthetic_root, fast_plots):
+    """"temperature": 2.0 is applied (JSON and printed T = 2), --no-temperature gives T = 1: same top-1, other NLL."""
+    path = tmp_path / "calibrated.pth"
+    torch.save({"model": state_dict, "temperature": 2.0, "args": {"img_size": 32}}, path)
+    applied = cli(path, synthetic_root, tmp_path / "a", "--subset", 20, "-b", 20)
+    ignored = cli(path, synthetic_root, tmp_path / "b", "--subset", 20, "-b", 20, "--no-temperature")
+    assert applied.returncode == ignored.returncode == 0, applied.stderr + ignored.stderr
+    with_t, without_t = (strict_json(tmp_path / d / "eval_calibrated_test.json") for d in "ab")
+    assert with_t["temperature"] == 2.0 and "(T = 2)" in applied.stdout
+    assert without_t["temperature"] == 1.0 and "(T = 1)" in ignored.stdout
+    assert with_t["acc1"] == without_t["acc1"] and with_t["confusion_matrix"] == without_t["confusion_matrix"]
+    assert with_t["nll"] != pytest.approx(without_t["nll"], rel=1e-3)
+
+
+def test_cli_does_not_apply_a_temperature_at_its_search_bound(tmp_path, state_dict, synthetic_root, fast_plots):
+    """Issue 13 point 1: "temperature_at_bound": True means no fit: T = 1 is used and a warning line says so."""
+    path = tmp_path / "bound.pth"
+    torch.save({"model": state_dict, "temperature": 100.0, "temperature_at_bound": True, "args": {"img_size": 32}},
+               path)
+    result = cli(path, synthetic_root, tmp_path, "--subset", 20, "-b", 20)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "not applied" in warnings[0] and "100" in warnings[0]
+    assert strict_json(tmp_path / "eval_bound_test.json")["temperature"] == 1.0 and "(T = 1)" in result.stdout
+
+
+def write_images(folder):
+    """Two small PNGs (an RGB 48 x 40 and a greyscale 32 x 32) and a text file that is no image."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / "wide.png")
+    Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(folder / "grey.png")
+    (folder / "notes.txt").write_text("not an image")
+    return [folder / "wide.png", folder / "grey.png", folder / "notes.txt"]
+
+
+def test_cli_images_prints_top3_and_skips_unreadable_files(tmp_path, checkpoint, resnet):
+    """--images: a top-3 line per readable image (the softmax of the model on the image made 32 px), the broken one
+    reported as skipped, predictions.json (strict) and predictions.png written."""
+    files = write_images(tmp_path / "photos")
+    result = run_cli(evaluate, checkpoint, "--images", *files, "--out", tmp_path, "--img-size", 32, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    skipped = [line for line in result.stdout.splitlines() if line.startswith("skipped")]
+    assert len(skipped) == 1 and str(files[2]) in skipped[0]
+    saved = strict_json(tmp_path / "predictions.json")
+    assert is_png(tmp_path / "predictions.png")
+    assert [row["file"] for row in saved["images"]] == [str(f) for f in files[:2]]
+    images = np.stack([evaluate.load_as_cifar(f) for f in files[:2]])
+    logits, _ = common.predict(resnet, common.CifarDataset(images, np.zeros(2, dtype=np.int64)), CPU, 32)
+    for row, p in zip(saved["images"], logits[0].softmax(-1)):
+        top = p.argsort(descending=True)[:3].tolist()
+        assert [name for name, _ in row["top3"]] == [common.CLASSES[i] for i in top]
+        assert [q for _, q in row["top3"]] == pytest.approx(p[top].tolist(), abs=1e-5)
+        line = f"{row['file']}: " + ", ".join(f"{c} {q:.3f}" for c, q in row["top3"])
+        assert line in result.stdout.splitlines()
+
+
+def test_cli_images_creates_the_out_folder(tmp_path, checkpoint):
+    """--images with an --out folder that does not exist yet: made, as the split evaluation makes it."""
+    files = write_images(tmp_path / "photos")[:1]
+    result = run_cli(evaluate, checkpoint, "--images", *files, "--out", tmp_path / "new", "--img-size", 32,
+                     "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "new" / "predictions.json").is_file() and is_png(tmp_path / "new" / "predictions.png")
+
+
+def test_cli_images_with_only_unreadable_files_is_a_one_line_error(tmp_path, checkpoint):
+    """--images given nothing readable: exit 2 and one line."""
+    broken = write_images(tmp_path / "photos")[2]
+    result = run_cli(evaluate, checkpoint, "--images", broken, tmp_path / "missing.jpg", "--out", tmp_path,
+                     "--device", "cpu")
+    assert_one_line_error(result, "no readable")
+    assert "skipped" in result.stdout and not (tmp_path / "predictions.json").exists()

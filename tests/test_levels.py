@@ -1,0 +1,360 @@
+"""The four levels: what each stage freezes, that every technique flag changes what is trained, the schedules, the
+choice between raw, EMA and SWA weights, resume after an interruption, --train-on-all, and each level end to end
+with evaluate.py measuring its checkpoint."""
+import copy
+import inspect
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, TINY_LEVEL, final_line, level_args, run_cli, run_level
+
+import common
+import evaluate
+import level1
+import level2
+import level3
+import level4
+
+CPU = torch.device("cpu")
+IMAGES = np.random.default_rng(0).integers(0, 256, (32, 3, 32, 32), dtype=np.uint8)
+LABELS = np.arange(32) % 10
+
+
+def short_epoch(module, flags=(), epoch=None, steps=2, updates=None):
+    """The weights (and weight averages) after `steps` steps of the level's own train_one_epoch, from the same
+    initial weights and seed; `epoch` (default: the first with every layer training) sets the schedule's position."""
+    args = module.get_args_parser().parse_args([*TINY, *TINY_LEVEL[int(module.LEVEL[-1])], *flags])
+    module.validate_args(args)
+    torch.manual_seed(0)
+    model = common.build_model("none", getattr(args, "dropout", 0.0))
+    if hasattr(module, "set_stage"):
+        epoch = args.head_epochs if epoch is None else epoch
+        module.set_stage(model, "head" if epoch < args.head_epochs else "full")
+    else:
+        epoch = max(module.unfreeze_epoch(g, args) for g in module.GROUPS) if epoch is None else epoch
+        module.set_trainable(model, epoch, args)
+    averages = {"ema": common.ModelEma(model, args.ema_decay)} if getattr(args, "ema_decay", 0) > 0 else {}
+    averages.update({"swa": common.SwaAverage(model)} if getattr(args, "swa_epochs", 0) > 0 else {})
+    for name, count in (updates or {}).items():  # an average that has seen earlier steps
+        averages[name].num_updates = count
+    dataset = common.CifarDataset(IMAGES[:16 * steps], LABELS[:16 * steps], module.train_transform(args))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    context = {"model": model, "loader": loader, "optimizer": module.make_optimizer(model, args, CPU),
+               "scaler": scaler, "device": CPU, "args": args, "epoch": epoch, "averages": averages}
+    module.train_one_epoch(**{k: context[k] for k in inspect.signature(module.train_one_epoch).parameters})
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return flat, {name: torch.cat([p.flatten() for p in a.module.parameters()]) for name, a in averages.items()}
+
+
+# ---- Level 1: the two stages -----------------------------------------------------------------------------------
+
+def test_head_stage_freezes_backbone_weights_and_batchnorm_statistics():
+    """Stage 1 changes only the head: no backbone weight and no BatchNorm statistic moves. Stage 2 moves them."""
+    torch.manual_seed(0)
+    model = common.build_model("none")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = level1.get_args_parser().parse_args([*TINY, "--head-lr", "1e-2"])
+    loader = torch.utils.data.DataLoader(common.CifarDataset(IMAGES, LABELS, level1.train_transform(args)), 16)
+    optimizer = level1.make_optimizer(model, args, CPU)
+    level1.set_stage(model, "head")
+    level1.train_one_epoch(model, loader, optimizer, torch.amp.GradScaler("cpu", enabled=False), CPU, args)
+    changed = sorted(k for k, v in model.state_dict().items() if not torch.equal(v, before[k]))
+    assert changed == ["fc.bias", "fc.weight"]
+    level1.set_stage(model, "full")
+    level1.train_one_epoch(model, loader, optimizer, torch.amp.GradScaler("cpu", enabled=False), CPU, args)
+    assert not torch.equal(model.layer1[0].bn1.running_mean, before["layer1.0.bn1.running_mean"])
+    assert not torch.equal(model.conv1.weight, before["conv1.weight"])
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path, data_root):
+    """--seed makes a CPU run bit-reproducible (fixed -j); another seed gives other weights."""
+    weights = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        run_level(level1, tmp_path / name, data_root, "--seed", seed, "--head-epochs", "0")
+        weights.append(torch.load(tmp_path / name / "level1_last.pth", weights_only=True)["model"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+
+# ---- Every technique flag changes what is trained ------------------------------------------------------------
+
+# (flag and value, the flags of the baseline it is set against, the epoch): MixUp and CutMix flags on mixed batches
+# only; --min-lr where a cosine ends (the head stage: stage 2's first epoch is all warmup here).
+LEVEL2_FLAGS = [(["--randaug-n", "0"], [], None), (["--randaug-m", "20"], [], None), (["--mix-prob", "0"], [], None),
+                (["--mixup-alpha", "0.2"], ["--mix-prob", "1", "--switch-prob", "0"], None),
+                (["--cutmix-alpha", "0.3"], ["--mix-prob", "1", "--switch-prob", "1"], None),
+                (["--switch-prob", "1"], ["--mix-prob", "1", "--switch-prob", "0"], None),
+                (["--label-smoothing", "0"], [], None), (["--erase-prob", "0"], [], None),
+                (["--warmup-epochs", "0"], [], None), (["--min-lr", "1e-4"], [], 0), (["--lr", "3e-4"], [], None),
+                (["--head-lr", "3e-3"], [], 0), (["--wd", "0.5"], [], None)]
+
+
+@pytest.mark.parametrize("flags, baseline, epoch", LEVEL2_FLAGS, ids=[f[0][0] for f in LEVEL2_FLAGS])
+def test_each_level2_flag_changes_the_trained_weights(flags, baseline, epoch):
+    assert not torch.equal(short_epoch(level2, baseline, epoch)[0], short_epoch(level2, baseline + flags, epoch)[0])
+
+
+# (flag and value, the epoch): by default the first epoch with every stage training (the stem unfreezes at epoch 6 of
+# 1 head epoch + one stage per epoch), which here lies in the final, constant-LR epochs.
+LEVEL3_FLAGS = [(["--dropout", "0.5"], None), (["--lr-decay", "0.3"], None), (["--unfreeze-every", "0"], 1),
+                (["--unfreeze-warmup-epochs", "2"], None), (["--final-lr", "1e-4"], None)]
+
+
+@pytest.mark.parametrize("flags, epoch", LEVEL3_FLAGS, ids=[f[0][0] for f in LEVEL3_FLAGS])
+def test_each_level3_flag_changes_the_trained_weights(flags, epoch):
+    assert not torch.equal(short_epoch(level3, [], epoch)[0], short_epoch(level3, flags, epoch)[0])
+
+
+def test_final_epochs_run_at_the_final_lr(cached_run):
+    """--final-epochs adds epochs after the cosine, at --final-lr (the head's LR, the last row's)."""
+    results, _ = cached_run(level3)
+    assert len(results["history"]) == 3 and results["history"][-1]["lr"] == results["args"]["final_lr"]
+    assert results["history"][-2]["lr"] != results["args"]["final_lr"]
+
+
+def test_ema_decay_changes_the_ema_and_not_the_weights():
+    weights, averages = short_epoch(level3, updates={"ema": 1000})
+    weights_other, averages_other = short_epoch(level3, ["--ema-decay", "0.9"], updates={"ema": 1000})
+    assert torch.equal(weights, weights_other)
+    assert not torch.allclose(averages["ema"], averages_other["ema"])
+
+
+@pytest.mark.parametrize("flags", [["--swa-lr", "1e-3"], ["--swa-schedule", "cyclic"], ["--swa-every", "1"]],
+                         ids=lambda f: f[0])
+def test_each_swa_flag_changes_the_average(flags):
+    """In the SWA phase (epoch 4 of 1 + 1 + 1 + 2), 2 steps per epoch: the LR flags change the weights, and
+    --swa-every 1 takes a snapshot after each step instead of one at the end of the epoch."""
+    base = ["--swa-epochs", "2"]
+    _, averages = short_epoch(level4, base, epoch=4, updates={"swa": 1})
+    _, averages_other = short_epoch(level4, base + flags, epoch=4, updates={"swa": 1})
+    assert not torch.equal(averages["swa"], averages_other["swa"])
+
+
+def test_swa_takes_one_snapshot_per_cycle_and_none_before_its_phase(monkeypatch):
+    calls = []
+    monkeypatch.setattr(common.SwaAverage, "update", lambda self, model: calls.append(1))
+    short_epoch(level4, ["--swa-epochs", "2"], epoch=2, steps=2)  # epoch 3 (0-based 2): the final epoch, before SWA
+    assert calls == []
+    short_epoch(level4, ["--swa-epochs", "2"], epoch=3, steps=2)
+    assert len(calls) == 1
+    short_epoch(level4, ["--swa-epochs", "2", "--swa-every", "1"], epoch=3, steps=2)
+    assert len(calls) == 3
+
+
+# ---- Schedules ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("module", [level3, level4])
+def test_no_learning_rate_is_ever_negative_and_frozen_stages_get_none(module):
+    """Issue 13, point 4: over a whole default schedule, every stage's LR is >= 0, exactly 0 while it is frozen and
+    > 0 once it trains (59e8176 gave layer4 -2.8e-3 at step 0)."""
+    args = module.get_args_parser().parse_args([])
+    steps_per_epoch = 10
+    total = steps_per_epoch * (args.head_epochs + args.epochs + args.final_epochs + getattr(args, "swa_epochs", 0))
+    for group in module.GROUPS:
+        first = module.unfreeze_epoch(group, args) * steps_per_epoch
+        lrs = [module.lr_at(step, group, steps_per_epoch, args) for step in range(total)]
+        assert all(lr == 0 for lr in lrs[:first]), group
+        assert all(lr > 0 for lr in lrs[first:]), group
+
+
+def test_stages_unfreeze_one_per_epoch_with_decayed_learning_rates():
+    args = level3.get_args_parser().parse_args(["--head-epochs", "2", "--unfreeze-every", "1"])
+    model = common.build_model("none")
+    assert level3.set_trainable(model, 1, args) == ["fc"]
+    assert level3.set_trainable(model, 3, args) == ["fc", "layer4", "layer3"]
+    assert not model.layer2.training and model.layer3.training and not model.bn1.training
+    assert [p.requires_grad for p in (model.fc.weight, model.layer3[0].conv1.weight, model.layer2[0].conv1.weight)] \
+        == [True, True, False]
+    step = 20 * 10  # well inside the cosine, every stage warmed up
+    ratio = level3.lr_at(step, "layer4", 10, args) / level3.lr_at(step, "fc", 10, args)
+    assert ratio == pytest.approx(args.lr_decay)
+    assert level3.lr_at(step, "stem", 10, args) / level3.lr_at(step, "fc", 10, args) == pytest.approx(0.7 ** 5)
+
+
+# ---- Weight averages: BatchNorm statistics and the choice ------------------------------------------------------
+
+def test_ema_bn_flag_recomputes_or_copies_the_statistics():
+    """--ema-bn recompute: the EMA's BatchNorm statistics come from the clean images; copy: they are the model's."""
+    args = level3.get_args_parser().parse_args([*TINY, "--ema-bn", "copy"])
+    torch.manual_seed(0)
+    model = common.build_model("none")
+    averages = {"ema": common.ModelEma(model, 0.9)}
+    averages["ema"].num_updates = 5
+    model.bn1.running_mean.fill_(3.0)
+    bn_set = common.CifarDataset(IMAGES, LABELS)
+    level3.validate(model, averages, bn_set, bn_set, CPU, args)
+    assert torch.equal(averages["ema"].module.bn1.running_mean, model.bn1.running_mean)
+    args.ema_bn = "recompute"
+    level3.validate(model, averages, bn_set, bn_set, CPU, args)
+    expected = copy.deepcopy(averages["ema"].module)
+    common.recompute_bn(expected, bn_set, CPU, args.img_size, args.batch_size)
+    assert torch.equal(averages["ema"].module.bn1.running_mean, expected.bn1.running_mean)
+    assert not torch.equal(averages["ema"].module.bn1.running_mean, model.bn1.running_mean)
+
+
+def test_the_best_candidate_is_saved_with_its_source(tmp_path):
+    args = level4.get_args_parser().parse_args(["--checkpoint-dir", str(tmp_path)])
+    model, other = common.build_model("none"), common.build_model("none")
+    averages = {"ema": common.ModelEma(other, 0.9)}
+    history = [{"epoch": 1, "val_acc": 0.5, "val_acc_ema": 0.6}]
+    best = level4.save_checkpoints(model, {"raw": model, "ema": averages["ema"].module}, averages,
+                                   level4.make_optimizer(model, args, CPU), torch.amp.GradScaler("cpu", enabled=False),
+                                   history, -1.0, args)
+    saved = torch.load(tmp_path / "level4_best.pth", weights_only=True)
+    assert best == 0.6 and saved["model_source"] == "ema"
+    assert torch.equal(saved["model"]["fc.weight"], other.fc.weight)
+    last = torch.load(tmp_path / "level4_last.pth", weights_only=True)
+    assert torch.equal(last["model"]["fc.weight"], model.fc.weight) and last["averages"]["ema"]["num_updates"] == 0
+
+
+# ---- End to end, each level, then evaluate.py on its checkpoint ---------------------------------------------------
+
+@pytest.mark.parametrize("module", [level1, level2, level3, level4])
+def test_level_end_to_end_then_evaluate(module, cached_run, data_root):
+    results, folder = cached_run(module)
+    level = module.LEVEL
+    assert len(results["history"]) == {"level1": 2, "level2": 2, "level3": 3, "level4": 4}[level]
+    assert results["train_images"] == 64 and results["test"]["num_images"] == 32
+    assert results["commit"] and results["device"].startswith("cpu") and "command" in results
+    json.loads((folder / f"{level}.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert (folder / f"{level}_curves.png").stat().st_size > 0
+    out = run_cli(evaluate, folder / f"{level}_best.pth", "--data-dir", data_root, "--subset", 32, "--device", "cpu",
+                  "--out", folder / "eval", *([] if level == "level1" else ["--tta"]))
+    assert out.returncode == 0, out.stderr
+    measured = final_line(out.stdout)
+    expected = results["test"] if level == "level1" else results["test_tta"]  # level 4: at the stored temperature
+    assert measured["acc1"] == pytest.approx(expected["acc1"], abs=1e-4)
+    assert measured["ece"] == pytest.approx(expected["ece"], abs=1e-4)
+
+
+def test_level4_reports_calibration_tta_sets_and_errors(cached_run):
+    results, folder = cached_run(level4)
+    assert set(results["tta_sets"]) == set(common.TTA_SETS)
+    calibration = results["calibration"]
+    assert calibration["fitted_on"] == "validation (32 images)" and calibration["temperature"] > 0
+    # TTA predictions do not depend on the temperature: the same top-1 as an uncalibrated TTA report.
+    model = common.build_model("none", results["args"]["dropout"])
+    model.load_state_dict(torch.load(folder / "level4_best.pth", weights_only=True)["model"])
+    _, _, test_set = common.cifar10_datasets(results["args"]["data_dir"], 0, eval_subset=32)
+    plain, _ = evaluate.report(model, test_set, CPU, 32, common.TTA_SETS["flip+translate"])
+    assert plain["acc1"] == pytest.approx(results["tta_sets"]["flip+translate"]["acc1"])
+    for name in ("reliability", "confusion", "mistakes"):
+        assert (folder / f"level4_{name}.png").stat().st_size > 0
+    assert all(a != b for a, b, _ in results["most_confused"])
+
+
+@pytest.mark.parametrize("module, flags", [(level2, ["--tta-set", "flip"]), (level4, ["--tta-average", "logit"])])
+def test_tta_flags_change_the_tta_results(module, flags, cached_run, data_root, tmp_path):
+    """--tta-set (level 2) and --tta-average (level 4) change what the final test with TTA measures: the level's own
+    final_test, run again on a copy of a finished run's checkpoints with the flag changed."""
+    results, folder = cached_run(module)
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    args = level_args(module, tmp_path, data_root, *flags)
+    _, val_set, test_set = common.cifar10_datasets(args.data_dir, args.seed, args.subset, args.eval_subset)
+    model = common.build_model("none", getattr(args, "dropout", 0.0))
+    other = module.final_test(model, *([val_set] if module is level4 else []), test_set, CPU, args, results["history"],
+                              {"started": 0.0})["test_tta"]
+    assert other["nll"] != results["test_tta"]["nll"]
+    assert other["views"] == common.TTA_SETS["flip"] if module is level2 else other["tta_average"] == "logit"
+
+
+# ---- Resume, and --train-on-all ----------------------------------------------------------------------------------
+
+def test_interrupted_run_resumes_at_the_next_epoch_with_its_states(tmp_path, data_root, monkeypatch, cached_run):
+    """Ctrl-C in the second epoch: levelN_last.pth holds the first; --resume ends with as many epochs as a straight
+    run, and the optimiser's step count, the EMA's and SWA's updates and the LR schedule continue where they were."""
+    straight, straight_folder = cached_run(level4)
+    calls, original = [], level4.train_one_epoch
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+    monkeypatch.setattr(level4, "train_one_epoch", interrupted)
+    out = run_cli(level4, *TINY, *TINY_LEVEL[4], "--data-dir", data_root, "--checkpoint-dir", tmp_path,
+                  "--results-dir", tmp_path)
+    assert out.returncode == 130 and "--resume" in out.stderr
+    assert torch.load(tmp_path / "level4_last.pth", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(level4, "train_one_epoch", original)
+    out = run_cli(level4, *TINY, *TINY_LEVEL[4], "--data-dir", data_root, "--checkpoint-dir", tmp_path,
+                  "--results-dir", tmp_path, "--resume", tmp_path / "level4_last.pth")
+    assert out.returncode == 0, out.stderr
+    assert "epoch 2 on" in out.stdout
+    resumed = json.loads((tmp_path / "level4.json").read_text())
+    assert [row["lr"] for row in resumed["history"]] == [row["lr"] for row in straight["history"]]
+    a = torch.load(tmp_path / "level4_last.pth", weights_only=True)
+    b = torch.load(straight_folder / "level4_last.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] == len(straight["history"])
+    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
+    assert [a["averages"][k]["num_updates"] for k in ("ema", "swa")] == \
+        [b["averages"][k]["num_updates"] for k in ("ema", "swa")]
+
+
+def test_resume_refuses_another_levels_checkpoint(cached_run, data_root, tmp_path):
+    _, folder = cached_run(level1)
+    out = run_cli(level2, *TINY, "--data-dir", data_root, "--checkpoint-dir", tmp_path, "--results-dir", tmp_path,
+                  "--resume", folder / "level1_last.pth")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "level2_last.pth" in out.stderr
+
+
+def test_train_on_all_keeps_the_last_epoch_without_validation(tmp_path, data_root):
+    """Issue 13, point 6: no validation split, the last epoch saved as best (Level 4: the SWA average), no
+    temperature fitted; evaluate.py measures it, and refuses --split val."""
+    results, folder = run_level(level4, tmp_path, data_root, "--train-on-all", "--head-epochs", "0", "--final-epochs", 0)
+    best = torch.load(folder / "level4_best.pth", weights_only=True)
+    assert best["selected_by"] == "last epoch (no validation)" and best["model_source"] == "swa"
+    assert best["epoch"] == len(results["history"]) and all("val_acc" not in row for row in results["history"])
+    assert results["calibration"]["fitted_on"] is None and best["temperature"] == 1.0
+    assert results["train_images"] == 64
+    out = run_cli(evaluate, folder / "level4_best.pth", "--data-dir", data_root, "--subset", 32, "--device", "cpu",
+                  "--out", folder / "eval")
+    assert out.returncode == 0, out.stderr
+    assert run_cli(evaluate, folder / "level4_best.pth", "--data-dir", data_root, "--split", "val",
+                   "--out", folder / "eval").returncode == 2
+
+
+# ---- Level 4's studies -------------------------------------------------------------------------------------------
+
+def test_summary_has_a_raw_and_a_calibrated_ece_column(tmp_path):
+    """Issue 13, point 3: `ECE` is the raw figure for every level, `ECE (T)` the calibrated one where it exists."""
+    row = {"test": {"acc1": 0.9, "ece": 0.05}, "history": [{}], "seconds": 10.0, "device": "cpu", "commit": "abc"}
+    (tmp_path / "level1.json").write_text(json.dumps(row))
+    (tmp_path / "level4.json").write_text(json.dumps({**row, "test_tta": {"acc1": 0.91},
+                                                      "test_calibrated": {"ece": 0.01}}))
+    out = run_cli(level4, "--summary", "--results-dir", tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = (tmp_path / "summary.md").read_text().splitlines()
+    header = [cell.strip() for cell in lines[2].split("|")]
+    rows = {cells[1]: cells for cells in ([c.strip() for c in line.split("|")] for line in lines[4:])}
+    ece, ece_t = header.index("ECE"), header.index("ECE (T)")
+    assert rows["level1"][ece] == "0.0500" and rows["level1"][ece_t] == "-"
+    assert rows["level4"][ece] == "0.0500" and rows["level4"][ece_t] == "0.0100"
+
+
+def test_ablation_runs_its_rows_keeps_finished_ones_and_names_unknown_rows(tmp_path, data_root, monkeypatch):
+    ran = []
+    original = level4.main
+
+    def counting_main(args):
+        ran.append(args.checkpoint_dir.rsplit("/", 1)[-1])
+        return original(args)
+    monkeypatch.setattr(level4, "main", counting_main)
+    flags = [*TINY, *TINY_LEVEL[4], "--head-epochs", "0", "--final-epochs", "0", "--data-dir", data_root,
+             "--checkpoint-dir", tmp_path / "ck", "--results-dir", tmp_path, "--ablate", "--ablate-epochs", "1",
+             "--ablate-sizes", "32"]
+    out = run_cli(level4, *flags, "--ablate-rows", "no_ema")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "ablation.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["baseline", "no_ema"] and rows[1]["model_source"] != "ema"
+    assert "| no_ema |" in (tmp_path / "ablation.md").read_text()
+    assert ran == ["ck", "baseline", "no_ema"]
+    ran.clear()
+    assert run_cli(level4, *flags, "--ablate-rows", "no_ema").returncode == 0
+    assert ran == ["ck"]  # both rows were done with the same settings: kept, not run again
+    out = run_cli(level4, *flags, "--ablate-rows", "no_such_row")
+    assert out.returncode == 2 and "no_ema" in out.stderr
