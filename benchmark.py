@@ -149,17 +149,16 @@ def level_img_s(module, level_args, args, device):
     return args.steps * args.batch_size / seconds, peak_memory_mb(device), model, val_set
 
 def eval_img_s(model, val_set, args, device):
-    """common.predict's images/s on up to `steps` evaluation batches of the validation split, one view and TTA."""
-    count = min(len(val_set), 2 * args.batch_size * args.steps) // (2 * args.batch_size) * 2 * args.batch_size
-    count = count or len(val_set)  # whole batches only: a last, smaller one would be autotuned inside the clock
+    """common.predict's images/s over up to `steps` batches of 256 validation images (the levels' evaluation batch),
+    whole batches only (a last, smaller one would be autotuned inside the clock), with one view and with TTA."""
+    count = max(256, min(len(val_set), 256 * args.steps) // 256 * 256)
     images = common.CifarDataset(val_set.images[:count], val_set.labels[:count])
-    warmup = common.CifarDataset(val_set.images[:2 * args.batch_size], val_set.labels[:2 * args.batch_size])
+    warmup = common.CifarDataset(val_set.images[:256], val_set.labels[:256])
     rates = []
     for views in (["identity"], common.TTA_SETS[args.tta_set]):
-        common.predict(model, warmup, device, args.img_size, views, 2 * args.batch_size)  # cuDNN picks its kernels
-        seconds, _ = timed(device, lambda: common.predict(model, images, device, args.img_size, views,
-                                                           2 * args.batch_size))
-        rates.append(count / seconds)
+        common.predict(model, warmup, device, args.img_size, views)  # cuDNN picks its kernels first
+        seconds, (_, labels) = timed(device, lambda: common.predict(model, images, device, args.img_size, views))
+        rates.append(len(labels) / seconds)
     return rates
 
 def benchmark_level(level, args, device):

@@ -42,7 +42,7 @@ def run_main(main, parser, validate):
     except UserError as error:
         fail(error)
     except KeyboardInterrupt:
-        print("\ninterrupted: levelN_last.pth holds the last finished epoch (--resume it)", file=sys.stderr)
+        print("\ninterrupted (a level's levelN_last.pth holds its last finished epoch: --resume it)", file=sys.stderr)
         sys.exit(130)
     except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
         text = str(error).lower()
@@ -96,8 +96,7 @@ def split_indices(labels, seed, val_per_class=500):
     return rng.permutation(np.setdiff1d(np.arange(len(labels)), val)), val
 
 class CifarDataset(torch.utils.data.Dataset):
-    """uint8 N x 3 x 32 x 32 images and labels; `transform` (crop, flip, ...) runs in the DataLoader workers, at 32 px
-    where it is cheap."""
+    """uint8 N x 3 x 32 x 32 images and labels; `transform` runs in the DataLoader workers, at 32 px: cheap there."""
 
     def __init__(self, images, labels, transform=None):
         self.images, self.labels, self.transform = torch.as_tensor(images), torch.as_tensor(labels), transform
@@ -270,8 +269,7 @@ def start_run(level, checkpoint_dir, results_dir, resume=None, overwrite=False):
         for p in orphans:
             p.unlink()
 
-def _take_lock(path):
-    """`path` holds "pid host" while a run writes to the folder; a lock whose process died is taken over."""
+def _take_lock(path):  # `path` holds "pid host" while a run writes to the folder; a dead process's lock is taken over
     me = f"{os.getpid()} {socket.gethostname()}"
     try:
         with open(path, "x") as f:  # "x": fails if it exists, so two runs starting at once cannot both succeed
@@ -391,7 +389,7 @@ def recompute_bn(model, dataset, device, img_size, batch_size):
         m.reset_running_stats()
         m.momentum = None  # None = cumulative average
     model.train()
-    for images, _ in batches(dataset, batch_size, device, drop_last=True):  # a batch of one would break BatchNorm
+    for images, _ in batches(dataset, min(batch_size, len(dataset)), device, drop_last=True):  # no batch of one
         with autocast(device):
             model(prepare_batch(images, device, img_size))
     for m, momentum in zip(norms, momenta):
@@ -446,5 +444,5 @@ def fit_temperature(logits, labels, low=1e-2, high=1e2, iterations=100):
         a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
         lo, hi = (lo, b) if nll(a) < nll(b) else (a, hi)
     log_t = (lo + hi) / 2
-    at_bound = min(log_t - math.log(low), math.log(high) - log_t) < 1e-3
+    at_bound = min(nll(math.log(low)), nll(math.log(high))) <= nll(log_t) + 1e-9  # no better than an end: not a fit
     return (math.exp(log_t) if nll(log_t) < nll(0.0) else 1.0), at_bound  # keep T = 1 unless the fit is better

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 import common
 
 # ---- Metrics, on CPU tensors (each checked against a hand-computed answer in tests/test_evaluate.py) -------------
-
 def confusion_matrix(preds, labels, num_classes=len(common.CLASSES)):
     """K x K counts: row = true class, column = predicted class."""
     return torch.bincount(labels * num_classes + preds, minlength=num_classes**2).view(num_classes, num_classes)
@@ -37,18 +36,20 @@ def precision_recall_f1(cm):
     precision, recall = torch.nan_to_num(tp / cm.sum(0)), torch.nan_to_num(tp / cm.sum(1))
     return precision, recall, torch.nan_to_num(2 * precision * recall / (precision + recall))
 
-def calibration_bins(probs, labels, n_bins=15):
-    """Per equal-width confidence bin (lo, hi]: (count, accuracy, mean confidence), confidence = top probability."""
-    confidence, preds = probs.double().max(-1)
+def calibration_bins(probs, labels, n_bins=15, preds=None):
+    """Per equal-width confidence bin (lo, hi]: (count, accuracy, mean confidence), the confidence being the probability
+    of the predicted class (by default the most probable one)."""
+    preds = probs.argmax(-1) if preds is None else preds
+    confidence = probs.double().gather(1, preds[:, None]).squeeze(1)
     bins = (confidence * n_bins).ceil().long().clamp(1, n_bins) - 1
     count = torch.bincount(bins, minlength=n_bins).double()
     correct = torch.bincount(bins, (preds == labels).double(), minlength=n_bins)
     summed = torch.bincount(bins, confidence, minlength=n_bins)
     return count, correct / count.clamp_min(1), summed / count.clamp_min(1)
 
-def expected_calibration_error(probs, labels, n_bins=15):
+def expected_calibration_error(probs, labels, n_bins=15, preds=None):
     """ECE (Naeini et al. 2015; Guo et al. 2017, eq. 3): sum over bins of |bin| / N * |accuracy - confidence|."""
-    count, accuracy, confidence = calibration_bins(probs, labels, n_bins)
+    count, accuracy, confidence = calibration_bins(probs, labels, n_bins, preds)
     return float((count / count.sum() * (accuracy - confidence).abs()).sum())
 
 def metrics(probs, labels, preds=None):
@@ -58,7 +59,8 @@ def metrics(probs, labels, preds=None):
     cm = confusion_matrix(preds, labels)
     precision, recall, f1 = precision_recall_f1(cm)
     per_class = lambda values: dict(zip(common.CLASSES, values.tolist()))  # noqa: E731
-    return {"acc1": float((preds == labels).double().mean()), "ece": expected_calibration_error(probs, labels),
+    ece = expected_calibration_error(probs, labels, preds=preds)
+    return {"acc1": float((preds == labels).double().mean()), "ece": ece,
             "nll": float(-probs.double().gather(1, labels[:, None]).clamp_min(1e-12).log().mean()),
             "brier": float(((probs.double() - F.one_hot(labels, probs.shape[1])) ** 2).sum(1).mean()),
             "per_class_acc": per_class(recall), "precision": per_class(precision), "recall": per_class(recall),
@@ -98,7 +100,6 @@ def loss_and_accuracy(model, dataset, device, img_size):
     return float(F.cross_entropy(logits[0], labels)), float((logits[0].argmax(-1) == labels).double().mean())
 
 # ---- Results: strict JSON, naming the command, device and commit that produced each number -----------------------
-
 def run_info(device):
     """What produced a result: the command, the device, the precision, the commit and the library versions."""
     def git(*args):
@@ -131,7 +132,6 @@ def write_table(path, heading, columns, rows):
     return "\n".join(lines)
 
 # ---- Plots -------------------------------------------------------------------------------------------------------
-
 def _pyplot():
     import matplotlib  # imported when a plot is drawn: training runs start faster without it
     matplotlib.use("Agg")  # files only, no window
@@ -149,7 +149,7 @@ def plot_curves(history, path, title):
     fig, (ax_loss, ax_acc) = _pyplot().subplots(1, 2, figsize=(10, 4))
     epochs = [row["epoch"] for row in history]
     ax_loss.plot(epochs, [row["train_loss"] for row in history], label="train")
-    for key, axis in (("val_loss", ax_loss), ("val_acc", ax_acc), ("val_acc_ema", ax_acc)):
+    for key, axis in (("val_loss", ax_loss), ("val_acc", ax_acc), ("val_acc_ema", ax_acc), ("val_acc_swa", ax_acc)):
         if any(row.get(key) is not None for row in history):
             axis.plot(epochs, [row.get(key) for row in history], label=key.replace("_", " "))
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
@@ -221,7 +221,6 @@ def plot_bars(names, values, path, title, xlabel, reference=None):
     _save(fig, path, title)
 
 # ---- Command line ------------------------------------------------------------------------------------------------
-
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a .pth checkpoint of this suite or a 10-class ResNet-50 state_dict")
@@ -250,14 +249,13 @@ def validate_args(args):
 def load_model(path):
     """(model, checkpoint dict) from a checkpoint of this suite or a bare state_dict with a 10-class head."""
     checkpoint = common.load_checkpoint(path)
-    checkpoint = checkpoint if isinstance(checkpoint, dict) else {"model": checkpoint}
-    head = checkpoint.get("model", checkpoint).get("fc.weight") if isinstance(checkpoint.get("model", {}), dict) \
-        else None
-    if not torch.is_tensor(head) or head.shape[0] != len(common.CLASSES):
-        raise common.UserError(f"{path} has no 10-class head: it is not a CIFAR-10 model of this suite")
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)):
+        checkpoint = {"model": checkpoint}  # a bare state_dict
     model = common.build_model("none")
-    common.load_weights(model, checkpoint, path)
-    return model, checkpoint if "model" in checkpoint else {}
+    common.load_weights(model, checkpoint, path)  # anything but a ResNet-50 is a one-line error there
+    if not any(k.endswith("fc.weight") and v.shape[0] == len(common.CLASSES) for k, v in checkpoint["model"].items()):
+        raise common.UserError(f"{path} has no 10-class head: it is not a CIFAR-10 model of this suite")
+    return model, checkpoint
 
 def choose_temperature(checkpoint, args):
     """The checkpoint's fitted T, unless --no-temperature or the fit hit its search bound (then it is no fit)."""
@@ -294,9 +292,9 @@ def predict_images(args, model, device, img_size, views, temperature):
     dataset = common.CifarDataset(np.stack(images), np.zeros(len(images), dtype=np.int64))
     view_logits, _ = common.predict(model, dataset, device, img_size, views, args.batch_size)
     probs = common.average_views(view_logits, temperature, args.tta_average)
-    rows = []
-    for name, p in zip(names, probs):
-        top = [(common.CLASSES[i], float(p[i])) for i in p.argsort(descending=True)[:3]]
+    rows, order = [], common.average_views(view_logits, 1.0, args.tta_average).argsort(descending=True)  # T = 1 ranks
+    for name, p, ranked in zip(names, probs, order):
+        top = [(common.CLASSES[i], float(p[i])) for i in ranked[:3]]
         print(f"{name}: " + ", ".join(f"{c} {q:.3f}" for c, q in top))
         rows.append({"file": name, "top3": top})
     out = Path(args.out)

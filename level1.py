@@ -30,7 +30,8 @@ import evaluate
 
 LEVEL = "level1"
 # --quick: a smoke run that shows every stage working, in a minute or two on a CPU; its numbers mean nothing.
-QUICK = {"subset": 128, "eval_subset": 128, "img_size": 32, "batch_size": 32, "head_epochs": 1, "epochs": 1}
+QUICK = {"subset": 128, "eval_subset": 128, "img_size": 32, "batch_size": 32, "head_epochs": 1, "epochs": 1,
+         "overwrite": True}
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -69,11 +70,10 @@ def get_args_parser():
 
 def validate_args(args):
     if args.quick:  # shrink first, then check what will run; quick/ folders keep real runs' files apart
-        vars(args).update(QUICK, overwrite=True, checkpoint_dir=f"{args.checkpoint_dir}/quick",
-                          results_dir=f"{args.results_dir}/quick")
+        vars(args).update(QUICK, checkpoint_dir=f"{args.checkpoint_dir}/quick", results_dir=f"{args.results_dir}/quick")
     common.check_flags(args, positive=("epochs", "batch_size", "head_lr", "lr", "subset", "eval_subset"),
                        non_negative=("head_epochs", "weight_decay", "workers", "print_freq"))
-    if args.img_size < 32 or args.batch_size < 2 or (args.subset or math.inf) < args.batch_size:
+    if args.img_size < 32 or args.batch_size < 2 or (args.subset or 45000) < args.batch_size:
         raise common.UserError("need --img-size >= 32, --batch-size >= 2 (for BatchNorm), --subset >= --batch-size")
 
 def setup_distributed(args):
@@ -107,8 +107,7 @@ def make_optimizer(model, args, device):
                               {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, fused=device.type == "cuda")
 
 def wrap(model, world_size, device, args):
-    """The model as the training step calls it: DistributedDataParallel (it registers the parameters that train when
-    it is built, so it is built again when they change), then torch.compile. Evaluation and checkpoints use `model`."""
+    """DistributedDataParallel (built again when what trains changes: it registers those parameters), torch.compile."""
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None)
     return torch.compile(model) if args.compile else model
@@ -146,14 +145,16 @@ def load_data(args, rank, world_size, device):
     train_loader = torch.utils.data.DataLoader(
         train_set, args.batch_size // world_size, sampler=sampler, num_workers=args.workers, drop_last=True,
         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
-        generator=torch.Generator().manual_seed(args.seed))  # the workers' seeds, not drawn from the global RNG
+        generator=torch.Generator().manual_seed(args.seed + rank))  # the workers' seeds, not from the global RNG
     return train_set, val_set, test_set, train_loader
 
 def resume(args, model, optimizer, scaler):
     """Continue after a levelN_last.pth, at the next epoch: weights, optimiser, loss scale, best score and history."""
     checkpoint = common.load_checkpoint(args.resume, LEVEL)
-    if any(checkpoint["args"][name] != getattr(args, name) for name in ("seed", "subset", "train_on_all")):
-        raise common.UserError("--seed, --subset and --train-on-all fix the data split: resume with the run's own")
+    moved = Path(args.resume).resolve().parent != Path(args.checkpoint_dir).resolve()  # into another run's folder
+    if moved or any(checkpoint["args"][k] != vars(args)[k] for k in ("seed", "subset", "train_on_all", "weight_decay")):
+        raise common.UserError("resume in the run's own --checkpoint-dir, with its --seed, --subset, --train-on-all "
+                               "(they fix the data split) and --wd (the optimiser holds it)")
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint["scaler"]:  # empty when it was saved by a bf16 or fp32 run
@@ -195,7 +196,7 @@ def main(args):
         common.start_run(LEVEL, args.checkpoint_dir, args.results_dir, args.resume, args.overwrite)
     if args.batch_size % world_size or args.batch_size // world_size < 2 or (args.sync_bn and device.type != "cuda"):
         raise common.UserError("--batch-size must be a multiple of the processes, 2 or more each; --sync-bn needs GPUs")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed + rank)  # each process draws its own augmentation; DDP gives all rank 0's weights
     torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN times its kernels once and keeps the fastest
     train_set, val_set, test_set, train_loader = load_data(args, rank, world_size, device)
     model = common.build_model(args.weights).to(device, memory_format=torch.channels_last)

@@ -14,7 +14,7 @@ Each level is one self-contained script, as airbench's are: it repeats the previ
 `diff level2.py level3.py` shows exactly what this level adds.
 
     python level3.py --epochs 30
-    python level3.py --unfreeze-every 0 --ema-decay 0       # Level 2's schedule: switch the new techniques off
+    python level3.py --unfreeze-every 0 --ema-decay 0       # switch two of the new techniques off
     python evaluate.py checkpoints/level3_best.pth --tta
 """
 import argparse
@@ -32,7 +32,7 @@ import evaluate
 LEVEL = "level3"
 # --quick: a smoke run that shows every stage working, in a minute or two on a CPU; its numbers mean nothing.
 QUICK = {"subset": 128, "eval_subset": 128, "img_size": 32, "batch_size": 32, "head_epochs": 1, "epochs": 1,
-         "final_epochs": 1}
+         "overwrite": True, "final_epochs": 1}
 # Progressive unfreezing walks ResNet-50's stages from the output back to the input.
 GROUPS = ("fc", "layer4", "layer3", "layer2", "layer1", "stem")
 # The EMA's BatchNorm statistics come from this many clean training images (0.3 s at 224 px on an H100).
@@ -72,7 +72,8 @@ def get_args_parser():
     # 0.7 per stage: the stem learns at 0.7^5 = 17 % of the head's LR. Lower layers hold generic features (edges,
     # textures) that transfer as they are (Yosinski et al. 2014), so they should move least.
     stages.add_argument("--lr-decay", type=float, default=0.7, help="LR factor per stage below the head (default: 0.7)")
-    # After the cosine, a few epochs at a small constant LR let the weights settle and give the EMA a stable stretch.
+    # After the cosine, a few epochs at a small constant LR (above --min-lr, so the weights still move) give the EMA a
+    # stable stretch to average.
     stages.add_argument("--final-epochs", type=int, default=5, help="epochs at --final-lr at the end (default: 5)")
     stages.add_argument("--final-lr", type=float, default=5e-6, help="LR of the final epochs (default: 5e-06)")
     ema = parser.add_argument_group("EMA of weights")
@@ -108,18 +109,15 @@ def get_args_parser():
 
 def validate_args(args):
     if args.quick:  # shrink first, then check what will run; quick/ folders keep real runs' files apart
-        vars(args).update(QUICK, overwrite=True, checkpoint_dir=f"{args.checkpoint_dir}/quick",
-                          results_dir=f"{args.results_dir}/quick")
+        vars(args).update(QUICK, checkpoint_dir=f"{args.checkpoint_dir}/quick", results_dir=f"{args.results_dir}/quick")
     common.check_flags(args, positive=("epochs", "batch_size", "head_lr", "lr", "subset", "eval_subset"),
                        non_negative=("head_epochs", "weight_decay", "workers", "print_freq", "warmup_epochs", "min_lr",
                                      "randaug_n", "mixup_alpha", "cutmix_alpha", "unfreeze_every",
                                      "unfreeze_warmup_epochs", "final_epochs", "final_lr"),
                        fraction=("mix_prob", "switch_prob", "label_smoothing", "erase_prob", "lr_decay", "ema_decay"))
-    if args.dropout >= 1 or args.dropout < 0 or args.ema_decay == 1 or args.lr_decay == 0:
-        raise common.UserError("need --dropout and --ema-decay in [0, 1) and --lr-decay in (0, 1]")
-    if not 0 <= args.randaug_m <= 30:
-        raise common.UserError(f"--randaug-m must be in 0..30 (got {args.randaug_m})")
-    if args.img_size < 32 or args.batch_size < 2 or (args.subset or math.inf) < args.batch_size:
+    if not (0 <= args.dropout < 1 and args.ema_decay < 1 and args.lr_decay > 0 and 0 <= args.randaug_m <= 30):
+        raise common.UserError("need --dropout and --ema-decay in [0, 1), --lr-decay in (0, 1], --randaug-m in 0..30")
+    if args.img_size < 32 or args.batch_size < 2 or (args.subset or 45000) < args.batch_size:
         raise common.UserError("need --img-size >= 32, --batch-size >= 2 (for BatchNorm), --subset >= --batch-size")
 
 def setup_distributed(args):
@@ -172,8 +170,7 @@ def make_optimizer(model, args, device):
     return torch.optim.AdamW(param_groups, lr=args.lr, fused=device.type == "cuda")
 
 def wrap(model, world_size, device, args):
-    """The model as the training step calls it: DistributedDataParallel (it registers the parameters that train when
-    it is built, so it is built again when they change), then torch.compile. Evaluation and checkpoints use `model`."""
+    """DistributedDataParallel (built again when what trains changes: it registers those parameters), torch.compile."""
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None)
     return torch.compile(model) if args.compile else model
@@ -235,36 +232,38 @@ def load_data(args, rank, world_size, device):
     train_loader = torch.utils.data.DataLoader(
         train_set, args.batch_size // world_size, sampler=sampler, num_workers=args.workers, drop_last=True,
         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
-        generator=torch.Generator().manual_seed(args.seed))  # the workers' seeds, not drawn from the global RNG
+        generator=torch.Generator().manual_seed(args.seed + rank))  # the workers' seeds, not from the global RNG
     return train_set, val_set, test_set, train_loader
 
 def resume(args, model, averages, optimizer, scaler):
     """Continue after a levelN_last.pth, at the next epoch: weights, averages, optimiser, loss scale, best, history."""
     checkpoint = common.load_checkpoint(args.resume, LEVEL)
-    if any(checkpoint["args"][name] != getattr(args, name) for name in ("seed", "subset", "train_on_all")):
-        raise common.UserError("--seed, --subset and --train-on-all fix the data split: resume with the run's own")
+    moved = Path(args.resume).resolve().parent != Path(args.checkpoint_dir).resolve()  # into another run's folder
+    if moved or any(checkpoint["args"][k] != vars(args)[k] for k in ("seed", "subset", "train_on_all", "weight_decay")):
+        raise common.UserError("resume in the run's own --checkpoint-dir, with its --seed, --subset, --train-on-all "
+                               "(they fix the data split) and --wd (the optimiser holds it)")
     model.load_state_dict(checkpoint["model"])
-    for name, average in averages.items():
-        if name in checkpoint["averages"]:
-            average.module.load_state_dict(checkpoint["averages"][name]["module"])
-            average.num_updates = checkpoint["averages"][name]["num_updates"]
+    for name, average in averages.items():  # an average the saved run did not have starts from its weights
+        saved = checkpoint["averages"].get(name, {"module": checkpoint["model"], "num_updates": 0})
+        average.module.load_state_dict(saved["module"])
+        average.num_updates = saved["num_updates"]
     optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint["scaler"]:  # empty when it was saved by a bf16 or fp32 run
         scaler.load_state_dict(checkpoint["scaler"])
     return checkpoint["epoch"], checkpoint["best_acc"], checkpoint["history"]
 
-def validate(model, averages, bn_set, val_set, device, args):
+def validate(model, averages, trainable, bn_set, val_set, device, args):
     """Validation loss and accuracy of the raw weights and of each average that has averaged something, after its
     BatchNorm statistics are recomputed on clean training images so that all are judged alike (with --ema-bn copy,
     the EMA's are the raw model's, which follow the last augmented batches). Returns (figures, candidate models)."""
-    models = {"raw": model}
+    models = {"raw": model, **{name: average.module for name, average in averages.items() if average.num_updates}}
     for name, average in averages.items():
-        if average.num_updates and name == "ema" and args.ema_bn == "copy":
-            for average_buffer, buffer in zip(average.module.buffers(), model.buffers()):
-                average_buffer.copy_(buffer)
-        elif average.num_updates:
+        copy = name == "ema" and args.ema_bn == "copy"
+        if average.num_updates and not copy:
             common.recompute_bn(average.module, bn_set, device, args.img_size, args.batch_size)
-        models.update({name: average.module} if average.num_updates else {})
+        for (key, average_buffer), buffer in zip(average.module.named_buffers(), model.buffers()):
+            if copy or group_of(key) not in trainable:  # frozen stages keep the statistics they train with
+                average_buffer.copy_(buffer)
     val = {}
     for name, candidate in ({} if args.train_on_all else models).items():
         suffix = "" if name == "raw" else f"_{name}"
@@ -286,8 +285,8 @@ def save_checkpoints(model, models, averages, optimizer, scaler, history, best_a
         common.save_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", {**checkpoint, "selected_by": selected_by})
     averages = {name: {"module": a.module.state_dict(), "num_updates": a.num_updates} for name, a in averages.items()}
     common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", {
-        **checkpoint, "model": model.state_dict(), "best_acc": best_acc, "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(), "averages": averages})
+        **checkpoint, "model": model.state_dict(), "model_source": "raw", "best_acc": best_acc,
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "averages": averages})
     return best_acc
 
 def final_test(model, test_set, device, args, history, info):
@@ -314,7 +313,7 @@ def main(args):
         common.start_run(LEVEL, args.checkpoint_dir, args.results_dir, args.resume, args.overwrite)
     if args.batch_size % world_size or args.batch_size // world_size < 2 or (args.sync_bn and device.type != "cuda"):
         raise common.UserError("--batch-size must be a multiple of the processes, 2 or more each; --sync-bn needs GPUs")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed + rank)  # each process draws its own augmentation; DDP gives all rank 0's weights
     torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN times its kernels once and keeps the fastest
     train_set, val_set, test_set, train_loader = load_data(args, rank, world_size, device)
     model = common.build_model(args.weights, args.dropout).to(device, memory_format=torch.channels_last)
@@ -343,7 +342,7 @@ def main(args):
         lr = optimizer.param_groups[0]["lr"]  # the head's
         row = {"epoch": epoch + 1, "stage": stage, "lr": lr, "train_loss": train_loss,
                "images_per_s": len(train_loader) * args.batch_size / (time.time() - epoch_start)}
-        val, models = validate(model, averages, bn_set, val_set, device, args) if master else ({}, {})
+        val, models = validate(model, averages, trainable, bn_set, val_set, device, args) if master else ({}, {})
         bad = [loss for loss in (train_loss, *val.values()) if not math.isfinite(loss)]
         if bad:  # checked once per epoch: a check in every step would make the CPU wait for the GPU
             raise common.UserError(f"loss became {bad[0]} in epoch {epoch + 1} (lr {lr:.0e}): lower --lr/--head-lr")

@@ -31,7 +31,7 @@ import evaluate
 LEVEL = "level4"
 # --quick: a smoke run that shows every stage working, in a minute or two on a CPU; its numbers mean nothing.
 QUICK = {"subset": 128, "eval_subset": 128, "img_size": 32, "batch_size": 32, "head_epochs": 1, "epochs": 1,
-         "final_epochs": 1, "swa_epochs": 1}
+         "overwrite": True, "final_epochs": 1, "swa_epochs": 1}
 # Progressive unfreezing walks ResNet-50's stages from the output back to the input.
 GROUPS = ("fc", "layer4", "layer3", "layer2", "layer1", "stem")
 # The EMA's and SWA's BatchNorm statistics come from this many clean training images (0.3 s at 224 px on an H100).
@@ -71,12 +71,12 @@ def get_args_parser():
     # 0.7 per stage: the stem learns at 0.7^5 = 17 % of the head's LR. Lower layers hold generic features (edges,
     # textures) that transfer as they are (Yosinski et al. 2014), so they should move least.
     stages.add_argument("--lr-decay", type=float, default=0.7, help="LR factor per stage below the head (default: 0.7)")
-    # After the cosine, a few epochs at a small constant LR let the weights settle and give the EMA a stable stretch.
+    # After the cosine, a few epochs at a small constant LR (above --min-lr, so the weights still move) give the EMA a
+    # stable stretch to average.
     stages.add_argument("--final-epochs", type=int, default=5, help="epochs at --final-lr at the end (default: 5)")
     stages.add_argument("--final-lr", type=float, default=5e-6, help="LR of the final epochs (default: 5e-06)")
     swa = parser.add_argument_group("SWA (stochastic weight averaging)")
-    # A fifth of --lr keeps the weights moving about the basin the cosine found without leaving it (Izmailov et al.
-    # use a high constant or cyclic LR; fine-tuning a pretrained network wants it lower).
+    # A fifth of --lr: the weights move about the basin the cosine found, without leaving it (Izmailov et al. 2018).
     swa.add_argument("--swa-epochs", type=int, default=5, help="SWA epochs at the end, 0 = off (default: 5)")
     swa.add_argument("--swa-lr", type=float, default=2e-5, help="SWA learning rate (default: 2e-05)")
     swa.add_argument("--swa-schedule", choices=["constant", "cyclic"], default="constant",
@@ -122,23 +122,21 @@ def get_args_parser():
 
 def validate_args(args):
     if args.quick:  # shrink first, then check what will run; quick/ folders keep real runs' files apart
-        vars(args).update(QUICK, overwrite=True, checkpoint_dir=f"{args.checkpoint_dir}/quick",
-                          results_dir=f"{args.results_dir}/quick")
+        vars(args).update(QUICK, checkpoint_dir=f"{args.checkpoint_dir}/quick", results_dir=f"{args.results_dir}/quick")
     common.check_flags(args, positive=("epochs", "batch_size", "head_lr", "lr", "subset", "eval_subset", "swa_lr",
                                        "ablate_epochs"),
                        non_negative=("head_epochs", "weight_decay", "workers", "print_freq", "warmup_epochs", "min_lr",
                                      "randaug_n", "mixup_alpha", "cutmix_alpha", "unfreeze_every",
                                      "unfreeze_warmup_epochs", "final_epochs", "final_lr", "swa_epochs", "swa_every"),
                        fraction=("mix_prob", "switch_prob", "label_smoothing", "erase_prob", "lr_decay", "ema_decay"))
-    if args.dropout >= 1 or args.dropout < 0 or args.ema_decay == 1 or args.lr_decay == 0:
-        raise common.UserError("need --dropout and --ema-decay in [0, 1) and --lr-decay in (0, 1]")
-    if not 0 <= args.randaug_m <= 30:
-        raise common.UserError(f"--randaug-m must be in 0..30 (got {args.randaug_m})")
+    if not (0 <= args.dropout < 1 and args.ema_decay < 1 and args.lr_decay > 0 and 0 <= args.randaug_m <= 30):
+        raise common.UserError("need --dropout and --ema-decay in [0, 1), --lr-decay in (0, 1], --randaug-m in 0..30")
     rows, unknown = ablation_grid(args), set(args.ablate_rows or []) - set(ablation_grid(args))
-    if (args.ablate_rows and not args.ablate) or unknown or min(args.ablate_sizes) < 32 or args.ablate and args.resume:
+    if (args.ablate_rows and not args.ablate) or unknown or min(args.ablate_sizes) < 32 or args.ablate and (
+            args.resume or "RANK" in os.environ):
         raise common.UserError(f"--ablate-rows needs --ablate and rows of {' '.join(rows)}; --ablate-sizes must be "
-                               f">= 32; --ablate runs its own rows, without --resume")
-    if args.img_size < 32 or args.batch_size < 2 or (args.subset or math.inf) < args.batch_size:
+                               f">= 32; --ablate runs its rows itself: one process (python, not torchrun), no --resume")
+    if args.img_size < 32 or args.batch_size < 2 or (args.subset or 45000) < args.batch_size:
         raise common.UserError("need --img-size >= 32, --batch-size >= 2 (for BatchNorm), --subset >= --batch-size")
 
 def setup_distributed(args):
@@ -191,8 +189,7 @@ def make_optimizer(model, args, device):
     return torch.optim.AdamW(param_groups, lr=args.lr, fused=device.type == "cuda")
 
 def wrap(model, world_size, device, args):
-    """The model as the training step calls it: DistributedDataParallel (it registers the parameters that train when
-    it is built, so it is built again when they change), then torch.compile. Evaluation and checkpoints use `model`."""
+    """DistributedDataParallel (built again when what trains changes: it registers those parameters), torch.compile."""
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None)
     return torch.compile(model) if args.compile else model
@@ -264,36 +261,38 @@ def load_data(args, rank, world_size, device):
     train_loader = torch.utils.data.DataLoader(
         train_set, args.batch_size // world_size, sampler=sampler, num_workers=args.workers, drop_last=True,
         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
-        generator=torch.Generator().manual_seed(args.seed))  # the workers' seeds, not drawn from the global RNG
+        generator=torch.Generator().manual_seed(args.seed + rank))  # the workers' seeds, not from the global RNG
     return train_set, val_set, test_set, train_loader
 
 def resume(args, model, averages, optimizer, scaler):
     """Continue after a levelN_last.pth, at the next epoch: weights, averages, optimiser, loss scale, best, history."""
     checkpoint = common.load_checkpoint(args.resume, LEVEL)
-    if any(checkpoint["args"][name] != getattr(args, name) for name in ("seed", "subset", "train_on_all")):
-        raise common.UserError("--seed, --subset and --train-on-all fix the data split: resume with the run's own")
+    moved = Path(args.resume).resolve().parent != Path(args.checkpoint_dir).resolve()  # into another run's folder
+    if moved or any(checkpoint["args"][k] != vars(args)[k] for k in ("seed", "subset", "train_on_all", "weight_decay")):
+        raise common.UserError("resume in the run's own --checkpoint-dir, with its --seed, --subset, --train-on-all "
+                               "(they fix the data split) and --wd (the optimiser holds it)")
     model.load_state_dict(checkpoint["model"])
-    for name, average in averages.items():
-        if name in checkpoint["averages"]:
-            average.module.load_state_dict(checkpoint["averages"][name]["module"])
-            average.num_updates = checkpoint["averages"][name]["num_updates"]
+    for name, average in averages.items():  # an average the saved run did not have starts from its weights
+        saved = checkpoint["averages"].get(name, {"module": checkpoint["model"], "num_updates": 0})
+        average.module.load_state_dict(saved["module"])
+        average.num_updates = saved["num_updates"]
     optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint["scaler"]:  # empty when it was saved by a bf16 or fp32 run
         scaler.load_state_dict(checkpoint["scaler"])
     return checkpoint["epoch"], checkpoint["best_acc"], checkpoint["history"]
 
-def validate(model, averages, bn_set, val_set, device, args):
+def validate(model, averages, trainable, bn_set, val_set, device, args):
     """Validation loss and accuracy of the raw weights and of each average that has averaged something, after its
     BatchNorm statistics are recomputed on clean training images so that all are judged alike (with --ema-bn copy,
     the EMA's are the raw model's, which follow the last augmented batches). Returns (figures, candidate models)."""
-    models = {"raw": model}
+    models = {"raw": model, **{name: average.module for name, average in averages.items() if average.num_updates}}
     for name, average in averages.items():
-        if average.num_updates and name == "ema" and args.ema_bn == "copy":
-            for average_buffer, buffer in zip(average.module.buffers(), model.buffers()):
-                average_buffer.copy_(buffer)
-        elif average.num_updates:
+        copy = name == "ema" and args.ema_bn == "copy"
+        if average.num_updates and not copy:
             common.recompute_bn(average.module, bn_set, device, args.img_size, args.batch_size)
-        models.update({name: average.module} if average.num_updates else {})
+        for (key, average_buffer), buffer in zip(average.module.named_buffers(), model.buffers()):
+            if copy or group_of(key) not in trainable:  # frozen stages keep the statistics they train with
+                average_buffer.copy_(buffer)
     val = {}
     for name, candidate in ({} if args.train_on_all else models).items():
         suffix = "" if name == "raw" else f"_{name}"
@@ -315,8 +314,8 @@ def save_checkpoints(model, models, averages, optimizer, scaler, history, best_a
         common.save_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", {**checkpoint, "selected_by": selected_by})
     averages = {name: {"module": a.module.state_dict(), "num_updates": a.num_updates} for name, a in averages.items()}
     common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", {
-        **checkpoint, "model": model.state_dict(), "best_acc": best_acc, "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(), "averages": averages})
+        **checkpoint, "model": model.state_dict(), "model_source": "raw", "best_acc": best_acc,
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "averages": averages})
     return best_acc
 
 def final_test(model, val_set, test_set, device, args, history, info):
@@ -346,8 +345,7 @@ def final_test(model, val_set, test_set, device, args, history, info):
                "selected_by": best["selected_by"], "model_source": best["model_source"], "best_val_acc": best["history"]
                [-1].get("val_acc" + ("" if best["model_source"] == "raw" else f"_{best['model_source']}"), math.nan),
                "test": test, "test_calibrated": calibrated, "test_tta": tta[args.tta_set], "tta_sets": tta,
-               "calibration": {"temperature": temperature, "at_bound": at_bound, "applied": calibrated_t,
-                               "fitted_on": None if args.train_on_all else f"validation ({len(val_set)} images)"},
+               "calibration": {"temperature": temperature, "at_bound": at_bound, "fitted_on_images": len(val_set)},
                "most_confused": evaluate.most_confused(test["confusion_matrix"]), "confident_mistakes": mistakes,
                "seconds": time.time() - info["started"]}
     evaluate.write_json(results_dir / f"{LEVEL}.json", results)
@@ -367,19 +365,22 @@ def ablation_grid(args):
     return {**grid, **{f"img_size_{size}": {"img_size": size} for size in args.ablate_sizes if size != args.img_size}}
 
 def run_ablation(args):
-    """Each row of the grid (or of --ablate-rows, and the baseline) as a real, shorter run: --epochs --ablate-epochs,
-    its own folders. results/ablation.{json,md,png}. A row run earlier with the same settings is kept."""
+    """Each row (or each of --ablate-rows, and the baseline) a real run at --epochs --ablate-epochs; rows run earlier
+    with the same settings are kept. Writes results/ablation.{json,md,png}."""
     path, rows = Path(args.results_dir) / "ablation.json", []
-    done = {row["name"]: row for row in json.loads(path.read_text())["rows"]} if path.is_file() else {}
+    try:
+        done = {row["name"]: row for row in json.loads(path.read_text())["rows"]} if path.is_file() else {}
+    except (ValueError, KeyError, TypeError) as error:
+        raise common.UserError(f"{path} is not this suite's ablation table ({type(error).__name__}): move it away")
     for name, change in ablation_grid(args).items():
         row_args = argparse.Namespace(**{**vars(args), "ablate": False, "epochs": args.ablate_epochs, **change,
                                          "checkpoint_dir": f"{args.checkpoint_dir}/ablation/{name}", "overwrite": True,
                                          "results_dir": f"{args.results_dir}/ablation/{name}"})
-        settings = json.loads(json.dumps(vars(row_args)))
+        settings = json.loads(json.dumps({k: v for k, v in vars(row_args).items() if not k.startswith("ablate")}))
         if name in done and done[name]["args"] == settings:
             rows.append(done[name])
         elif name == "baseline" or name in (args.ablate_rows or [name]):
-            print(f"ablation {name}: {' '.join(f'--{k} {v}' for k, v in change.items()) or 'the full recipe'}")
+            print(f"ablation row {name}: {change or 'the full recipe'}", flush=True)
             result = main(row_args)
             done[name] = {"name": name, "change": change, "args": settings, "acc1": result["test"]["acc1"], "tta_acc1":
                           result["test_tta"]["acc1"], "ece": result["test"]["ece"], **{k: result[k] for k in (
@@ -388,8 +389,8 @@ def run_ablation(args):
             evaluate.write_json(path, {"rows": list(done.values())})  # an interrupted grid keeps its finished rows
     evaluate.write_json(path, {"rows": rows})
     baseline = rows[0]["tta_acc1"]
-    print(evaluate.write_table(path.with_suffix(".md"), f"Ablation (`python level4.py --ablate`), {args.ablate_epochs} "
-                               f"epochs per row, on {rows[0]['device']}, commit {rows[0]['commit']}",
+    print(evaluate.write_table(path.with_suffix(".md"), f"Ablation (`python level4.py --ablate`), --epochs "
+                               f"{args.ablate_epochs} per row, on {rows[0]['device']}, commit {rows[0]['commit']}",
                                ["row", "change", "test acc1 (TTA)", "vs baseline", "acc1", "ECE", "weights", "seconds"],
                                [[r["name"], r["change"], r["tta_acc1"], f"{r['tta_acc1'] - baseline:+.4f}", r["acc1"],
                                  r["ece"], r["model_source"], f"{r['seconds']:.0f}"] for r in rows]))
@@ -413,8 +414,7 @@ def write_summary(args):
     print(evaluate.write_table(Path(args.results_dir) / "summary.md", "Summary (`python level4.py --summary`)",
                                ["level", "test acc1", "with TTA", "ECE", "ECE (T)", "epochs", "seconds", "device",
                                 "commit"], rows))
-    evaluate.plot_bars([r[0] for r in rows], [r[1] for r in rows], Path(args.results_dir) / "summary.png",
-                       "test accuracy per level (no TTA)", "test top-1")
+    evaluate.plot_bars([r[0] for r in rows], [r[1] for r in rows], Path(args.results_dir) / "summary.png", "", "top-1")
     return rows
 
 def main(args):
@@ -426,7 +426,7 @@ def main(args):
         common.start_run(LEVEL, args.checkpoint_dir, args.results_dir, args.resume, args.overwrite)
     if args.batch_size % world_size or args.batch_size // world_size < 2 or (args.sync_bn and device.type != "cuda"):
         raise common.UserError("--batch-size must be a multiple of the processes, 2 or more each; --sync-bn needs GPUs")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed + rank)  # each process draws its own augmentation; DDP gives all rank 0's weights
     torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN times its kernels once and keeps the fastest
     train_set, val_set, test_set, train_loader = load_data(args, rank, world_size, device)
     model = common.build_model(args.weights, args.dropout).to(device, memory_format=torch.channels_last)
@@ -456,7 +456,7 @@ def main(args):
         lr = optimizer.param_groups[0]["lr"]  # the head's
         row = {"epoch": epoch + 1, "stage": stage, "lr": lr, "train_loss": train_loss,
                "images_per_s": len(train_loader) * args.batch_size / (time.time() - epoch_start)}
-        val, models = validate(model, averages, bn_set, val_set, device, args) if master else ({}, {})
+        val, models = validate(model, averages, trainable, bn_set, val_set, device, args) if master else ({}, {})
         bad = [loss for loss in (train_loss, *val.values()) if not math.isfinite(loss)]
         if bad:  # checked once per epoch: a check in every step would make the CPU wait for the GPU
             raise common.UserError(f"loss became {bad[0]} in epoch {epoch + 1} (lr {lr:.0e}): lower --lr/--head-lr")

@@ -131,17 +131,21 @@ def test_metrics_by_hand():
     assert zero["nll"] == pytest.approx(-math.log(1e-12), rel=1e-9) and zero["brier"] == pytest.approx(2.0)
 
 
-def test_metrics_with_explicit_preds_uses_them_for_top1_but_the_probabilities_for_ece():
-    """preds (all right here) give top-1 and the per-class figures; ECE, NLL, Brier stay those of the probabilities."""
+def test_metrics_with_explicit_preds_uses_them_for_top1_and_for_the_confidence_of_ece():
+    """preds (all right here) give top-1, the per-class figures and ECE's confidence (the probability given to the
+    predicted class: with TTA at T != 1 it need not be the largest); NLL and Brier stay those of the probabilities."""
     result = evaluate.metrics(PROBS, TRUE, preds=TRUE.clone())
     plain = evaluate.metrics(PROBS, TRUE)
     assert result["acc1"] == 1.0 and plain["acc1"] == pytest.approx(4 / 6)
     assert [row[:3] for row in result["confusion_matrix"][:3]] == [[3, 0, 0], [0, 1, 0], [0, 0, 2]]
     assert [result["per_class_acc"][n] for n in common.CLASSES[:3]] == [1.0, 1.0, 1.0]
     assert [result["precision"][n] for n in common.CLASSES[:3]] == [1.0, 1.0, 1.0]
-    for key in ("ece", "nll", "brier"):
+    for key in ("nll", "brier"):
         assert result[key] == plain[key]
-    assert result["ece"] == pytest.approx(0.41)
+    assert plain["ece"] == pytest.approx(0.41)
+    # Confidences of the (right) predictions 0.95, 0.02, 0.55, 0.58, 0.28, 0.75 fall in bins 14, 0, 8, 8, 4, 11:
+    # ECE = (0.05 + 0.98 + 2 * 0.435 + 0.72 + 0.25) / 6.
+    assert result["ece"] == pytest.approx((0.05 + 0.98 + 2 * 0.435 + 0.72 + 0.25) / 6)
 
 
 def test_most_confused_by_hand():
@@ -491,3 +495,29 @@ def test_cli_images_with_only_unreadable_files_is_a_one_line_error(tmp_path, che
                      "--device", "cpu")
     assert_one_line_error(result, "no readable")
     assert "skipped" in result.stdout and not (tmp_path / "predictions.json").exists()
+
+
+def test_cli_accepts_the_prefixed_keys_of_ddp_and_torch_compile(tmp_path, state_dict, synthetic_root, fast_plots):
+    """A state_dict saved from a DDP- or torch.compile-wrapped model (module. / _orig_mod. keys) evaluates."""
+    for prefix in ("module.", "_orig_mod."):
+        path = tmp_path / f"{prefix.strip('.')}.pth"
+        torch.save({prefix + key: value for key, value in state_dict.items()}, path)
+        result = cli(path, synthetic_root, tmp_path / "out", "--subset", 20, "--img-size", 32)
+        assert result.returncode == 0, result.stderr
+
+
+def test_cli_images_ranks_classes_by_the_temperature_free_average(tmp_path, checkpoint, monkeypatch):
+    """--images with TTA and a stored T: the top class comes from the T = 1 average of the views, as everywhere.
+    Views [10, 0], [0, 1], [0, 1]: T = 1 ranks class 0 first, T = 0.5 would rank class 1 first."""
+    views = torch.zeros(3, 1, 10)
+    views[0, 0, 0], views[1, 0, 1], views[2, 0, 1] = 10.0, 1.0, 1.0
+    monkeypatch.setattr(common, "predict", lambda *args, **kwargs: (views, torch.zeros(1, dtype=torch.long)))
+    state = torch.load(checkpoint, weights_only=True)
+    path = tmp_path / "calibrated.pth"
+    torch.save({"model": state, "temperature": 0.5, "args": {"tta_set": "flip+translate", "img_size": 32}}, path)
+    image = write_images(tmp_path / "photos")[0]
+    result = run_cli(evaluate, path, "--images", image, "--tta", "--out", tmp_path, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    top3 = strict_json(tmp_path / "predictions.json")["images"][0]["top3"]
+    assert top3[0][0] == common.CLASSES[0]
+    assert top3[0][1] == pytest.approx(float(common.average_views(views, 0.5)[0, 0]))  # shown at the stored T

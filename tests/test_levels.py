@@ -178,22 +178,27 @@ def test_stages_unfreeze_one_per_epoch_with_decayed_learning_rates():
 # ---- Weight averages: BatchNorm statistics and the choice ------------------------------------------------------
 
 def test_ema_bn_flag_recomputes_or_copies_the_statistics():
-    """--ema-bn recompute: the EMA's BatchNorm statistics come from the clean images; copy: they are the model's."""
+    """--ema-bn recompute: the EMA's BatchNorm statistics come from the clean images (as common.recompute_bn computes
+    them); copy: they are the model's. Either way a frozen stage keeps the statistics it trains with: the model's."""
     args = level3.get_args_parser().parse_args([*TINY, "--ema-bn", "copy"])
     torch.manual_seed(0)
     model = common.build_model("none")
     averages = {"ema": common.ModelEma(model, 0.9)}
     averages["ema"].num_updates = 5
     model.bn1.running_mean.fill_(3.0)
+    model.layer4[0].bn1.running_mean.fill_(2.0)
     bn_set = common.CifarDataset(IMAGES, LABELS)
-    level3.validate(model, averages, bn_set, bn_set, CPU, args)
+    level3.validate(model, averages, list(level3.GROUPS), bn_set, bn_set, CPU, args)
     assert torch.equal(averages["ema"].module.bn1.running_mean, model.bn1.running_mean)
     args.ema_bn = "recompute"
-    level3.validate(model, averages, bn_set, bn_set, CPU, args)
+    level3.validate(model, averages, list(level3.GROUPS), bn_set, bn_set, CPU, args)
     expected = copy.deepcopy(averages["ema"].module)
     common.recompute_bn(expected, bn_set, CPU, args.img_size, args.batch_size)
     assert torch.equal(averages["ema"].module.bn1.running_mean, expected.bn1.running_mean)
     assert not torch.equal(averages["ema"].module.bn1.running_mean, model.bn1.running_mean)
+    level3.validate(model, averages, ["fc", "layer4"], bn_set, bn_set, CPU, args)  # the stem and layer1-3 frozen
+    assert torch.equal(averages["ema"].module.bn1.running_mean, model.bn1.running_mean)
+    assert not torch.equal(averages["ema"].module.layer4[0].bn1.running_mean, model.layer4[0].bn1.running_mean)
 
 
 def test_the_best_candidate_is_saved_with_its_source(tmp_path):
@@ -209,6 +214,7 @@ def test_the_best_candidate_is_saved_with_its_source(tmp_path):
     assert torch.equal(saved["model"]["fc.weight"], other.fc.weight)
     last = torch.load(tmp_path / "level4_last.pth", weights_only=True)
     assert torch.equal(last["model"]["fc.weight"], model.fc.weight) and last["averages"]["ema"]["num_updates"] == 0
+    assert last["model_source"] == "raw"  # last.pth holds the raw weights, whichever candidate was best
 
 
 # ---- End to end, each level, then evaluate.py on its checkpoint ---------------------------------------------------
@@ -235,7 +241,7 @@ def test_level4_reports_calibration_tta_sets_and_errors(cached_run):
     results, folder = cached_run(level4)
     assert set(results["tta_sets"]) == set(common.TTA_SETS)
     calibration = results["calibration"]
-    assert calibration["fitted_on"] == "validation (32 images)" and calibration["temperature"] > 0
+    assert calibration["fitted_on_images"] == 32 and calibration["temperature"] > 0
     # TTA predictions do not depend on the temperature: the same top-1 as an uncalibrated TTA report.
     model = common.build_model("none", results["args"]["dropout"])
     model.load_state_dict(torch.load(folder / "level4_best.pth", weights_only=True)["model"])
@@ -295,11 +301,18 @@ def test_interrupted_run_resumes_at_the_next_epoch_with_its_states(tmp_path, dat
         [b["averages"][k]["num_updates"] for k in ("ema", "swa")]
 
 
-def test_resume_refuses_another_levels_checkpoint(cached_run, data_root, tmp_path):
+def test_resume_refuses_another_levels_checkpoint_folder_split_or_decay(cached_run, data_root, tmp_path):
+    """Another level's checkpoint; the run's own checkpoint resumed into another folder (its best checkpoint would
+    mix with another run's); another --seed (the validation split) or --wd (the optimiser's): one line each."""
     _, folder = cached_run(level1)
     out = run_cli(level2, *TINY, "--data-dir", data_root, "--checkpoint-dir", tmp_path, "--results-dir", tmp_path,
                   "--resume", folder / "level1_last.pth")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "level2_last.pth" in out.stderr
+    for flags in (["--checkpoint-dir", tmp_path], ["--checkpoint-dir", folder, "--seed", "5"],
+                  ["--checkpoint-dir", folder, "--wd", "0.5"]):
+        out = run_cli(level1, *TINY, "--data-dir", data_root, "--results-dir", tmp_path, "--epochs", "2", *flags,
+                      "--resume", folder / "level1_last.pth")
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--checkpoint-dir" in out.stderr, flags
 
 
 def test_train_on_all_keeps_the_last_epoch_without_validation(tmp_path, data_root):
@@ -309,7 +322,7 @@ def test_train_on_all_keeps_the_last_epoch_without_validation(tmp_path, data_roo
     best = torch.load(folder / "level4_best.pth", weights_only=True)
     assert best["selected_by"] == "last epoch (no validation)" and best["model_source"] == "swa"
     assert best["epoch"] == len(results["history"]) and all("val_acc" not in row for row in results["history"])
-    assert results["calibration"]["fitted_on"] is None and best["temperature"] == 1.0
+    assert results["calibration"]["fitted_on_images"] == 0 and best["temperature"] == 1.0
     assert results["train_images"] == 64
     out = run_cli(evaluate, folder / "level4_best.pth", "--data-dir", data_root, "--subset", 32, "--device", "cpu",
                   "--out", folder / "eval")
@@ -354,7 +367,34 @@ def test_ablation_runs_its_rows_keeps_finished_ones_and_names_unknown_rows(tmp_p
     assert "| no_ema |" in (tmp_path / "ablation.md").read_text()
     assert ran == ["ck", "baseline", "no_ema"]
     ran.clear()
-    assert run_cli(level4, *flags, "--ablate-rows", "no_ema").returncode == 0
-    assert ran == ["ck"]  # both rows were done with the same settings: kept, not run again
+    assert run_cli(level4, *flags, "--ablate-rows", "baseline").returncode == 0
+    assert ran == ["ck"]  # another --ablate-rows: the rows done with the same settings are kept, not run again
+    rows = json.loads((tmp_path / "ablation.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["baseline", "no_ema"]
     out = run_cli(level4, *flags, "--ablate-rows", "no_such_row")
     assert out.returncode == 2 and "no_ema" in out.stderr
+    monkeypatch.setenv("RANK", "0")  # under torchrun: the rows run one after another in one process
+    assert run_cli(level4, *flags).returncode == 2
+    monkeypatch.delenv("RANK")
+    (tmp_path / "ablation.json").write_text("{not json")
+    out = run_cli(level4, *flags)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "ablation.json" in out.stderr
+
+
+def test_batch_larger_than_the_training_split_is_one_line_error(data_root, tmp_path):
+    out = run_cli(level1, *TINY[:TINY.index("--subset")], "-b", "46000", "--data-dir", data_root,
+                  "--checkpoint-dir", tmp_path, "--results-dir", tmp_path)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+
+
+def test_an_average_the_saved_run_did_not_have_starts_from_its_weights(tmp_path, data_root):
+    """A run saved without EMA (--ema-decay 0), resumed with it: the EMA starts from the resumed weights."""
+    run_level(level3, tmp_path, data_root, "--ema-decay", "0", "--final-epochs", "0")
+    args = level_args(level3, tmp_path, data_root, "--resume", tmp_path / "level3_last.pth", "--final-epochs", "0")
+    model = common.build_model("none", args.dropout)
+    averages = {"ema": common.ModelEma(common.build_model("none", args.dropout))}
+    level3.resume(args, model, averages, level3.make_optimizer(model, args, CPU),
+                  torch.amp.GradScaler("cpu", enabled=False))
+    assert all(torch.equal(a, b) for a, b in zip(averages["ema"].module.state_dict().values(),
+                                                  model.state_dict().values()))
+    assert averages["ema"].num_updates == 0

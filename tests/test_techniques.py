@@ -623,3 +623,23 @@ def test_check_flags_ranges_name_the_flag(kind, name, bad, good):
         common.check_flags(argparse.Namespace(**{name: bad, "subset": None}), **{kind: (name, "subset")})
     assert str(error.value) == f"{flag} must be {rule} (got {bad})"
     common.check_flags(argparse.Namespace(**{name: good, "subset": None}), **{kind: (name, "subset")})
+
+
+# ---- Review fixes ------------------------------------------------------------------------------------------------
+
+def test_fit_temperature_flags_a_flat_nll_at_its_bound():
+    """One confidently right validation image: the NLL only falls towards T -> 0, so no T is a fit (at_bound)."""
+    temperature, at_bound = common.fit_temperature(torch.tensor([[3.0, 0.0]]), torch.tensor([0]))
+    assert at_bound
+
+
+def test_recompute_bn_with_fewer_images_than_a_batch_uses_them_all():
+    """A dataset smaller than the batch: one batch of all its images, not none (which would leave reset statistics)."""
+    model = tiny_model()
+    dataset = random_dataset(8)
+    ours, reference = copy.deepcopy(model), copy.deepcopy(model)
+    common.recompute_bn(ours, dataset, CPU, 40, 256)
+    update_bn([common.prepare_batch(dataset.images, CPU, 40)], reference, device=CPU)
+    bn_ours, bn_reference = (next(m for m in net.modules() if isinstance(m, nn.BatchNorm2d)) for net in (ours, reference))
+    assert int(bn_ours.num_batches_tracked) == 1
+    torch.testing.assert_close(bn_ours.running_mean, bn_reference.running_mean, atol=1e-5, rtol=1e-5)
