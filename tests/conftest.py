@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -87,6 +88,27 @@ def run_cli(module, *args):
     finally:
         sys.argv = old_argv
     return SimpleNamespace(returncode=returncode, stdout=stdout.getvalue(), stderr=stderr.getvalue())
+
+
+def assert_one_line_error(result, *fragments):
+    """Exit code 2, no traceback, exactly one stderr line starting "error:" that holds every fragment."""
+    assert result.returncode == 2, (result.returncode, result.stdout[-800:], result.stderr[-2000:])
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small models on a shared 2-core machine run far faster on one thread (a test module opts in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`); the setting is restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def final_line(stdout):

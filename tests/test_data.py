@@ -8,24 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import TINY, real_cifar_dir, run_cli, write_synthetic_cifar
+from conftest import TINY, assert_one_line_error, real_cifar_dir, run_cli, write_synthetic_cifar
 
 import common
 import level1
 
 BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 needs_real = pytest.mark.skipif(real_cifar_dir() is None, reason="real CIFAR-10 not available")
-
-
-def assert_one_line_error(result, *fragments):
-    """Exit code 2, no traceback, exactly one stderr line starting "error:" that holds every fragment."""
-    assert result.returncode == 2, (result.returncode, result.stdout[-500:], result.stderr[-2000:])
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 def linked_copy(synthetic_root, tmp_path):

@@ -12,18 +12,10 @@ import torch.nn as nn
 
 import common
 import evaluate
-from conftest import final_line, run_cli, write_synthetic_cifar
+from conftest import assert_one_line_error, final_line, run_cli, write_synthetic_cifar
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small models on a shared 2-core machine run far faster on one thread; restored for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- Metrics against a hand-computed example ----------------------------------------------------------------------
@@ -272,16 +264,6 @@ def fast_plots(monkeypatch):
 
 def cli(checkpoint_path, data_root, out, *extra):
     return run_cli(evaluate, checkpoint_path, "--data-dir", data_root, "--device", "cpu", "--out", out, *extra)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def is_png(path):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, TINY, final_line, run_cli
+from conftest import ROOT, TINY, assert_one_line_error, final_line, run_cli
 
 import common
 import evaluate
@@ -27,17 +27,6 @@ import level4
 
 T = list(TINY)  # 64 training images at 32 px, batch 16, one head epoch and one full epoch, no workers
 QUICK_FLAGS = ["--quick", "--weights", "none", "-j", "0"]
-
-
-def assert_one_line_error(result, *fragments):
-    """Exit code 2, no traceback, exactly one stderr line starting "error:" that holds every fragment."""
-    assert result.returncode == 2, (result.returncode, result.stdout[-800:], result.stderr[-2000:])
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 def fingerprint(path):
