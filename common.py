@@ -1,5 +1,5 @@
 """What every script needs (errors, data, model, precision, checkpoints), then the hand-written techniques, each
-under its banner and tested against a library or a hand-computed answer (tests/test_techniques.py). No argparse,
+under its banner and tested against a library or a hand-computed answer (tests/test_techniques.py). No flag parsing,
 distributed training, plots or metrics here: each level owns its recipe, evaluate.py owns the measurement."""
 import atexit
 import copy
@@ -34,7 +34,7 @@ def fail(message):
 
 def run_main(main, parser, validate):
     """Parse, validate, run: a UserError, a bad flag or running out of memory is one line and exit code 2."""
-    parser.error = lambda message: fail(f"{message} (see --help)")  # argparse's usage + error, as one line
+    parser.error = lambda message: fail(f"{message} (see --help)")  # the parser's usage + error, as one line
     args = parser.parse_args()
     try:
         validate(args)
