@@ -10,7 +10,8 @@ import level1
 
 def test_smoke_run_prints_parseable_lines_json_and_markdown(tmp_path, data_root):
     out = run_cli(benchmark, "--level", "1", "4", "--img-size", "32", "-b", "8", "--steps", "1", "--warmup-steps", "1",
-                  "-j", "0", "--device", "cpu", "--data-dir", data_root, "--json", tmp_path / "b.json", "--markdown",
+                  "-j", "0", "--device", "cpu", "--tta-set", "flip", "--data-dir", data_root, "--json", tmp_path / "b.json",
+                  "--markdown",
                   tmp_path / "b.md")
     assert out.returncode == 0, out.stderr
     lines = [dict(item.split("=") for item in line.split()[1:]) for line in out.stdout.splitlines()
