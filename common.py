@@ -368,8 +368,9 @@ class ModelEma:
 
     @torch.no_grad()
     def update(self, model):
+        step = 1 - self.current_decay()  # once per update, not once per parameter
         for average, weight in zip(self.module.parameters(), model.parameters()):
-            average.lerp_(weight, 1 - self.current_decay())  # average += (1 - d) * (weight - average)
+            average.lerp_(weight, step)  # average += (1 - d) * (weight - average)
         self.num_updates += 1
 
 class SwaAverage(ModelEma):
