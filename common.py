@@ -380,10 +380,24 @@ class SwaAverage(ModelEma):
     def current_decay(self):
         return self.num_updates / (self.num_updates + 1)
 
+def bn_images(dataset, count, transform=None, seed=0):
+    """The first `count` images of `dataset` (uint8 N x 3 x 32 x 32), each through `transform` (a level's training
+    augmentation: crop, flip, RandAugment) drawn from its own generator seeded by `seed`, so that the same images
+    come out every time and the global RNG is left as it was. Without `transform`: the clean images."""
+    images, labels = dataset.images[:count], dataset.labels[:count]
+    if transform is not None:
+        with torch.random.fork_rng(devices=[]):  # the training run's own random stream is not disturbed
+            torch.manual_seed(seed)
+            images = torch.stack([transform(image) for image in images])  # in order, as a DataLoader with -j 0
+    return CifarDataset(images, labels)
+
 @torch.no_grad()
 def recompute_bn(model, dataset, device, img_size, batch_size):
-    """BatchNorm statistics from one pass over `dataset` (clean images), as torch.optim.swa_utils.update_bn: those of an
-    average of weights are not the average of their statistics (Izmailov et al. 2018, sec. 3.2)."""
+    """BatchNorm statistics of `model` from one pass over `dataset` (uint8 images, see bn_images), in batches of
+    `batch_size` as in training: torch.optim.swa_utils.update_bn's procedure (reset, cumulative average, train mode).
+    An average of weights needs statistics of its own (Izmailov et al. 2018, sec. 3.2), and they must come from the
+    distribution the layers trained on: update_bn and the SWA paper's `bn_update(loaders['train'], ...)` run over the
+    *training* loader, augmentation included (MixUp/CutMix and erasing act on the batch after the loader, so not)."""
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     momenta = [m.momentum for m in norms]
     for m in norms:
@@ -434,16 +448,35 @@ def average_views(view_logits, temperature=1.0, average="softmax"):
     return (view_logits / temperature).softmax(-1).mean(0)
 
 # ---- Calibration: temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural Networks", sec. 4.2) -----
-def fit_temperature(logits, labels, low=1e-2, high=1e2, iterations=100):
-    """The T minimising the NLL of softmax(logits / T) (N x K validation logits): golden-section search on log T in
+def views_nll(view_logits, labels, temperature=1.0, average="softmax"):
+    """The mean NLL of the labels under average_views(view_logits, temperature, average), computed from the logits
+    (float64, no clamp): -log mean_v softmax(l_v / T) = log V - logsumexp_v log_softmax(l_v / T) for "softmax",
+    the cross-entropy of mean_v l_v / T for "logit". V x N x K or N x K logits."""
+    view_logits = view_logits.double()
+    if view_logits.dim() == 2:
+        view_logits = view_logits.unsqueeze(0)
+    labels = labels.long()
+    if average == "logit":
+        return float(F.cross_entropy(view_logits.mean(0) / temperature, labels))
+    log_probs = F.log_softmax(view_logits / temperature, dim=-1)  # V x N x K
+    label_log_probs = log_probs.gather(2, labels.view(1, -1, 1).expand(len(log_probs), -1, 1)).squeeze(2)  # V x N
+    return float((math.log(len(log_probs)) - label_log_probs.logsumexp(0)).mean())
+
+def fit_temperature(view_logits, labels, average="softmax", low=1e-2, high=1e2, iterations=100):
+    """The T minimising the NLL of the labels under the views' average at T (views_nll: V x N x K validation logits,
+    or N x K for one view), so that each TTA set gets the T of its own average: golden-section search on log T in
     [log low, log high], where the NLL is unimodal. Returns (T, at_bound): at_bound, the optimum is at an end, so T is
     no fit (chance-level logits want T = infinity). T > 0 keeps each arg-max: accuracy never changes."""
-    logits, labels = logits.double(), labels.long()
-    nll = lambda log_t: float(F.cross_entropy(logits / math.exp(log_t), labels))  # noqa: E731
+    nll = lambda log_t: views_nll(view_logits, labels, math.exp(log_t), average)  # noqa: E731
     lo, hi, golden = math.log(low), math.log(high), (math.sqrt(5) - 1) / 2
     for _ in range(iterations):
         a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
-        lo, hi = (lo, b) if nll(a) < nll(b) else (a, hi)
+        if nll(a) < nll(b):
+            hi = b
+        else:
+            lo = a
     log_t = (lo + hi) / 2
     at_bound = min(nll(math.log(low)), nll(math.log(high))) <= nll(log_t) + 1e-9  # no better than an end: not a fit
-    return (math.exp(log_t) if nll(log_t) < nll(0.0) else 1.0), at_bound  # keep T = 1 unless the fit is better
+    if nll(log_t) >= nll(0.0):  # keep T = 1 unless the fit is better
+        return 1.0, at_bound
+    return math.exp(log_t), at_bound

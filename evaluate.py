@@ -7,9 +7,11 @@ script's agree. The validation split is rebuilt with the checkpoint's own --seed
     python evaluate.py checkpoints/level1_best.pth
     python evaluate.py checkpoints/level4_best.pth --tta                        # the level's own TTA views
     python evaluate.py checkpoints/level4_best.pth --tta flip+translate+scale --split val
+    python evaluate.py checkpoints/level4_best.pth --split val --bn-stats clean      # what BatchNorm statistics do
     python evaluate.py checkpoints/level4_best.pth --images my_photos/ cat.jpg   # your own pictures
 """
 import argparse
+import importlib
 import json
 import math
 import os
@@ -236,6 +238,9 @@ def get_args_parser():
     parser.add_argument("--subset", type=int, help="evaluate the first N images only (default: all)")
     parser.add_argument("--no-temperature", action="store_true",
                         help="ignore a calibration temperature stored in the checkpoint (default: apply it)")
+    parser.add_argument("--bn-stats", choices=["checkpoint", "train", "clean"], default="checkpoint",
+                        help="BatchNorm statistics: the stored ones, or recomputed on the run's training images through "
+                             "its level's training augmentation, or on the same images clean (default: checkpoint)")
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: auto)")
     parser.add_argument("--images", nargs="+", metavar="PATH",
                         help="predict your own JPEG/PNG files, or folders of them, instead of a split (default: off)")
@@ -257,14 +262,49 @@ def load_model(path):
         raise common.UserError(f"{path} has no 10-class head: it is not a CIFAR-10 model of this suite")
     return model, checkpoint
 
-def choose_temperature(checkpoint, args):
-    """The checkpoint's fitted T, unless --no-temperature or the fit hit its search bound (then it is no fit)."""
-    temperature = float(checkpoint.get("temperature", 1.0))
-    if checkpoint.get("temperature_at_bound"):
+def choose_temperature(checkpoint, args, tta_set):
+    """The T fitted for the views measured: Level 4 stores one per TTA set (`temperatures`, for its --tta-average),
+    older checkpoints one for a single view. T = 1 with --no-temperature, and with a warning where the checkpoint has
+    no T for these views or the fit hit its search bound (then it is no fit)."""
+    if args.no_temperature:
+        return 1.0
+    tta_set = tta_set or "none"
+    fits = checkpoint.get("temperatures")
+    if fits is None and "temperature" in checkpoint:  # one T, fitted on a single view
+        fits = {"none": {"temperature": checkpoint["temperature"],
+                         "at_bound": checkpoint.get("temperature_at_bound", False)}}
+    if not fits:
+        return 1.0
+    train_args = checkpoint.get("args") or {}
+    fitted_average = train_args.get("tta_average", "softmax")
+    if tta_set not in fits or (tta_set != "none" and args.tta_average != fitted_average):
+        print(f"warning: the checkpoint holds no temperature fitted for TTA set {tta_set} with {args.tta_average} "
+              f"averaging: T = 1")
+        return 1.0
+    temperature = float(fits[tta_set]["temperature"])
+    if fits[tta_set]["at_bound"]:
         print(f"warning: the stored temperature {temperature:.3g} lies at the end of its search range, so it is no "
               f"fit (validation logits near chance level?): not applied")
         return 1.0
-    return 1.0 if args.no_temperature else temperature
+    return temperature
+
+def recompute_statistics(model, checkpoint, args, device, img_size):
+    """--bn-stats train|clean: the model's BatchNorm statistics recomputed as the levels recompute an average's
+    (common.bn_images, common.recompute_bn): on the run's own first BN_IMAGES training images (its --seed split), through
+    the training augmentation of the checkpoint's level (train), or clean (clean), in batches of its --batch-size."""
+    train_args = checkpoint.get("args") or {}
+    if checkpoint.get("level") not in ("level1", "level2", "level3", "level4") or "seed" not in train_args:
+        raise common.UserError(f"--bn-stats {args.bn_stats} needs a levelN_best.pth of this suite (its level and args "
+                               f"give the training images and augmentation): use --bn-stats checkpoint")
+    train_args = argparse.Namespace(**train_args)
+    level = importlib.import_module(checkpoint["level"])  # one of the four level scripts, for its train_transform
+    train_set, _, _ = common.cifar10_datasets(args.data_dir, train_args.seed, train_args.subset,
+                                              train_on_all=train_args.train_on_all)
+    transform = None
+    if args.bn_stats == "train":
+        transform = level.train_transform(train_args)
+    bn_set = common.bn_images(train_set, getattr(level, "BN_IMAGES", 2560), transform, train_args.seed)
+    common.recompute_bn(model, bn_set, device, img_size, train_args.batch_size)
 
 def load_as_cifar(path):
     """An image file -> uint8 3 x 32 x 32, made as CIFAR-10's were: a centre square, area-averaged down to 32 px."""
@@ -322,7 +362,9 @@ def main(args):
     img_size = args.img_size or train_args.get("img_size", 224)
     tta_set = train_args.get("tta_set", "flip") if args.tta == "default" else args.tta
     views = common.TTA_SETS[tta_set or "none"]
-    temperature = choose_temperature(checkpoint, args)
+    temperature = choose_temperature(checkpoint, args, tta_set)
+    if args.bn_stats != "checkpoint":
+        recompute_statistics(model, checkpoint, args, device, img_size)
     if args.images:
         return predict_images(args, model, device, img_size, views, temperature)
     if args.split == "val" and train_args.get("train_on_all"):
@@ -332,14 +374,17 @@ def main(args):
     result, _ = report(model, val_set if args.split == "val" else test_set, device, img_size, views, temperature,
                        args.tta_average, args.batch_size)
     tag = f"{Path(args.checkpoint).stem}_{args.split}" + (f"_tta-{tta_set}" if tta_set else "")
+    if args.bn_stats != "checkpoint":
+        tag += f"_bn-{args.bn_stats}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"eval_{tag}.json", {**result, "checkpoint": args.checkpoint, "split": args.split,
-                                          "img_size": img_size, "tta": tta_set, **run_info(device)})
+                                          "img_size": img_size, "tta": tta_set, "bn_stats": args.bn_stats,
+                                          **run_info(device)})
     plot_confusion(result["confusion_matrix"], out / f"eval_{tag}_confusion.png",
                    f"{Path(args.checkpoint).name} on {args.split} ({result['num_images']} images)")
     print_report(result, f"{args.checkpoint} on {args.split} ({result['num_images']} images, {img_size} px, TTA "
-                         f"{tta_set or 'off'}):")
+                         f"{tta_set or 'off'}, BatchNorm statistics: {args.bn_stats}):")
     print(f"wrote {out / f'eval_{tag}.json'} and {out / f'eval_{tag}_confusion.png'}")
     print(f"final: acc1={result['acc1']:.4f} ece={result['ece']:.4f} nll={result['nll']:.4f} "
           f"images={result['num_images']}")

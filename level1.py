@@ -1,8 +1,11 @@
 """Level 1 - baseline transfer learning: an ImageNet ResNet-50 fine-tuned on CIFAR-10.
 
-The classic two-stage recipe (Kornblith et al. 2019, "Do Better ImageNet Models Transfer Better?"):
+LP-FT, linear probing then fine-tuning (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features and
+Underperform Out-of-Distribution"), in two stages:
   1. the backbone is frozen - its weights and its BatchNorm statistics - and only a new 10-class head trains;
   2. then every layer is fine-tuned with AdamW (Loshchilov & Hutter 2019) at a ten times lower learning rate.
+Why the head first: a random head sends large, arbitrary gradients into the backbone and distorts the pretrained
+features before the head is any good; a head trained first makes the fine-tuning gradients small and meaningful.
 Augmentation is CIFAR's standard (a crop with 4-px padding, a flip) on the 32-px images in the DataLoader workers;
 the GPU upsamples them to --img-size and normalises them. 5,000 held-out training images pick the best epoch; the
 10,000 test images are measured once, at the end, by evaluate.py.

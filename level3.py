@@ -5,8 +5,8 @@ What this level adds to level2.py:
     more stage every --unfreeze-every epochs, each warming its LR up over --unfreeze-warmup-epochs; a frozen stage's
     BatchNorm statistics stay frozen too;
   - discriminative learning rates (ULMFiT, sec. 3.2): each stage learns at --lr-decay times the LR of the one above;
-  - an exponential moving average of the weights (EMA), validated beside the raw weights every epoch, with its own
-    BatchNorm statistics recomputed on clean training images; the better of the two is kept;
+  - an exponential moving average of the weights (EMA), validated beside the raw weights every epoch, with BatchNorm
+    statistics of its own from training images through this level's augmentation (--avg-bn); the better is kept;
   - regularisation control: dropout before the head, beside Level 2's weight decay, smoothing and mixing flags;
   - long low-LR fine-tuning: --final-epochs at a small constant LR after the cosine.
 
@@ -35,7 +35,7 @@ QUICK = {"subset": 128, "eval_subset": 128, "img_size": 32, "batch_size": 32, "h
          "overwrite": True, "final_epochs": 1}
 # Progressive unfreezing walks ResNet-50's stages from the output back to the input.
 GROUPS = ("fc", "layer4", "layer3", "layer2", "layer1", "stem")
-# The EMA's BatchNorm statistics come from this many clean training images (0.3 s at 224 px on an H100).
+# The averages' BatchNorm statistics come from this many training images (0.3 s at 224 px on an H100).
 BN_IMAGES = 2560
 
 def get_args_parser():
@@ -69,8 +69,10 @@ def get_args_parser():
     stages = parser.add_argument_group("progressive unfreezing, discriminative LRs, long low-LR fine-tuning")
     stages.add_argument("--unfreeze-every", type=int, default=1, help="epochs per new stage, 0 = all (default: 1)")
     stages.add_argument("--unfreeze-warmup-epochs", type=float, default=0.5, help="a stage's warmup (default: 0.5)")
-    # 0.7 per stage: the stem learns at 0.7^5 = 17 % of the head's LR. Lower layers hold generic features (edges,
-    # textures) that transfer as they are (Yosinski et al. 2014), so they should move least.
+    # 0.7 per stage: the stem learns at 0.7^5 = 17 % of the head's LR. ULMFiT's reason: lower layers hold generic
+    # features (edges, textures) that transfer as they are (Yosinski et al. 2014). For an input-level shift such as
+    # 32-px images upsampled, that is contested: Lee et al. (2023, "Surgical Fine-Tuning") find tuning the *first*
+    # layers best under input-level shifts. So 0.7 is a default to test (--lr-decay 1: one LR), not a finding.
     stages.add_argument("--lr-decay", type=float, default=0.7, help="LR factor per stage below the head (default: 0.7)")
     # After the cosine, a few epochs at a small constant LR (above --min-lr, so the weights still move) give the EMA a
     # stable stretch to average.
@@ -79,8 +81,12 @@ def get_args_parser():
     ema = parser.add_argument_group("EMA of weights")
     # 0.999 averages over about the last 1,000 steps: about 3 epochs of 45,000 images at batch 128.
     ema.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay per step, 0 = no EMA (default: 0.999)")
-    ema.add_argument("--ema-bn", choices=["recompute", "copy"], default="recompute",
-                     help="the EMA's BatchNorm statistics: recomputed, or copied from the model (default: recompute)")
+    # An average of weights needs BatchNorm statistics of its own, from the distribution its layers trained on: the
+    # training images, augmented (torch.optim.swa_utils.update_bn runs over the training loader). "clean" is the
+    # lesson that clean images are another distribution; "copy" takes the raw model's running statistics.
+    ema.add_argument("--avg-bn", choices=["train", "clean", "copy"], default="train",
+                     help="the averages' BatchNorm statistics: training images through the training augmentation, the "
+                          "same images clean, or the raw model's (default: train)")
     aug = parser.add_argument_group("augmentation and regularisation")
     aug.add_argument("--randaug-n", type=int, default=2, help="RandAugment: ops per image, 0 = off (default: 2)")
     aug.add_argument("--randaug-m", type=int, default=9, help="RandAugment: magnitude, 0..30 (default: 9)")
@@ -153,7 +159,8 @@ def set_trainable(model, epoch, args):
     trainable = [group for group in GROUPS if unfreeze_epoch(group, args) <= epoch]
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(group_of(name) in trainable)
-    for name, child in model.train().named_children():
+    model.train()
+    for name, child in model.named_children():
         child.train(group_of(name) in trainable)
     return trainable
 
@@ -164,9 +171,9 @@ def make_optimizer(model, args, device):
     param_groups = []
     for group in GROUPS:
         params = [p for name, p in model.named_parameters() if group_of(name) == group]
-        param_groups += [{"params": [p for p in params if p.ndim > 1], "weight_decay": args.weight_decay},
-                         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-        param_groups[-2]["group"] = param_groups[-1]["group"] = group
+        weights = {"params": [p for p in params if p.ndim > 1], "weight_decay": args.weight_decay, "group": group}
+        norms_and_biases = {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "group": group}
+        param_groups += [weights, norms_and_biases]
     return torch.optim.AdamW(param_groups, lr=args.lr, fused=device.type == "cuda")
 
 def wrap(model, world_size, device, args):
@@ -188,8 +195,13 @@ def lr_at(step, group, steps_per_epoch, args):
     else:
         base = args.final_lr
     steps_unfrozen = step - unfreeze_epoch(group, args) * steps_per_epoch
-    warmup_steps = 0 if group == "fc" else round(args.unfreeze_warmup_epochs * steps_per_epoch)
-    warmup = 0.0 if steps_unfrozen < 0 else min(1.0, (steps_unfrozen + 1) / warmup_steps) if warmup_steps else 1.0
+    warmup_steps = round(args.unfreeze_warmup_epochs * steps_per_epoch)
+    if steps_unfrozen < 0:
+        warmup = 0.0  # not unfrozen yet
+    elif group == "fc" or warmup_steps == 0:
+        warmup = 1.0  # the head trains from the first step; no warmup asked
+    else:
+        warmup = min(1.0, (steps_unfrozen + 1) / warmup_steps)
     return base * args.lr_decay ** GROUPS.index(group) * warmup
 
 def train_one_epoch(model, loader, optimizer, scaler, device, args, epoch, averages):
@@ -252,41 +264,77 @@ def resume(args, model, averages, optimizer, scaler):
         scaler.load_state_dict(checkpoint["scaler"])
     return checkpoint["epoch"], checkpoint["best_acc"], checkpoint["history"]
 
-def validate(model, averages, trainable, bn_set, val_set, device, args):
-    """Validation loss and accuracy of the raw weights and of each average that has averaged something, after its
-    BatchNorm statistics are recomputed on clean training images so that all are judged alike (with --ema-bn copy,
-    the EMA's are the raw model's, which follow the last augmented batches). Returns (figures, candidate models)."""
-    models = {"raw": model, **{name: average.module for name, average in averages.items() if average.num_updates}}
-    for name, average in averages.items():
-        copy = name == "ema" and args.ema_bn == "copy"
-        if average.num_updates and not copy:
-            common.recompute_bn(average.module, bn_set, device, args.img_size, args.batch_size)
-        for (key, average_buffer), buffer in zip(average.module.named_buffers(), model.buffers()):
-            if copy or group_of(key) not in trainable:  # frozen stages keep the statistics they train with
-                average_buffer.copy_(buffer)
-    val = {}
-    for name, candidate in ({} if args.train_on_all else models).items():
-        suffix = "" if name == "raw" else f"_{name}"
-        val[f"val_loss{suffix}"], val[f"val_acc{suffix}"] = evaluate.loss_and_accuracy(candidate, val_set, device,
-                                                                                       args.img_size)
-    return val, models
+def history_key(figure, candidate):
+    """The history column of a candidate's validation figure: val_acc for the raw weights, val_acc_ema for the EMA."""
+    if candidate == "raw":
+        return f"val_{figure}"
+    return f"val_{figure}_{candidate}"
 
-def save_checkpoints(model, models, averages, optimizer, scaler, history, best_acc, args):
+def bn_dataset(train_set, args):
+    """The images the averages' BatchNorm statistics come from (--avg-bn): the first BN_IMAGES training images through
+    this level's training augmentation (crop, flip, RandAugment; MixUp/CutMix and erasing act later, on the batch),
+    drawn once with --seed so that every validation sees the same ones; or the same images clean."""
+    if args.avg_bn == "train":
+        return common.bn_images(train_set, BN_IMAGES, train_transform(args), args.seed)
+    return common.bn_images(train_set, BN_IMAGES)
+
+def set_average_bn(average_model, model, trainable, bn_set, device, args):
+    """BatchNorm statistics of the average's own, recomputed on `bn_set`, or the raw model's (--avg-bn copy). The
+    stages still frozen keep the statistics they train with: ImageNet's, like the raw model's."""
+    if args.avg_bn != "copy":
+        common.recompute_bn(average_model, bn_set, device, args.img_size, args.batch_size)
+    raw_buffers = dict(model.named_buffers())
+    for name, buffer in average_model.named_buffers():
+        if args.avg_bn == "copy" or group_of(name) not in trainable:
+            buffer.copy_(raw_buffers[name])
+
+def validate(model, averages, trainable, bn_set, val_set, device, args):
+    """Validation loss and accuracy of the raw weights and of each average that has averaged something, after the
+    average gets BatchNorm statistics of its own (set_average_bn), so that all are judged alike. Returns (figures,
+    candidate models); with --train-on-all, no figures."""
+    candidates = {"raw": model}
+    for name, average in averages.items():
+        if average.num_updates > 0:
+            set_average_bn(average.module, model, trainable, bn_set, device, args)
+            candidates[name] = average.module
+    figures = {}
+    if args.train_on_all:
+        return figures, candidates
+    for name, candidate in candidates.items():
+        loss, accuracy = evaluate.loss_and_accuracy(candidate, val_set, device, args.img_size)
+        figures[history_key("loss", name)] = loss
+        figures[history_key("acc", name)] = accuracy
+    return figures, candidates
+
+def choose_candidate(candidates, row, args):
+    """The weights for levelN_best.pth: the candidate with the best validation accuracy; with --train-on-all (no
+    validation), the average, once it has averaged something, else the raw weights."""
+    if not args.train_on_all:
+        return max(candidates, key=lambda name: row[history_key("acc", name)])
+    if "ema" in candidates:
+        return "ema"
+    return "raw"
+
+def save_checkpoints(model, candidates, averages, optimizer, scaler, history, best_acc, args):
     """levelN_last.pth after every epoch, for --resume; levelN_best.pth when validation improved (with --train-on-all:
-    every epoch, so the last one), holding the best of the candidate models. Returns the best accuracy so far."""
+    every epoch, so the last one), holding the chosen candidate. Returns the best accuracy so far."""
     row, checkpoint_dir = history[-1], Path(args.checkpoint_dir)
-    score = {name: row.get("val_acc" + ("" if name == "raw" else f"_{name}"), -1.0) for name in models}
-    source = list(models)[-1] if args.train_on_all else max(models, key=score.get)  # no validation: the last average
-    checkpoint = {"level": LEVEL, "model": models[source].state_dict(), "model_source": source, "epoch": row["epoch"],
-                  "history": history, "args": vars(args)}
-    if args.train_on_all or score[source] > best_acc:
-        best_acc = score[source]
-        selected_by = "last epoch (no validation)" if args.train_on_all else "validation accuracy"
-        common.save_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", {**checkpoint, "selected_by": selected_by})
-    averages = {name: {"module": a.module.state_dict(), "num_updates": a.num_updates} for name, a in averages.items()}
+    source = choose_candidate(candidates, row, args)
+    checkpoint = {"level": LEVEL, "model": candidates[source].state_dict(), "model_source": source,
+                  "epoch": row["epoch"], "history": history, "args": vars(args)}
+    best_path = checkpoint_dir / f"{LEVEL}_best.pth"
+    if args.train_on_all:
+        common.save_checkpoint(best_path, {**checkpoint, "selected_by": "last epoch (no validation)"})
+    elif row[history_key("acc", source)] > best_acc:
+        best_acc = row[history_key("acc", source)]
+        common.save_checkpoint(best_path, {**checkpoint, "selected_by": "validation accuracy"})
+    saved_averages = {}
+    for name, average in averages.items():
+        if average.num_updates > 0:  # an average enters last.pth with its first update: no dead weight before
+            saved_averages[name] = {"module": average.module.state_dict(), "num_updates": average.num_updates}
     common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", {
         **checkpoint, "model": model.state_dict(), "model_source": "raw", "best_acc": best_acc,
-        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "averages": averages})
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "averages": saved_averages})
     return best_acc
 
 def final_test(model, test_set, device, args, history, info):
@@ -295,9 +343,9 @@ def final_test(model, test_set, device, args, history, info):
     model.load_state_dict(best["model"])  # raw or EMA weights, as chosen on validation
     test, _ = evaluate.report(model, test_set, device, args.img_size)
     test_tta, _ = evaluate.report(model, test_set, device, args.img_size, common.TTA_SETS[args.tta_set])
+    best_val_acc = best["history"][-1].get(history_key("acc", best["model_source"]), math.nan)  # nan: no validation
     results = {"level": LEVEL, **info, "args": vars(args), "history": history, "best_epoch": best["epoch"],
-               "selected_by": best["selected_by"], "model_source": best["model_source"], "best_val_acc": best["history"]
-               [-1].get("val_acc" + ("" if best["model_source"] == "raw" else f"_{best['model_source']}"), math.nan),
+               "selected_by": best["selected_by"], "model_source": best["model_source"], "best_val_acc": best_val_acc,
                "test": test, "test_tta": test_tta, "seconds": time.time() - info["started"]}
     evaluate.write_json(Path(args.results_dir) / f"{LEVEL}.json", results)
     evaluate.plot_curves(history, Path(args.results_dir) / f"{LEVEL}_curves.png", f"{LEVEL}, {args.img_size} px")
@@ -318,7 +366,7 @@ def main(args):
     train_set, val_set, test_set, train_loader = load_data(args, rank, world_size, device)
     model = common.build_model(args.weights, args.dropout).to(device, memory_format=torch.channels_last)
     averages = {"ema": common.ModelEma(model, args.ema_decay)} if args.ema_decay > 0 else {}  # plain BatchNorm copies
-    bn_set = common.CifarDataset(train_set.images[:BN_IMAGES], train_set.labels[:BN_IMAGES])  # clean: no transform
+    bn_set = bn_dataset(train_set, args)
     if args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = make_optimizer(model, args, device)
@@ -342,16 +390,20 @@ def main(args):
         lr = optimizer.param_groups[0]["lr"]  # the head's
         row = {"epoch": epoch + 1, "stage": stage, "lr": lr, "train_loss": train_loss,
                "images_per_s": len(train_loader) * args.batch_size / (time.time() - epoch_start)}
-        val, models = validate(model, averages, trainable, bn_set, val_set, device, args) if master else ({}, {})
-        bad = [loss for loss in (train_loss, *val.values()) if not math.isfinite(loss)]
+        figures, candidates = {}, {}
+        if master:
+            figures, candidates = validate(model, averages, trainable, bn_set, val_set, device, args)
+        bad = [loss for loss in (train_loss, *figures.values()) if not math.isfinite(loss)]
         if bad:  # checked once per epoch: a check in every step would make the CPU wait for the GPU
             raise common.UserError(f"loss became {bad[0]} in epoch {epoch + 1} (lr {lr:.0e}): lower --lr/--head-lr")
         if master:
-            history.append({**row, **val})
-            best_acc = save_checkpoints(model, models, averages, optimizer, scaler, history, best_acc, args)
+            history.append({**row, **figures})
+            best_acc = save_checkpoints(model, candidates, averages, optimizer, scaler, history, best_acc, args)
             elapsed = time.time() - info["started"]
-            val = " | val " + " ".join(f"{name[4:]} {value:.4f}" for name, value in val.items()) if val else ""
-            print(f"epoch {epoch + 1}/{total_epochs} [{stage}] lr {lr:.1e} train loss {train_loss:.4f}{val} | "
+            val_text = ""
+            if figures:  # "val loss 0.51 acc 0.83 loss_ema 0.49 acc_ema 0.84"
+                val_text = " | val " + " ".join(f"{key[4:]} {value:.4f}" for key, value in figures.items())
+            print(f"epoch {epoch + 1}/{total_epochs} [{stage}] lr {lr:.1e} train loss {train_loss:.4f}{val_text} | "
                   f"{row['images_per_s']:.0f} img/s | {elapsed:.0f} s, ETA "
                   f"{elapsed / (epoch + 1 - start_epoch) * (total_epochs - epoch - 1):.0f} s", flush=True)
         if world_size > 1:

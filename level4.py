@@ -1,8 +1,9 @@
 """Level 4 - Level 3 plus SWA, advanced TTA, calibration, error analysis and real ablation studies.
 
 What this level adds to level3.py:
-  - Stochastic Weight Averaging (Izmailov et al. 2018): --swa-epochs at --swa-lr after Level 3's schedule, averaging
-    the weights once per epoch (or every --swa-every steps); validation picks raw, EMA or SWA weights;
+  - Stochastic Weight Averaging (Izmailov et al. 2018), run as its paper runs it: the cosine decays to --swa-lr, which
+    --swa-epochs then hold (or cycle), averaging the weights once per epoch (or every --swa-every steps). This SWA
+    phase replaces Level 3's final low-LR epochs (--final-epochs 0 here). Validation picks raw, EMA or SWA weights;
   - advanced TTA: every view set, softmax or logit averaging; temperature scaling (Guo et al. 2017) fitted on
     validation: ECE, NLL, Brier before and after, reliability diagrams (TTA predicts with T = 1: T only calibrates);
   - error analysis: confusion matrix, per-class precision/recall/F1, most-confused pairs, most confident mistakes;
@@ -31,10 +32,10 @@ import evaluate
 LEVEL = "level4"
 # --quick: a smoke run that shows every stage working, in a minute or two on a CPU; its numbers mean nothing.
 QUICK = {"subset": 128, "eval_subset": 128, "img_size": 32, "batch_size": 32, "head_epochs": 1, "epochs": 1,
-         "overwrite": True, "final_epochs": 1, "swa_epochs": 1}
+         "overwrite": True, "swa_epochs": 1}
 # Progressive unfreezing walks ResNet-50's stages from the output back to the input.
 GROUPS = ("fc", "layer4", "layer3", "layer2", "layer1", "stem")
-# The EMA's and SWA's BatchNorm statistics come from this many clean training images (0.3 s at 224 px on an H100).
+# The averages' BatchNorm statistics come from this many training images (0.3 s at 224 px on an H100).
 BN_IMAGES = 2560
 
 def get_args_parser():
@@ -64,29 +65,39 @@ def get_args_parser():
     # Warmup keeps the first large updates, driven by a still poor head, from wrecking the pretrained features; the
     # head stage trains on frozen features and needs none: its schedule is the cosine alone.
     optim.add_argument("--warmup-epochs", type=float, default=1.0, help="stage 2 LR warmup, in epochs (default: 1.0)")
-    optim.add_argument("--min-lr", type=float, default=1e-6, help="LR at the end of each cosine (default: 1e-06)")
+    optim.add_argument("--min-lr", type=float, default=1e-6,
+                       help="LR at the end of each cosine; with SWA, stage 2's ends at --swa-lr (default: 1e-06)")
     stages = parser.add_argument_group("progressive unfreezing, discriminative LRs, long low-LR fine-tuning")
     stages.add_argument("--unfreeze-every", type=int, default=1, help="epochs per new stage, 0 = all (default: 1)")
     stages.add_argument("--unfreeze-warmup-epochs", type=float, default=0.5, help="a stage's warmup (default: 0.5)")
-    # 0.7 per stage: the stem learns at 0.7^5 = 17 % of the head's LR. Lower layers hold generic features (edges,
-    # textures) that transfer as they are (Yosinski et al. 2014), so they should move least.
+    # 0.7 per stage: the stem learns at 0.7^5 = 17 % of the head's LR. ULMFiT's reason: lower layers hold generic
+    # features (edges, textures) that transfer as they are (Yosinski et al. 2014). For an input-level shift such as
+    # 32-px images upsampled, that is contested: Lee et al. (2023, "Surgical Fine-Tuning") find tuning the *first*
+    # layers best under input-level shifts. So 0.7 is a default to test (--lr-decay 1: one LR), not a finding.
     stages.add_argument("--lr-decay", type=float, default=0.7, help="LR factor per stage below the head (default: 0.7)")
-    # After the cosine, a few epochs at a small constant LR (above --min-lr, so the weights still move) give the EMA a
-    # stable stretch to average.
-    stages.add_argument("--final-epochs", type=int, default=5, help="epochs at --final-lr at the end (default: 5)")
+    # Level 3's low-LR tail is replaced here by the SWA phase, which holds a LR of its own: only without SWA.
+    stages.add_argument("--final-epochs", type=int, default=0, help="epochs at --final-lr, needs --swa-epochs 0 "
+                                                                     "(default: 0)")
     stages.add_argument("--final-lr", type=float, default=5e-6, help="LR of the final epochs (default: 5e-06)")
     swa = parser.add_argument_group("SWA (stochastic weight averaging)")
-    # A fifth of --lr: the weights move about the basin the cosine found, without leaving it (Izmailov et al. 2018).
+    # The SWA paper's schedule (its train.py): the LR decays to swa_lr, holds it, and a snapshot is averaged once per
+    # epoch. Its CIFAR commands set swa_lr to 0.1-0.5 of the initial LR (SGD, 0.01-0.05 for 0.05-0.1); its ImageNet
+    # runs, from pretrained models, cycle from 1e-3 to 1e-5. A fifth of --lr lies in that CIFAR range: high enough for
+    # the weights to move about the basin the cosine found, low enough not to leave it.
     swa.add_argument("--swa-epochs", type=int, default=5, help="SWA epochs at the end, 0 = off (default: 5)")
-    swa.add_argument("--swa-lr", type=float, default=2e-5, help="SWA learning rate (default: 2e-05)")
+    swa.add_argument("--swa-lr", type=float, default=2e-5, help="SWA learning rate, a fifth of --lr (default: 2e-05)")
     swa.add_argument("--swa-schedule", choices=["constant", "cyclic"], default="constant",
                      help="constant, or cyclic: --swa-lr down to a tenth in each cycle (default: constant)")
     swa.add_argument("--swa-every", type=int, default=0, help="average every N steps, 0 = each epoch (default: 0)")
     ema = parser.add_argument_group("EMA of weights")
     # 0.999 averages over about the last 1,000 steps: about 3 epochs of 45,000 images at batch 128.
     ema.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay per step, 0 = no EMA (default: 0.999)")
-    ema.add_argument("--ema-bn", choices=["recompute", "copy"], default="recompute",
-                     help="the EMA's BatchNorm statistics: recomputed, or copied from the model (default: recompute)")
+    # An average of weights needs BatchNorm statistics of its own, from the distribution its layers trained on: the
+    # training images, augmented (torch.optim.swa_utils.update_bn runs over the training loader). "clean" is the
+    # lesson that clean images are another distribution; "copy" takes the raw model's running statistics.
+    ema.add_argument("--avg-bn", choices=["train", "clean", "copy"], default="train",
+                     help="the averages' BatchNorm statistics: training images through the training augmentation, the "
+                          "same images clean, or the raw model's (default: train)")
     aug = parser.add_argument_group("augmentation and regularisation")
     aug.add_argument("--randaug-n", type=int, default=2, help="RandAugment: ops per image, 0 = off (default: 2)")
     aug.add_argument("--randaug-m", type=int, default=9, help="RandAugment: magnitude, 0..30 (default: 9)")
@@ -136,6 +147,9 @@ def validate_args(args):
             args.resume or "RANK" in os.environ):
         raise common.UserError(f"--ablate-rows needs --ablate and rows of {' '.join(rows)}; --ablate-sizes must be "
                                f">= 32; --ablate runs its rows itself: one process (python, not torchrun), no --resume")
+    if args.final_epochs and args.swa_epochs:
+        raise common.UserError("--final-epochs needs --swa-epochs 0: in Level 4 the SWA phase replaces the final "
+                               "low-LR epochs")
     if args.img_size < 32 or args.batch_size < 2 or (args.subset or 45000) < args.batch_size:
         raise common.UserError("need --img-size >= 32, --batch-size >= 2 (for BatchNorm), --subset >= --batch-size")
 
@@ -172,7 +186,8 @@ def set_trainable(model, epoch, args):
     trainable = [group for group in GROUPS if unfreeze_epoch(group, args) <= epoch]
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(group_of(name) in trainable)
-    for name, child in model.train().named_children():
+    model.train()
+    for name, child in model.named_children():
         child.train(group_of(name) in trainable)
     return trainable
 
@@ -183,9 +198,9 @@ def make_optimizer(model, args, device):
     param_groups = []
     for group in GROUPS:
         params = [p for name, p in model.named_parameters() if group_of(name) == group]
-        param_groups += [{"params": [p for p in params if p.ndim > 1], "weight_decay": args.weight_decay},
-                         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-        param_groups[-2]["group"] = param_groups[-1]["group"] = group
+        weights = {"params": [p for p in params if p.ndim > 1], "weight_decay": args.weight_decay, "group": group}
+        norms_and_biases = {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "group": group}
+        param_groups += [weights, norms_and_biases]
     return torch.optim.AdamW(param_groups, lr=args.lr, fused=device.type == "cuda")
 
 def wrap(model, world_size, device, args):
@@ -196,27 +211,39 @@ def wrap(model, world_size, device, args):
 
 def lr_at(step, group, steps_per_epoch, args):
     """The LR of stage `group` at optimiser `step` of the run: the base schedule (head cosine, stage-2 warmup and
-    cosine, --final-lr), times --lr-decay per stage below the head, times the stage's warmup since its unfreezing (0
-    before it). A pure function of the step, so that resume and tests need no scheduler state."""
+    cosine, --final-lr without SWA, the SWA phase), times --lr-decay per stage below the head, times the stage's
+    warmup since its unfreezing (0 before it). A pure function of the step, so that resume and tests need no
+    scheduler state."""
     head_steps, main_steps = args.head_epochs * steps_per_epoch, args.epochs * steps_per_epoch
     swa_start, swa_cycle = swa_steps(steps_per_epoch, args)
-    if step >= swa_start:  # constant, or cyclic from --swa-lr down to a tenth (Izmailov et al. 2018, eq. 2)
-        position = ((step - swa_start) % swa_cycle + 1) / swa_cycle if args.swa_schedule == "cyclic" else 0.0
-        base = args.swa_lr * (1 - 0.9 * position)
-    elif step < head_steps:
+    # With SWA the cosine does not anneal to about zero and climb back: it ends at --swa-lr, where the SWA phase starts.
+    cosine_end_lr = args.swa_lr if args.swa_epochs else args.min_lr
+    if step < head_steps:
         base = common.warmup_cosine_lr(step, head_steps, 0, args.head_lr, args.min_lr)
     elif step < head_steps + main_steps:
         base = common.warmup_cosine_lr(step - head_steps, main_steps, round(args.warmup_epochs * steps_per_epoch),
-                                       args.lr, args.min_lr)
-    else:
+                                       args.lr, cosine_end_lr)
+    elif step < swa_start:
         base = args.final_lr
+    elif args.swa_schedule == "cyclic":  # each cycle from --swa-lr down to a tenth (Izmailov et al. 2018, eq. 2)
+        position = ((step - swa_start) % swa_cycle + 1) / swa_cycle
+        base = args.swa_lr * (1 - 0.9 * position)
+    else:
+        base = args.swa_lr
     steps_unfrozen = step - unfreeze_epoch(group, args) * steps_per_epoch
-    warmup_steps = 0 if group == "fc" else round(args.unfreeze_warmup_epochs * steps_per_epoch)
-    warmup = 0.0 if steps_unfrozen < 0 else min(1.0, (steps_unfrozen + 1) / warmup_steps) if warmup_steps else 1.0
+    warmup_steps = round(args.unfreeze_warmup_epochs * steps_per_epoch)
+    if steps_unfrozen < 0:
+        warmup = 0.0  # not unfrozen yet
+    elif group == "fc" or warmup_steps == 0:
+        warmup = 1.0  # the head trains from the first step; no warmup asked
+    else:
+        warmup = min(1.0, (steps_unfrozen + 1) / warmup_steps)
     return base * args.lr_decay ** GROUPS.index(group) * warmup
 
-def swa_steps(steps_per_epoch, args):  # (the first step of the SWA phase, the steps per averaging cycle)
-    return (args.head_epochs + args.epochs + args.final_epochs) * steps_per_epoch, args.swa_every or steps_per_epoch
+def swa_steps(steps_per_epoch, args):
+    """(The first step of the SWA phase, the steps per averaging cycle: --swa-every, or one epoch.)"""
+    swa_start = (args.head_epochs + args.epochs + args.final_epochs) * steps_per_epoch
+    return swa_start, args.swa_every or steps_per_epoch
 
 def train_one_epoch(model, loader, optimizer, scaler, device, args, epoch, averages):
     """One pass over the training data. The loss is summed on the device and read once, at the end: `loss.item()` in
@@ -281,73 +308,139 @@ def resume(args, model, averages, optimizer, scaler):
         scaler.load_state_dict(checkpoint["scaler"])
     return checkpoint["epoch"], checkpoint["best_acc"], checkpoint["history"]
 
-def validate(model, averages, trainable, bn_set, val_set, device, args):
-    """Validation loss and accuracy of the raw weights and of each average that has averaged something, after its
-    BatchNorm statistics are recomputed on clean training images so that all are judged alike (with --ema-bn copy,
-    the EMA's are the raw model's, which follow the last augmented batches). Returns (figures, candidate models)."""
-    models = {"raw": model, **{name: average.module for name, average in averages.items() if average.num_updates}}
-    for name, average in averages.items():
-        copy = name == "ema" and args.ema_bn == "copy"
-        if average.num_updates and not copy:
-            common.recompute_bn(average.module, bn_set, device, args.img_size, args.batch_size)
-        for (key, average_buffer), buffer in zip(average.module.named_buffers(), model.buffers()):
-            if copy or group_of(key) not in trainable:  # frozen stages keep the statistics they train with
-                average_buffer.copy_(buffer)
-    val = {}
-    for name, candidate in ({} if args.train_on_all else models).items():
-        suffix = "" if name == "raw" else f"_{name}"
-        val[f"val_loss{suffix}"], val[f"val_acc{suffix}"] = evaluate.loss_and_accuracy(candidate, val_set, device,
-                                                                                       args.img_size)
-    return val, models
+def history_key(figure, candidate):
+    """The history column of a candidate's validation figure: val_acc for the raw weights, val_acc_ema for the EMA."""
+    if candidate == "raw":
+        return f"val_{figure}"
+    return f"val_{figure}_{candidate}"
 
-def save_checkpoints(model, models, averages, optimizer, scaler, history, best_acc, args):
+def bn_dataset(train_set, args):
+    """The images the averages' BatchNorm statistics come from (--avg-bn): the first BN_IMAGES training images through
+    this level's training augmentation (crop, flip, RandAugment; MixUp/CutMix and erasing act later, on the batch),
+    drawn once with --seed so that every validation sees the same ones; or the same images clean."""
+    if args.avg_bn == "train":
+        return common.bn_images(train_set, BN_IMAGES, train_transform(args), args.seed)
+    return common.bn_images(train_set, BN_IMAGES)
+
+def set_average_bn(average_model, model, trainable, bn_set, device, args):
+    """BatchNorm statistics of the average's own, recomputed on `bn_set`, or the raw model's (--avg-bn copy). The
+    stages still frozen keep the statistics they train with: ImageNet's, like the raw model's."""
+    if args.avg_bn != "copy":
+        common.recompute_bn(average_model, bn_set, device, args.img_size, args.batch_size)
+    raw_buffers = dict(model.named_buffers())
+    for name, buffer in average_model.named_buffers():
+        if args.avg_bn == "copy" or group_of(name) not in trainable:
+            buffer.copy_(raw_buffers[name])
+
+def validate(model, averages, trainable, bn_set, val_set, device, args):
+    """Validation loss and accuracy of the raw weights and of each average that has averaged something, after the
+    average gets BatchNorm statistics of its own (set_average_bn), so that all are judged alike. Returns (figures,
+    candidate models); with --train-on-all, no figures."""
+    candidates = {"raw": model}
+    for name, average in averages.items():
+        if average.num_updates > 0:
+            set_average_bn(average.module, model, trainable, bn_set, device, args)
+            candidates[name] = average.module
+    figures = {}
+    if args.train_on_all:
+        return figures, candidates
+    for name, candidate in candidates.items():
+        loss, accuracy = evaluate.loss_and_accuracy(candidate, val_set, device, args.img_size)
+        figures[history_key("loss", name)] = loss
+        figures[history_key("acc", name)] = accuracy
+    return figures, candidates
+
+def choose_candidate(candidates, row, args):
+    """The weights for levelN_best.pth: the candidate with the best validation accuracy; with --train-on-all (no
+    validation), the last average this level adds that has averaged something (SWA, else EMA), else the raw weights."""
+    if not args.train_on_all:
+        return max(candidates, key=lambda name: row[history_key("acc", name)])
+    if "swa" in candidates:
+        return "swa"
+    if "ema" in candidates:
+        return "ema"
+    return "raw"
+
+def save_checkpoints(model, candidates, averages, optimizer, scaler, history, best_acc, args):
     """levelN_last.pth after every epoch, for --resume; levelN_best.pth when validation improved (with --train-on-all:
-    every epoch, so the last one), holding the best of the candidate models. Returns the best accuracy so far."""
+    every epoch, so the last one), holding the chosen candidate. Returns the best accuracy so far."""
     row, checkpoint_dir = history[-1], Path(args.checkpoint_dir)
-    score = {name: row.get("val_acc" + ("" if name == "raw" else f"_{name}"), -1.0) for name in models}
-    source = list(models)[-1] if args.train_on_all else max(models, key=score.get)  # no validation: the last average
-    checkpoint = {"level": LEVEL, "model": models[source].state_dict(), "model_source": source, "epoch": row["epoch"],
-                  "history": history, "args": vars(args)}
-    if args.train_on_all or score[source] > best_acc:
-        best_acc = score[source]
-        selected_by = "last epoch (no validation)" if args.train_on_all else "validation accuracy"
-        common.save_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", {**checkpoint, "selected_by": selected_by})
-    averages = {name: {"module": a.module.state_dict(), "num_updates": a.num_updates} for name, a in averages.items()}
+    source = choose_candidate(candidates, row, args)
+    checkpoint = {"level": LEVEL, "model": candidates[source].state_dict(), "model_source": source,
+                  "epoch": row["epoch"], "history": history, "args": vars(args)}
+    best_path = checkpoint_dir / f"{LEVEL}_best.pth"
+    if args.train_on_all:
+        common.save_checkpoint(best_path, {**checkpoint, "selected_by": "last epoch (no validation)"})
+    elif row[history_key("acc", source)] > best_acc:
+        best_acc = row[history_key("acc", source)]
+        common.save_checkpoint(best_path, {**checkpoint, "selected_by": "validation accuracy"})
+    saved_averages = {}
+    for name, average in averages.items():
+        if average.num_updates > 0:  # an average enters last.pth with its first update: no dead weight before
+            saved_averages[name] = {"module": average.module.state_dict(), "num_updates": average.num_updates}
     common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", {
         **checkpoint, "model": model.state_dict(), "model_source": "raw", "best_acc": best_acc,
-        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "averages": averages})
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "averages": saved_averages})
     return best_acc
 
+def fit_temperatures(model, val_set, device, args):
+    """One temperature per TTA view set, fitted on the validation logits of that set's own average (--tta-average):
+    averaging views changes how confident the prediction is, so the T of one view miscalibrates the others.
+    {set: {"temperature": T, "at_bound": bool}}; with --train-on-all no image is held out: T = 1 for every set."""
+    if args.train_on_all:
+        return {name: {"temperature": 1.0, "at_bound": False} for name in common.TTA_SETS}
+    all_views = list(common.TTA_VIEWS)
+    view_logits, labels = common.predict(model, val_set, device, args.img_size, all_views)  # each view once
+    fits = {}
+    for name, views in common.TTA_SETS.items():
+        set_logits = view_logits[[all_views.index(view) for view in views]]
+        temperature, at_bound = common.fit_temperature(set_logits, labels, args.tta_average)
+        fits[name] = {"temperature": temperature, "at_bound": at_bound}
+    return fits
+
+def applied_temperature(fit):
+    """A fit that ended at its search bound is no fit (chance-level logits): T = 1 then."""
+    if fit["at_bound"]:
+        return 1.0
+    return fit["temperature"]
+
 def final_test(model, val_set, test_set, device, args, history, info):
-    """The selected weights (raw, EMA or SWA), their temperature fitted on validation and stored in the checkpoint; the
-    test set with every TTA view set, the calibration before and after, the errors: results/level4.json and PNGs."""
+    """The selected weights (raw, EMA or SWA), a temperature per TTA set fitted on validation and stored in the
+    checkpoint; the test set with every TTA view set at its own T, the calibration before and after, the errors:
+    results/level4.json and PNGs."""
     path, results_dir = Path(args.checkpoint_dir) / f"{LEVEL}_best.pth", Path(args.results_dir)
     best = common.load_checkpoint(path)
     model.load_state_dict(best["model"])  # raw, EMA or SWA weights, as chosen on validation
-    temperature, at_bound = (1.0, False) if args.train_on_all else common.fit_temperature(  # no held-out images: T = 1
-        common.predict(model, val_set, device, args.img_size)[0][0], val_set.labels)
-    common.save_checkpoint(path, {**best, "temperature": temperature, "temperature_at_bound": at_bound})
-    calibrated_t = 1.0 if at_bound else temperature
+    fits = fit_temperatures(model, val_set, device, args)
+    one_view = fits["none"]
+    common.save_checkpoint(path, {**best, "temperatures": fits, "temperature": one_view["temperature"],
+                                  "temperature_at_bound": one_view["at_bound"]})
+    calibrated_t = applied_temperature(one_view)
     logits, labels = common.predict(model, test_set, device, args.img_size)
     test, probs = evaluate.from_logits(logits, labels)  # T = 1: the raw calibration, as at every level
     calibrated, calibrated_probs = evaluate.from_logits(logits, labels, calibrated_t)
-    print(f"{'warning: the fit ended at its bound, so it is not applied; ' if at_bound else ''}T = {temperature:.3g}: "
-          f"test ECE {test['ece']:.4f} -> {calibrated['ece']:.4f}, NLL {test['nll']:.4f} -> {calibrated['nll']:.4f}")
-    tta = {name: evaluate.report(model, test_set, device, args.img_size, views, calibrated_t, args.tta_average)[0]
-           for name, views in common.TTA_SETS.items()}
-    print(f"TTA (ECE at T = {calibrated_t:.3g}): " + ", ".join(f"{name} ({len(r['views'])} views) acc1 {r['acc1']:.4f} "
-          f"ece {r['ece']:.4f} {r['images_per_s']:.0f} img/s" for name, r in tta.items()))
+    if one_view["at_bound"]:
+        print("warning: the temperature fit ended at its search bound, so it is not applied (T = 1)")
+    print(f"T = {one_view['temperature']:.3g}: test ECE {test['ece']:.4f} -> {calibrated['ece']:.4f}, NLL "
+          f"{test['nll']:.4f} -> {calibrated['nll']:.4f}")
+    tta = {}
+    for name, views in common.TTA_SETS.items():  # each set at its own T; predictions from the T = 1 average
+        tta[name], _ = evaluate.report(model, test_set, device, args.img_size, views, applied_temperature(fits[name]),
+                                       args.tta_average)
+    print("TTA, each set at its own T: " + ", ".join(f"{name} ({len(r['views'])} views) acc1 {r['acc1']:.4f} T "
+          f"{r['temperature']:.3g} ece {r['ece']:.4f} {r['images_per_s']:.0f} img/s" for name, r in tta.items()))
     evaluate.plot_reliability({"T = 1": (probs, labels), f"T = {calibrated_t:.3g}": (calibrated_probs, labels)},
                               results_dir / f"{LEVEL}_reliability.png", f"{LEVEL}: test set")
     evaluate.plot_confusion(test["confusion_matrix"], results_dir / f"{LEVEL}_confusion.png", f"{LEVEL}: test set")
     mistakes = evaluate.plot_mistakes(test_set, probs, results_dir / f"{LEVEL}_mistakes.png")
+    best_val_acc = best["history"][-1].get(history_key("acc", best["model_source"]), math.nan)  # nan: no validation
+    calibration = {"temperature": one_view["temperature"], "at_bound": one_view["at_bound"], "per_tta_set": fits,
+                   "tta_average": args.tta_average, "fitted_on_images": len(val_set)}
     results = {"level": LEVEL, **info, "args": vars(args), "history": history, "best_epoch": best["epoch"],
-               "selected_by": best["selected_by"], "model_source": best["model_source"], "best_val_acc": best["history"]
-               [-1].get("val_acc" + ("" if best["model_source"] == "raw" else f"_{best['model_source']}"), math.nan),
+               "selected_by": best["selected_by"], "model_source": best["model_source"], "best_val_acc": best_val_acc,
                "test": test, "test_calibrated": calibrated, "test_tta": tta[args.tta_set], "tta_sets": tta,
-               "calibration": {"temperature": temperature, "at_bound": at_bound, "fitted_on_images": len(val_set)},
-               "most_confused": evaluate.most_confused(test["confusion_matrix"]), "confident_mistakes": mistakes,
-               "seconds": time.time() - info["started"]}
+               "calibration": calibration, "most_confused": evaluate.most_confused(test["confusion_matrix"]),
+               "confident_mistakes": mistakes, "seconds": time.time() - info["started"]}
     evaluate.write_json(results_dir / f"{LEVEL}.json", results)
     evaluate.plot_curves(history, results_dir / f"{LEVEL}_curves.png", f"{LEVEL}, {args.img_size} px")
     print("most confused, true -> predicted: " + ", ".join(f"{t} -> {p} ({n})" for t, p, n in results["most_confused"]))
@@ -432,7 +525,7 @@ def main(args):
     model = common.build_model(args.weights, args.dropout).to(device, memory_format=torch.channels_last)
     averages = {"ema": common.ModelEma(model, args.ema_decay)} if args.ema_decay > 0 else {}  # plain BatchNorm copies
     averages.update({"swa": common.SwaAverage(model)} if args.swa_epochs > 0 else {})
-    bn_set = common.CifarDataset(train_set.images[:BN_IMAGES], train_set.labels[:BN_IMAGES])  # clean: no transform
+    bn_set = bn_dataset(train_set, args)
     if args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = make_optimizer(model, args, device)
@@ -456,16 +549,20 @@ def main(args):
         lr = optimizer.param_groups[0]["lr"]  # the head's
         row = {"epoch": epoch + 1, "stage": stage, "lr": lr, "train_loss": train_loss,
                "images_per_s": len(train_loader) * args.batch_size / (time.time() - epoch_start)}
-        val, models = validate(model, averages, trainable, bn_set, val_set, device, args) if master else ({}, {})
-        bad = [loss for loss in (train_loss, *val.values()) if not math.isfinite(loss)]
+        figures, candidates = {}, {}
+        if master:
+            figures, candidates = validate(model, averages, trainable, bn_set, val_set, device, args)
+        bad = [loss for loss in (train_loss, *figures.values()) if not math.isfinite(loss)]
         if bad:  # checked once per epoch: a check in every step would make the CPU wait for the GPU
             raise common.UserError(f"loss became {bad[0]} in epoch {epoch + 1} (lr {lr:.0e}): lower --lr/--head-lr")
         if master:
-            history.append({**row, **val})
-            best_acc = save_checkpoints(model, models, averages, optimizer, scaler, history, best_acc, args)
+            history.append({**row, **figures})
+            best_acc = save_checkpoints(model, candidates, averages, optimizer, scaler, history, best_acc, args)
             elapsed = time.time() - info["started"]
-            val = " | val " + " ".join(f"{name[4:]} {value:.4f}" for name, value in val.items()) if val else ""
-            print(f"epoch {epoch + 1}/{total_epochs} [{stage}] lr {lr:.1e} train loss {train_loss:.4f}{val} | "
+            val_text = ""
+            if figures:  # "val loss 0.51 acc 0.83 loss_ema 0.49 acc_ema 0.84"
+                val_text = " | val " + " ".join(f"{key[4:]} {value:.4f}" for key, value in figures.items())
+            print(f"epoch {epoch + 1}/{total_epochs} [{stage}] lr {lr:.1e} train loss {train_loss:.4f}{val_text} | "
                   f"{row['images_per_s']:.0f} img/s | {elapsed:.0f} s, ETA "
                   f"{elapsed / (epoch + 1 - start_epoch) * (total_epochs - epoch - 1):.0f} s", flush=True)
         if world_size > 1:

@@ -429,6 +429,58 @@ def test_cli_does_not_apply_a_temperature_at_its_search_bound(tmp_path, state_di
     assert strict_json(tmp_path / "eval_bound_test.json")["temperature"] == 1.0 and "(T = 1)" in result.stdout
 
 
+def test_cli_applies_the_temperature_of_the_tta_set_measured(tmp_path, state_dict, synthetic_root, fast_plots):
+    """Issue 17 point 3: `temperatures` holds one T per TTA set (for the run's --tta-average): --tta SET applies that
+    set's; a set without one, or another averaging than the fit's, gets T = 1 and a warning line."""
+    path = tmp_path / "sets.pth"
+    fits = {"none": {"temperature": 2.0, "at_bound": False}, "flip": {"temperature": 3.0, "at_bound": False}}
+    torch.save({"model": state_dict, "temperatures": fits, "temperature": 2.0, "temperature_at_bound": False,
+                "args": {"img_size": 32, "tta_average": "softmax"}}, path)
+    cases = {"one": [], "flip": ["--tta", "flip"], "translate": ["--tta", "flip+translate"],
+             "logit": ["--tta", "flip", "--tta-average", "logit"]}
+    measured = {}
+    for name, flags in cases.items():
+        result = cli(path, synthetic_root, tmp_path / name, "--subset", 20, "-b", 20, *flags)
+        assert result.returncode == 0, result.stderr
+        warned = any(line.startswith("warning:") and "no temperature" in line for line in result.stdout.splitlines())
+        measured[name] = (next((tmp_path / name).glob("eval_*.json")), warned)
+    temperatures = {name: (strict_json(json_path)["temperature"], warned) for name, (json_path, warned) in
+                    measured.items()}
+    assert temperatures == {"one": (2.0, False), "flip": (3.0, False), "translate": (1.0, True), "logit": (1.0, True)}
+
+
+def test_cli_bn_stats_recomputes_the_statistics_as_the_levels_do(tmp_path, synthetic_root, fast_plots):
+    """Issue 17 point 4: --bn-stats train recomputes the BatchNorm statistics on the run's first BN_IMAGES training
+    images through its level's training augmentation, drawn with its --seed (clean: without it), as the level does
+    for its averages; the JSON names the source; checkpoint keeps the stored ones."""
+    import level3
+    torch.manual_seed(0)
+    model = common.build_model("none", 0.1)
+    train_args = level3.get_args_parser().parse_args(["--img-size", "32", "-b", "16", "--subset", "48", "--seed", "3"])
+    path = tmp_path / "level3_best.pth"
+    torch.save({"level": "level3", "model": model.state_dict(), "args": vars(train_args)}, path)
+    figures = {}
+    for source in ("checkpoint", "train", "clean"):
+        result = cli(path, synthetic_root, tmp_path / source, "--subset", 20, "-b", 20, "--bn-stats", source)
+        assert result.returncode == 0, result.stderr
+        saved = strict_json(next((tmp_path / source).glob("eval_*.json")))
+        assert saved["bn_stats"] == source and f"BatchNorm statistics: {source}" in result.stdout
+        figures[source] = saved["nll"]
+    assert len(set(figures.values())) == 3  # each source gives other statistics, so other probabilities
+    train_set, _, _ = common.cifar10_datasets(synthetic_root, 3, 48)
+    expected = common.build_model("none", 0.1)
+    expected.load_state_dict(model.state_dict())
+    bn_set = common.bn_images(train_set, level3.BN_IMAGES, level3.train_transform(train_args), 3)
+    common.recompute_bn(expected, bn_set, CPU, 32, 16)
+    ours, _ = evaluate.load_model(path)
+    args = evaluate.get_args_parser().parse_args([str(path), "--data-dir", str(synthetic_root), "--bn-stats", "train"])
+    evaluate.recompute_statistics(ours, torch.load(path, weights_only=True), args, CPU, 32)
+    assert torch.equal(ours.layer2[0].bn1.running_var, expected.layer2[0].bn1.running_var)
+    bare = tmp_path / "bare.pth"
+    torch.save(model.state_dict(), bare)
+    assert_one_line_error(cli(bare, synthetic_root, tmp_path / "bare", "--bn-stats", "clean"), "--bn-stats clean")
+
+
 def write_images(folder):
     """Two small PNGs (an RGB 48 x 40 and a greyscale 32 x 32) and a text file that is no image."""
     from PIL import Image
@@ -496,7 +548,8 @@ def test_cli_images_ranks_classes_by_the_temperature_free_average(tmp_path, chec
     monkeypatch.setattr(common, "predict", lambda *args, **kwargs: (views, torch.zeros(1, dtype=torch.long)))
     state = torch.load(checkpoint, weights_only=True)
     path = tmp_path / "calibrated.pth"
-    torch.save({"model": state, "temperature": 0.5, "args": {"tta_set": "flip+translate", "img_size": 32}}, path)
+    fits = {"flip+translate": {"temperature": 0.5, "at_bound": False}}  # the T of the views measured
+    torch.save({"model": state, "temperatures": fits, "args": {"tta_set": "flip+translate", "img_size": 32}}, path)
     image = write_images(tmp_path / "photos")[0]
     result = run_cli(evaluate, path, "--images", image, "--tta", "--out", tmp_path, "--device", "cpu")
     assert result.returncode == 0, result.stderr

@@ -126,22 +126,22 @@ def test_ema_decay_changes_the_ema_and_not_the_weights():
 @pytest.mark.parametrize("flags", [["--swa-lr", "1e-3"], ["--swa-schedule", "cyclic"], ["--swa-every", "1"]],
                          ids=lambda f: f[0])
 def test_each_swa_flag_changes_the_average(flags):
-    """In the SWA phase (epoch 4 of 1 + 1 + 1 + 2), 2 steps per epoch: the LR flags change the weights, and
+    """In the SWA phase (epoch 4 of 1 + 1 + 2), 2 steps per epoch: the LR flags change the weights, and
     --swa-every 1 takes a snapshot after each step instead of one at the end of the epoch."""
     base = ["--swa-epochs", "2"]
-    _, averages = short_epoch(level4, base, epoch=4, updates={"swa": 1})
-    _, averages_other = short_epoch(level4, base + flags, epoch=4, updates={"swa": 1})
+    _, averages = short_epoch(level4, base, epoch=3, updates={"swa": 1})
+    _, averages_other = short_epoch(level4, base + flags, epoch=3, updates={"swa": 1})
     assert not torch.equal(averages["swa"], averages_other["swa"])
 
 
 def test_swa_takes_one_snapshot_per_cycle_and_none_before_its_phase(monkeypatch):
     calls = []
     monkeypatch.setattr(common.SwaAverage, "update", lambda self, model: calls.append(1))
-    short_epoch(level4, ["--swa-epochs", "2"], epoch=2, steps=2)  # epoch 3 (0-based 2): the final epoch, before SWA
+    short_epoch(level4, ["--swa-epochs", "2"], epoch=1, steps=2)  # epoch 2 (0-based 1): the cosine, before SWA
     assert calls == []
-    short_epoch(level4, ["--swa-epochs", "2"], epoch=3, steps=2)
+    short_epoch(level4, ["--swa-epochs", "2"], epoch=2, steps=2)
     assert len(calls) == 1
-    short_epoch(level4, ["--swa-epochs", "2", "--swa-every", "1"], epoch=3, steps=2)
+    short_epoch(level4, ["--swa-epochs", "2", "--swa-every", "1"], epoch=2, steps=2)
     assert len(calls) == 3
 
 
@@ -177,28 +177,59 @@ def test_stages_unfreeze_one_per_epoch_with_decayed_learning_rates():
 
 # ---- Weight averages: BatchNorm statistics and the choice ------------------------------------------------------
 
-def test_ema_bn_flag_recomputes_or_copies_the_statistics():
-    """--ema-bn recompute: the EMA's BatchNorm statistics come from the clean images (as common.recompute_bn computes
-    them); copy: they are the model's. Either way a frozen stage keeps the statistics it trains with: the model's."""
-    args = level3.get_args_parser().parse_args([*TINY, "--ema-bn", "copy"])
+@pytest.mark.parametrize("module", [level3, level4])
+def test_avg_bn_flag_chooses_where_the_averages_statistics_come_from(module):
+    """--avg-bn train: every average's BatchNorm statistics are common.recompute_bn's over BN_IMAGES training images
+    through the level's training augmentation (drawn with --seed); clean: over the same images without it; copy: the
+    raw model's. Either way a stage still frozen keeps the statistics it trains with: the raw model's."""
+    args = level_args(module, "unused", "unused", "--avg-bn", "copy")
     torch.manual_seed(0)
     model = common.build_model("none")
-    averages = {"ema": common.ModelEma(model, 0.9)}
-    averages["ema"].num_updates = 5
+    averages = {"ema": common.ModelEma(model, 0.9), "swa": common.SwaAverage(model)}
+    for average in averages.values():
+        average.num_updates = 5
     model.bn1.running_mean.fill_(3.0)
     model.layer4[0].bn1.running_mean.fill_(2.0)
-    bn_set = common.CifarDataset(IMAGES, LABELS)
-    level3.validate(model, averages, list(level3.GROUPS), bn_set, bn_set, CPU, args)
-    assert torch.equal(averages["ema"].module.bn1.running_mean, model.bn1.running_mean)
-    args.ema_bn = "recompute"
-    level3.validate(model, averages, list(level3.GROUPS), bn_set, bn_set, CPU, args)
-    expected = copy.deepcopy(averages["ema"].module)
-    common.recompute_bn(expected, bn_set, CPU, args.img_size, args.batch_size)
-    assert torch.equal(averages["ema"].module.bn1.running_mean, expected.bn1.running_mean)
-    assert not torch.equal(averages["ema"].module.bn1.running_mean, model.bn1.running_mean)
-    level3.validate(model, averages, ["fc", "layer4"], bn_set, bn_set, CPU, args)  # the stem and layer1-3 frozen
-    assert torch.equal(averages["ema"].module.bn1.running_mean, model.bn1.running_mean)
-    assert not torch.equal(averages["ema"].module.layer4[0].bn1.running_mean, model.layer4[0].bn1.running_mean)
+    train_set = common.CifarDataset(IMAGES, LABELS, module.train_transform(args))
+    module.validate(model, averages, list(module.GROUPS), module.bn_dataset(train_set, args), train_set, CPU, args)
+    for average in averages.values():
+        assert torch.equal(average.module.bn1.running_mean, model.bn1.running_mean)
+    means = {}
+    for source in ("train", "clean"):
+        args.avg_bn = source
+        bn_set = module.bn_dataset(train_set, args)
+        module.validate(model, averages, list(module.GROUPS), bn_set, train_set, CPU, args)
+        transform = module.train_transform(args) if source == "train" else None
+        expected = copy.deepcopy(averages["ema"].module)
+        common.recompute_bn(expected, common.bn_images(train_set, module.BN_IMAGES, transform, args.seed), CPU,
+                            args.img_size, args.batch_size)
+        for average in averages.values():
+            assert torch.equal(average.module.layer1[0].bn1.running_mean, expected.layer1[0].bn1.running_mean)
+        means[source] = averages["swa"].module.layer1[0].bn1.running_mean.clone()
+    assert not torch.equal(means["train"], means["clean"])  # the augmentation changes the statistics
+    module.validate(model, averages, ["fc", "layer4"], bn_set, train_set, CPU, args)  # stem, layer1-3 frozen
+    for average in averages.values():
+        assert torch.equal(average.module.bn1.running_mean, model.bn1.running_mean)
+        assert not torch.equal(average.module.layer4[0].bn1.running_mean, model.layer4[0].bn1.running_mean)
+
+
+def test_level4_cosine_decays_to_the_swa_lr_where_the_swa_phase_starts():
+    """Issue 17 point 2: by default no final-epoch phase; stage 2's cosine ends at --swa-lr, which the SWA phase then
+    holds (no anneal to about zero and climb back); without SWA the cosine ends at --min-lr as in Level 3."""
+    args = level4.get_args_parser().parse_args([])
+    assert args.final_epochs == 0
+    steps = 10
+    swa_start, _ = level4.swa_steps(steps, args)
+    assert swa_start == (args.head_epochs + args.epochs) * steps
+    cosine = [level4.lr_at(step, "fc", steps, args) for step in range(args.head_epochs * steps + 20, swa_start)]
+    assert all(a >= b >= args.swa_lr for a, b in zip(cosine, cosine[1:]))  # decays, never below --swa-lr
+    assert cosine[-1] == pytest.approx(args.swa_lr, rel=1e-3)
+    swa_phase = [level4.lr_at(step, "fc", steps, args) for step in range(swa_start, swa_start + args.swa_epochs * steps)]
+    assert swa_phase == [args.swa_lr] * len(swa_phase)
+    no_swa = level4.get_args_parser().parse_args(["--swa-epochs", "0"])
+    assert level4.lr_at(swa_start - 1, "fc", steps, no_swa) == pytest.approx(no_swa.min_lr, rel=1e-2)
+    out = run_cli(level4, *TINY, "--final-epochs", "1", "--swa-epochs", "1")
+    assert out.returncode == 2 and "--final-epochs needs --swa-epochs 0" in out.stderr
 
 
 def test_the_best_candidate_is_saved_with_its_source(tmp_path):
@@ -213,8 +244,13 @@ def test_the_best_candidate_is_saved_with_its_source(tmp_path):
     assert best == 0.6 and saved["model_source"] == "ema"
     assert torch.equal(saved["model"]["fc.weight"], other.fc.weight)
     last = torch.load(tmp_path / "level4_last.pth", weights_only=True)
-    assert torch.equal(last["model"]["fc.weight"], model.fc.weight) and last["averages"]["ema"]["num_updates"] == 0
+    assert torch.equal(last["model"]["fc.weight"], model.fc.weight) and last["averages"] == {}  # nothing averaged yet
     assert last["model_source"] == "raw"  # last.pth holds the raw weights, whichever candidate was best
+    averages["ema"].num_updates = 3  # an average enters last.pth with its first update
+    level4.save_checkpoints(model, {"raw": model}, averages, level4.make_optimizer(model, args, CPU),
+                            torch.amp.GradScaler("cpu", enabled=False), history, best, args)
+    last = torch.load(tmp_path / "level4_last.pth", weights_only=True)
+    assert list(last["averages"]) == ["ema"] and last["averages"]["ema"]["num_updates"] == 3
 
 
 # ---- End to end, each level, then evaluate.py on its checkpoint ---------------------------------------------------
@@ -223,7 +259,7 @@ def test_the_best_candidate_is_saved_with_its_source(tmp_path):
 def test_level_end_to_end_then_evaluate(module, cached_run, data_root):
     results, folder = cached_run(module)
     level = module.LEVEL
-    assert len(results["history"]) == {"level1": 2, "level2": 2, "level3": 3, "level4": 4}[level]
+    assert len(results["history"]) == {"level1": 2, "level2": 2, "level3": 3, "level4": 3}[level]
     assert results["train_images"] == 64 and results["test"]["num_images"] == 32
     assert results["commit"] and results["device"].startswith("cpu") and "command" in results
     json.loads((folder / f"{level}.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
@@ -242,6 +278,18 @@ def test_level4_reports_calibration_tta_sets_and_errors(cached_run):
     assert set(results["tta_sets"]) == set(common.TTA_SETS)
     calibration = results["calibration"]
     assert calibration["fitted_on_images"] == 32 and calibration["temperature"] > 0
+    # Each TTA set gets the T fitted on the validation logits of its own views and average, stored in best.pth.
+    best = torch.load(folder / "level4_best.pth", weights_only=True)
+    model = common.build_model("none", results["args"]["dropout"])
+    model.load_state_dict(best["model"])
+    _, val_set, _ = common.cifar10_datasets(results["args"]["data_dir"], 0, 64, 32)
+    for name, views in common.TTA_SETS.items():
+        view_logits, labels = common.predict(model, val_set, CPU, 32, views)
+        expected, at_bound = common.fit_temperature(view_logits, labels, "softmax")
+        fit = best["temperatures"][name]  # the level ran channels_last: the same logits up to rounding
+        assert fit["temperature"] == pytest.approx(expected, rel=1e-4) and fit["at_bound"] == at_bound
+        assert results["tta_sets"][name]["temperature"] == pytest.approx(1.0 if at_bound else expected, rel=1e-4)
+    assert len({fit["temperature"] for fit in best["temperatures"].values()}) > 1  # not one T for every set
     # TTA predictions do not depend on the temperature: the same top-1 as an uncalibrated TTA report.
     model = common.build_model("none", results["args"]["dropout"])
     model.load_state_dict(torch.load(folder / "level4_best.pth", weights_only=True)["model"])

@@ -411,6 +411,49 @@ def test_recompute_bn_matches_update_bn():
     assert_params_close(ours, model, atol=0)  # only statistics change
 
 
+class PreparedModel(nn.Module):
+    """uint8 batches in, as a DataLoader over a CifarDataset yields them: prepare_batch, then the model."""
+
+    def __init__(self, model, img_size):
+        super().__init__()
+        self.model, self.img_size = model, img_size
+
+    def forward(self, images):
+        return self.model(common.prepare_batch(images, CPU, self.img_size))
+
+
+def test_bn_images_through_the_training_transform_match_update_bn_over_the_training_loader():
+    """Issue 17 point 1: recompute_bn over bn_images(transform, seed) gives the statistics that
+    torch.optim.swa_utils.update_bn gives over a DataLoader of the same images with the same transform and seed (the
+    training loader, augmentation included), and leaves the global RNG as it was; clean images give others."""
+    model = tiny_model()
+    for _ in sgd_steps(model, 3):
+        pass
+    dataset, img_size, batch_size, seed = random_dataset(48), 40, 16, 7
+    transform = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), v2.RandAugment(2, 9)])
+    rng_state = torch.get_rng_state()
+    bn_set = common.bn_images(dataset, 48, transform, seed)
+    assert torch.equal(torch.get_rng_state(), rng_state)  # the run's own random stream is not disturbed
+    assert bn_set.images.dtype == torch.uint8 and bn_set.images.shape == (48, 3, 32, 32)
+    ours = copy.deepcopy(model)
+    common.recompute_bn(ours, bn_set, CPU, img_size, batch_size)
+    reference = PreparedModel(copy.deepcopy(model), img_size)
+    loader = torch.utils.data.DataLoader(common.CifarDataset(dataset.images, dataset.labels, transform), batch_size,
+                                         generator=torch.Generator())  # its own generator: the global RNG is the seed's
+    torch.manual_seed(seed)
+    update_bn(loader, reference)
+    bn_ours, bn_reference = (next(m for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+                             for net in (ours, reference))
+    torch.testing.assert_close(bn_ours.running_mean, bn_reference.running_mean, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(bn_ours.running_var, bn_reference.running_var, atol=1e-6, rtol=1e-5)
+    clean = copy.deepcopy(model)
+    common.recompute_bn(clean, common.bn_images(dataset, 48), CPU, img_size, batch_size)
+    bn_clean = next(m for m in clean.modules() if isinstance(m, nn.BatchNorm2d))
+    assert not torch.allclose(bn_clean.running_var, bn_ours.running_var, rtol=1e-3)
+    again = common.bn_images(dataset, 48, transform, seed)
+    assert torch.equal(again.images, bn_set.images)  # the same images at every validation
+
+
 # ---- 9. fit_temperature (issue 13 point 1) -----------------------------------------------------------------------
 
 def calibrated_logits(n=8000, scale=3.0, seed=0):
@@ -438,6 +481,35 @@ def test_fit_temperature_recovers_large_and_small_temperatures():
         scaled = logits * factor
         assert F.cross_entropy(scaled / temperature, labels) < F.cross_entropy(scaled, labels)
         assert torch.equal((scaled / temperature).argmax(-1), scaled.argmax(-1))
+
+
+@pytest.mark.parametrize("average", ["softmax", "logit"])
+def test_views_nll_is_the_nll_of_the_averaged_views(average):
+    """views_nll from the logits equals -log of average_views' probability of the label, in float64; and stays exact
+    where float32 probabilities underflow to 0 (a sure mistake, logit gap 200)."""
+    torch.manual_seed(0)
+    view_logits, labels = torch.randn(4, 50, 10, dtype=torch.float64) * 3, torch.randint(10, (50,))
+    probs = common.average_views(view_logits, 1.7, average)
+    expected = float(-probs.gather(1, labels[:, None]).log().mean())
+    assert common.views_nll(view_logits, labels, 1.7, average) == pytest.approx(expected, rel=1e-12)
+    sure_mistake = torch.zeros(2, 1, 10)
+    sure_mistake[:, 0, 1] = 200.0  # label 0 has probability e^-200: 0 in float32
+    assert common.average_views(sure_mistake, 1.0, average)[0, 0] == 0
+    assert common.views_nll(sure_mistake, torch.tensor([0]), 1.0, average) == pytest.approx(200.0, rel=1e-9)
+
+
+def test_fit_temperature_of_a_view_set_minimises_that_sets_nll():
+    """Issue 17 point 3: the T fitted on the V x N x K logits of a view set minimises the NLL of that set's average
+    (views_nll), which the T of its first view alone does not."""
+    logits, labels = calibrated_logits(n=4000)
+    torch.manual_seed(1)
+    view_logits = logits * 2 + torch.randn(6, *logits.shape, dtype=torch.float64) * 2  # six noisy, overconfident views
+    for average in ("softmax", "logit"):
+        fitted, at_bound = common.fit_temperature(view_logits, labels, average)
+        one_view, _ = common.fit_temperature(view_logits[0], labels)
+        nll = functools.partial(common.views_nll, view_logits, labels, average=average)
+        assert not at_bound and abs(fitted - one_view) > 0.05
+        assert nll(fitted) < nll(one_view) and nll(fitted) <= min(nll(fitted * 1.01), nll(fitted / 1.01))
 
 
 def test_fit_temperature_flags_chance_level_logits_at_its_bound():
