@@ -468,9 +468,11 @@ def compare(args, device):
         temperatures.append(choose_temperature(checkpoint, args))
         scored.append(per_image(view_logits, labels, temperatures[-1], args.tta_average))
     figures = compare_figures(*scored, args.resamples)
-    names = [Path(p).stem for p in (args.checkpoint, args.compare)]
-    if names[0] == names[1]:  # seed1/level4_best.pth against seed2/level4_best.pth
-        names = [f"{Path(p).parent.name}-{Path(p).stem}" for p in (args.checkpoint, args.compare)]
+    resolved = [Path(p).resolve().with_suffix("") for p in (args.checkpoint, args.compare)]
+    names = [p.name for p in resolved]
+    if names[0] == names[1]:  # seed1/level4_best.pth against seed2/level4_best.pth: name the folders that differ
+        shared = len(Path(os.path.commonpath(resolved)).parts)
+        names = ["-".join(p.parts[shared:]) or p.name for p in resolved]
     out, tag = Path(args.out), f"compare_{names[0]}_vs_{names[1]}_{args.split}" + (f"_tta-{tta_set}" if tta_set else "")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{tag}.json", {"a": args.checkpoint, "b": args.compare, "split": args.split, "tta": tta_set,
