@@ -181,10 +181,7 @@ def t_critical(df, confidence=0.95):
     low, high = 0.0, 1e6
     for _ in range(100):
         middle = (low + high) / 2
-        if t_two_sided(middle, df) < confidence:
-            low = middle
-        else:
-            high = middle
+        low, high = (middle, high) if t_two_sided(middle, df) < confidence else (low, middle)
     return (low + high) / 2
 
 def mean_sd(values):
@@ -195,8 +192,7 @@ def paired_difference(baseline_values, row_values, higher_is_better=True):
     """Mean of the paired differences row - baseline (one pair per seed), its 95 % CI from Student's t with n - 1
     degrees of freedom, and a verdict: "helps" / "hurts" when the interval excludes 0, else "within noise"."""
     if len(baseline_values) != len(row_values) or not row_values:
-        raise ValueError(f"paired_difference needs as many row values as baseline values, at least one "
-                         f"(got {len(row_values)} and {len(baseline_values)})")
+        raise ValueError(f"one row value per baseline value: got {len(row_values)} and {len(baseline_values)}")
     mean, sd = mean_sd([r - b for b, r in zip(baseline_values, row_values)])
     n = len(row_values)
     if sd is None:
@@ -204,10 +200,8 @@ def paired_difference(baseline_values, row_values, higher_is_better=True):
     half_width = t_critical(n - 1) * sd / math.sqrt(n)
     low, high = mean - half_width, mean + half_width
     verdict = "within noise"
-    if low > 0:
-        verdict = "helps" if higher_is_better else "hurts"
-    if high < 0:
-        verdict = "hurts" if higher_is_better else "helps"
+    if low > 0 or high < 0:  # the interval excludes 0
+        verdict = "helps" if (mean > 0) == higher_is_better else "hurts"
     return {"mean": mean, "low": low, "high": high, "n": n, "verdict": verdict}
 
 # ---- Results: strict JSON, naming the command, device and commit that produced each number -----------------------
@@ -460,14 +454,15 @@ def compare(args, device):
                                "--train-on-all (the same validation images): use --split test")
     _, val_set, test_set = common.cifar10_datasets(args.data_dir, seeds.pop(), eval_subset=args.subset)
     dataset = val_set if args.split == "val" else test_set
-    scored, temperatures = [], []
+    scored, temperatures, img_sizes = [], [], []
     for (model, checkpoint), own_args in zip(loaded, train_args):
         model = model.to(device, memory_format=torch.channels_last)
-        view_logits, labels = common.predict(model, dataset, device, args.img_size or own_args.get("img_size", 224),
-                                             common.TTA_SETS[tta_set or "none"], args.batch_size)
+        img_sizes.append(args.img_size or own_args.get("img_size", 224))
         temperatures.append(choose_temperature(checkpoint, args))
+        view_logits, labels = common.predict(model, dataset, device, img_sizes[-1], common.TTA_SETS[tta_set or "none"],
+                                             args.batch_size)
         scored.append(per_image(view_logits, labels, temperatures[-1], args.tta_average))
-    figures = compare_figures(*scored, args.resamples)
+    figures = compare_figures(*scored, args.resamples, seed=0)
     resolved = [Path(p).resolve().with_suffix("") for p in (args.checkpoint, args.compare)]
     names = [p.name for p in resolved]
     if names[0] == names[1]:  # seed1/level4_best.pth against seed2/level4_best.pth: name the folders that differ
@@ -475,20 +470,22 @@ def compare(args, device):
         names = ["-".join(p.parts[shared:]) or p.name for p in resolved]
     out, tag = Path(args.out), f"compare_{names[0]}_vs_{names[1]}_{args.split}" + (f"_tta-{tta_set}" if tta_set else "")
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"{tag}.json", {"a": args.checkpoint, "b": args.compare, "split": args.split, "tta": tta_set,
-                                     "temperatures": temperatures, "num_images": len(dataset), "resamples":
-                                     args.resamples, "bootstrap_seed": 0, **figures, **run_info(device)})
+    setup = {"a": args.checkpoint, "b": args.compare, "split": args.split, "tta": tta_set, "img_sizes": img_sizes,
+             "temperatures": temperatures, "num_images": len(dataset), "resamples": args.resamples, "bootstrap_seed": 0}
+    write_json(out / f"{tag}.json", {**setup, **figures, **run_info(device)})
     plot_disagreements(dataset, *scored, out / f"{tag}.png", f"A = {names[0]}, B = {names[1]}")
     print(f"A = {args.checkpoint} (T = {temperatures[0]:.3g}), B = {args.compare} (T = {temperatures[1]:.3g}): "
           f"{args.split}, {len(dataset)} images, TTA {tta_set or 'off'}")
     print(f"{'':8}{'A':>8}{'B':>9}{'A - B':>10}   95 % CI (paired bootstrap, {args.resamples} resamples)")
     for key, label in (("acc1", "top-1"), ("ece", "ECE"), ("nll", "NLL")):
-        f = figures[key]
-        print(f"{label:<8}{f['a']:>8.4f}{f['b']:>9.4f}{f['difference']:>+10.4f}   [{f['ci95'][0]:+.4f}, "
-              f"{f['ci95'][1]:+.4f}]")
+        figure = figures[key]
+        low, high = figure["ci95"]
+        print(f"{label:<8}{figure['a']:>8.4f}{figure['b']:>9.4f}{figure['difference']:>+10.4f}   "
+              f"[{low:+.4f}, {high:+.4f}]")
     mcnemar = figures["mcnemar"]
     print(f"McNemar: b = {mcnemar['b']} (A right, B wrong), c = {mcnemar['c']} (B right, A wrong), exact two-sided "
-          f"p = {mcnemar['p']:.4g}\nwrote {out / f'{tag}.json'} and {out / f'{tag}.png'}")
+          f"p = {mcnemar['p']:.4g}")
+    print(f"wrote {out / f'{tag}.json'} and {out / f'{tag}.png'}")
     print(f"final: acc1_a={figures['acc1']['a']:.4f} acc1_b={figures['acc1']['b']:.4f} "
           f"difference={figures['acc1']['difference']:.4f} p={mcnemar['p']:.4g} images={len(dataset)}")
 

@@ -142,12 +142,14 @@ def test_cli_compare_writes_the_json_png_and_table(tmp_path, two_checkpoints, sy
     assert final_line(result.stdout)["acc1_a"] == pytest.approx(acc1["a"], abs=1e-4)
 
 
-def test_cli_compare_on_val_needs_the_same_seed(tmp_path, two_checkpoints, synthetic_root):
+def test_cli_compare_on_val_needs_the_same_seed_and_no_images(tmp_path, two_checkpoints, synthetic_root):
     path_a, path_b = two_checkpoints
     result = run_cli(evaluate, path_a, "--compare", path_b, "--data-dir", synthetic_root, "--split", "val",
                      "--out", tmp_path / "out")
     assert_one_line_error(result, "--split val", "--split test")
     assert not (tmp_path / "out").exists()
+    with_images = run_cli(evaluate, path_a, "--compare", path_b, "--images", path_a, "--out", tmp_path / "out")
+    assert_one_line_error(with_images, "--compare", "--images")
 
 
 # ---- 2 and 7. Paired seeds: Student's t, the verdict, the plot ---------------------------------------------------
