@@ -329,12 +329,14 @@ def plot_differences(names, means, lows, highs, evaluation_only, path, title):
     """Each row's mean paired difference from the baseline with its 95 % CI as an error bar (none where a low is
     None: n = 1), a zero line; evaluation-only rows (no retraining) in another colour."""
     fig, axis = _pyplot().subplots(figsize=(8, 0.45 * len(names) + 1.5))
+    handles = {}  # one legend entry per colour
     for i, (mean, low, high, eval_only) in enumerate(zip(means, lows, highs, evaluation_only)):
         error = None if low is None else [[mean - low], [high - mean]]
         colour, label = ("tab:orange", "evaluation only") if eval_only else ("tab:blue", "trained")
-        axis.errorbar(mean, i, xerr=error, fmt="o", color=colour, capsize=4, label=label)
+        handles.setdefault(label, axis.errorbar(mean, i, xerr=error, fmt="o", color=colour, capsize=4))
+        if low is None:
+            axis.text(mean, i, "  n = 1, no interval", va="center", fontsize=8)
     axis.axvline(0.0, color="black", linewidth=1)
-    handles = dict(zip(*reversed(axis.get_legend_handles_labels())))  # one legend entry per colour
     axis.legend(handles.values(), handles.keys(), loc="lower right")
     axis.set(yticks=range(len(names)), yticklabels=names, xlabel="difference from the baseline (95 % CI)")
     axis.invert_yaxis()
