@@ -116,8 +116,9 @@ def loss_and_accuracy(model, dataset, device, img_size):
 
 # ---- Is a difference real? Two checkpoints on the same images; runs over paired seeds -----------------------------
 def mcnemar_exact(b, c):
-    """McNemar's exact test (1947): of the b + c images exactly one checkpoint gets right, under "equally good" each
-    is A's with probability 1/2, so b ~ Binomial(b + c, 1/2). Two-sided p = 2 P(X <= min(b, c)), at most 1."""
+    """McNemar's test (1947), exact binomial form: of the b + c images exactly one checkpoint gets right, were the two
+    equally good each would be A's with probability 1/2: b ~ Binomial(b + c, 1/2). Two-sided p = 2 P(X <= min(b, c)),
+    at most 1."""
     n = b + c
     tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n  # exact integers: no overflow for any n
     return min(1.0, 2 * tail)
