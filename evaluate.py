@@ -15,6 +15,7 @@ import importlib
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -54,16 +55,18 @@ def expected_calibration_error(probs, labels, n_bins=15, preds=None):
     count, accuracy, confidence = calibration_bins(probs, labels, n_bins, preds)
     return float((count / count.sum() * (accuracy - confidence).abs()).sum())
 
-def metrics(probs, labels, preds=None):
+def metrics(probs, labels, preds=None, nll=None):
     """Every figure for one set of N x K probabilities; `preds` (default: their arg-max) give top-1 and the per-class
-    figures, the probabilities give ECE, NLL (clamped at 1e-12: a sure mistake stays finite) and Brier (1950)."""
+    figures, the probabilities give ECE and Brier (1950), and NLL unless `nll` is given (from_logits gives the exact
+    one; from probabilities alone it is clamped at 1e-12, so that a sure mistake stays finite)."""
     preds = probs.argmax(-1) if preds is None else preds
+    if nll is None:
+        nll = float(-probs.double().gather(1, labels[:, None]).clamp_min(1e-12).log().mean())
     cm = confusion_matrix(preds, labels)
     precision, recall, f1 = precision_recall_f1(cm)
     per_class = lambda values: dict(zip(common.CLASSES, values.tolist()))  # noqa: E731
     ece = expected_calibration_error(probs, labels, preds=preds)
-    return {"acc1": float((preds == labels).double().mean()), "ece": ece,
-            "nll": float(-probs.double().gather(1, labels[:, None]).clamp_min(1e-12).log().mean()),
+    return {"acc1": float((preds == labels).double().mean()), "ece": ece, "nll": nll,
             "brier": float(((probs.double() - F.one_hot(labels, probs.shape[1])) ** 2).sum(1).mean()),
             "per_class_acc": per_class(recall), "precision": per_class(precision), "recall": per_class(recall),
             "f1": per_class(f1), "confusion_matrix": cm.tolist(), "num_images": len(labels)}
@@ -81,12 +84,24 @@ def confident_mistakes(probs, labels, k=24):
     wrong = torch.nonzero(preds != labels).flatten()
     return wrong[confidence[wrong].argsort(descending=True, stable=True)][:k].tolist()
 
+def nll_per_image(view_logits, labels, temperature=1.0, average="softmax"):
+    """Each image's exact NLL (float64, no clamp) from V x N x K logits at `temperature`: minus the log-softmax of one
+    view or of the mean logits ("logit"); for the softmax average, log(mean_v p_v) = logsumexp_v(log p_v) - log V."""
+    logits = view_logits.double() / temperature
+    if average == "logit":
+        log_probs = logits.mean(0).log_softmax(-1)
+    else:
+        log_probs = logits.log_softmax(-1).logsumexp(0) - math.log(len(view_logits))
+    return -log_probs.gather(1, labels[:, None]).squeeze(1)
+
 def from_logits(view_logits, labels, temperature=1.0, average="softmax"):
-    """metrics() of V x N x K logits: the prediction from the T = 1 average of the views, the probabilities at
-    `temperature` (Guo et al. 2017: T only calibrates; it must not change a prediction). Returns (report, probs)."""
+    """metrics() of V x N x K logits: the prediction from the T = 1 average of the views, the probabilities and the
+    exact NLL at `temperature` (Guo et al. 2017: T only calibrates; it must not change a prediction).
+    Returns (report, probs)."""
     probs = common.average_views(view_logits, temperature, average)
     preds = common.average_views(view_logits, 1.0, average).argmax(-1)
-    return {**metrics(probs, labels, preds), "temperature": temperature, "tta_average": average}, probs
+    nll = float(nll_per_image(view_logits, labels, temperature, average).mean())
+    return {**metrics(probs, labels, preds, nll), "temperature": temperature, "tta_average": average}, probs
 
 def report(model, dataset, device, img_size, views=("identity",), temperature=1.0, average="softmax", batch_size=256):
     """Run `model` over `dataset` with the TTA `views` and measure it (see from_logits); adds the images per second.
@@ -100,6 +115,97 @@ def loss_and_accuracy(model, dataset, device, img_size):
     """Validation loss (cross-entropy) and top-1 of one view, with one wait for the device."""
     logits, labels = common.predict(model, dataset, device, img_size)
     return float(F.cross_entropy(logits[0], labels)), float((logits[0].argmax(-1) == labels).double().mean())
+
+# ---- Is a difference real? Two checkpoints on the same images; runs over paired seeds -----------------------------
+def mcnemar_exact(b, c):
+    """McNemar's test (1947), exact binomial form: of the b + c images exactly one checkpoint gets right, were the two
+    equally good each would be A's with probability 1/2: b ~ Binomial(b + c, 1/2). Two-sided p = 2 P(X <= min(b, c)),
+    at most 1."""
+    n = b + c
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n  # exact integers: no overflow for any n
+    return min(1.0, 2 * tail)
+
+def paired_bootstrap(statistic, n, resamples=2000, seed=0, chunk=200):
+    """95 % percentile interval (Efron and Tibshirani 1993, ch. 13) of `statistic`, a function of R x n image indices
+    returning R values, over `resamples` draws of n images with replacement; both checkpoints see the same draw."""
+    generator = torch.Generator().manual_seed(seed)
+    values = [statistic(torch.randint(n, (min(chunk, resamples - start), n), generator=generator))
+              for start in range(0, resamples, chunk)]  # in chunks: 2,000 x 10,000 indices at once is 160 MB
+    low, high = torch.quantile(torch.cat(values).double(), torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return float(low), float(high)
+
+def resampled_ece(confidence, correct, indices, n_bins=15):
+    """ECE of each row of R x N image indices at once; as expected_calibration_error, since |bin| / N * |accuracy -
+    confidence| = |sum over the bin of (correct - confidence)| / N."""
+    bins = (confidence * n_bins).ceil().long().clamp(1, n_bins) - 1
+    cells = (bins[indices] + n_bins * torch.arange(len(indices))[:, None]).flatten()  # (resample, bin) as one index
+    gaps = torch.bincount(cells, (correct.double() - confidence)[indices].flatten(), minlength=len(indices) * n_bins)
+    return gaps.view(len(indices), n_bins).abs().sum(1) / indices.shape[1]
+
+def per_image(view_logits, labels, temperature=1.0, average="softmax"):
+    """Per image: the T = 1 prediction, right or not, its confidence at `temperature`, the exact NLL there."""
+    preds = common.average_views(view_logits, 1.0, average).argmax(-1)
+    probs = common.average_views(view_logits, temperature, average).double()
+    return {"preds": preds, "correct": preds == labels, "confidence": probs.gather(1, preds[:, None]).squeeze(1),
+            "nll": nll_per_image(view_logits, labels, temperature, average)}
+
+def compare_figures(a, b, resamples=2000, seed=0):
+    """A against B (per_image dicts of the same images): top-1, ECE and NLL of each, the difference A - B with its
+    paired-bootstrap 95 % CI, and McNemar's b (A right, B wrong), c (the reverse) and p."""
+    measures = {"acc1": lambda s, idx: s["correct"].double()[idx].mean(1),
+                "ece": lambda s, idx: resampled_ece(s["confidence"], s["correct"], idx),
+                "nll": lambda s, idx: s["nll"][idx].mean(1)}
+    everyone, figures = torch.arange(len(a["correct"]))[None], {}
+    for name, measure in measures.items():
+        def difference(idx, measure=measure):
+            return measure(a, idx) - measure(b, idx)
+        figures[name] = {"a": float(measure(a, everyone)), "b": float(measure(b, everyone)),
+                         "difference": float(difference(everyone)),
+                         "ci95": paired_bootstrap(difference, len(a["correct"]), resamples, seed)}
+    only_a, only_b = int((a["correct"] & ~b["correct"]).sum()), int((b["correct"] & ~a["correct"]).sum())
+    return {**figures, "mcnemar": {"b": only_a, "c": only_b, "p": mcnemar_exact(only_a, only_b)}}
+
+def t_two_sided(t, df):
+    """P(|T| <= t) for Student's t with integer df >= 1: the finite series in theta = atan(t / sqrt(df)) of Abramowitz
+    and Stegun (1964), 26.7.3 (odd df: 2/pi (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ... + cos^(df - 3))))
+    and 26.7.4 (even df: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ... + cos^(df - 2)))."""
+    theta = math.atan(t / math.sqrt(df))
+    cos2, term, total = math.cos(theta) ** 2, 1.0, 1.0
+    for k in range(2 + df % 2, df - 1, 2):  # k = 2, 4, ... (even df) or 3, 5, ... (odd df)
+        term *= cos2 * (k - 1) / k
+        total += term
+    if df % 2 == 0:
+        return math.sin(theta) * total
+    series = 0.0 if df == 1 else math.sin(theta) * math.cos(theta) * total
+    return 2 / math.pi * (theta + series)
+
+def t_critical(df, confidence=0.95):
+    """The t with P(|T| <= t) = confidence (12.706 for df 1, 2.042 for df 30 at 95 %): bisection on t_two_sided."""
+    low, high = 0.0, 1e6
+    for _ in range(100):
+        middle = (low + high) / 2
+        low, high = (middle, high) if t_two_sided(middle, df) < confidence else (low, middle)
+    return (low + high) / 2
+
+def mean_sd(values):
+    """(mean, sample standard deviation with n - 1); the SD is None for a single value."""
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+def paired_difference(baseline_values, row_values, higher_is_better=True):
+    """Mean of the paired differences row - baseline (one pair per seed), its 95 % CI from Student's t with n - 1
+    degrees of freedom, and a verdict: "helps" / "hurts" when the interval excludes 0, else "within noise"."""
+    if len(baseline_values) != len(row_values) or not row_values:
+        raise ValueError(f"one row value per baseline value: got {len(row_values)} and {len(baseline_values)}")
+    mean, sd = mean_sd([r - b for b, r in zip(baseline_values, row_values)])
+    n = len(row_values)
+    if sd is None:
+        return {"mean": mean, "low": None, "high": None, "n": 1, "verdict": "n = 1, no interval"}
+    half_width = t_critical(n - 1) * sd / math.sqrt(n)
+    low, high = mean - half_width, mean + half_width
+    verdict = "within noise"
+    if low > 0 or high < 0:  # the interval excludes 0
+        verdict = "helps" if (mean > 0) == higher_is_better else "hurts"
+    return {"mean": mean, "low": low, "high": high, "n": n, "verdict": verdict}
 
 # ---- Results: strict JSON, naming the command, device and commit that produced each number -----------------------
 def run_info(device):
@@ -222,6 +328,35 @@ def plot_bars(names, values, path, title, xlabel, reference=None):
     axis.invert_yaxis()
     _save(fig, path, title)
 
+def plot_differences(names, means, lows, highs, evaluation_only, path, title):
+    """Each row's mean paired difference from the baseline with its 95 % CI as an error bar (none where a low is
+    None: n = 1), a zero line; evaluation-only rows (no retraining) in another colour."""
+    fig, axis = _pyplot().subplots(figsize=(8, 0.45 * len(names) + 1.5))
+    handles = {}  # one legend entry per colour
+    for i, (mean, low, high, eval_only) in enumerate(zip(means, lows, highs, evaluation_only)):
+        error = None if low is None else [[mean - low], [high - mean]]
+        colour, label = ("tab:orange", "evaluation only") if eval_only else ("tab:blue", "trained")
+        handles.setdefault(label, axis.errorbar(mean, i, xerr=error, fmt="o", color=colour, capsize=4))
+        if low is None:
+            axis.text(mean, i, "  n = 1, no interval", va="center", fontsize=8)
+    axis.axvline(0.0, color="black", linewidth=1)
+    axis.legend(handles.values(), handles.keys(), loc="lower right")
+    axis.set(yticks=range(len(names)), yticklabels=names, xlabel="difference from the baseline (95 % CI)")
+    axis.invert_yaxis()
+    axis.grid(axis="x", alpha=0.3)
+    _save(fig, path, title)
+
+def plot_disagreements(dataset, a, b, path, title, k=8):
+    """Up to k images A gets right and B wrong, then k the other way (per_image dicts), most confident error first."""
+    images, captions = [], []
+    for right, wrong, label in ((a, b, "A right, B wrong"), (b, a, "B right, A wrong")):
+        chosen = torch.nonzero(right["correct"] & ~wrong["correct"]).flatten()
+        chosen = chosen[wrong["confidence"][chosen].argsort(descending=True, stable=True)][:k].tolist()
+        images += [dataset.images[i] for i in chosen]
+        captions += [f"{label}\n{common.CLASSES[dataset.labels[i]]}, not {common.CLASSES[wrong['preds'][i]]}"
+                     for i in chosen]
+    plot_images(images, captions, path, title)
+
 # ---- Command line ------------------------------------------------------------------------------------------------
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -242,12 +377,17 @@ def get_args_parser():
                         help="BatchNorm statistics: the stored ones, or recomputed on the run's training images through "
                              "its level's training augmentation, or on the same images clean (default: checkpoint)")
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: auto)")
+    parser.add_argument("--compare", metavar="B.pth", help="compare the checkpoint with B.pth on the same images: "
+                        "paired bootstrap CIs, McNemar's exact test (default: off)")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of --compare (default: 2000)")
     parser.add_argument("--images", nargs="+", metavar="PATH",
                         help="predict your own JPEG/PNG files, or folders of them, instead of a split (default: off)")
     return parser
 
 def validate_args(args):
-    common.check_flags(args, positive=("batch_size", "subset"))
+    common.check_flags(args, positive=("batch_size", "subset", "resamples"))
+    if args.compare and args.images:
+        raise common.UserError("--compare measures two checkpoints on a split, --images predicts files: give one")
     if args.img_size is not None and args.img_size < 32:
         raise common.UserError(f"--img-size must be at least 32, CIFAR-10's own size (got {args.img_size})")
 
@@ -345,6 +485,53 @@ def predict_images(args, model, device, img_size, views, temperature):
                 out / "predictions.png", f"{Path(args.checkpoint).name}: top-1")
     print(f"wrote {out / 'predictions.json'} and {out / 'predictions.png'}")
 
+def compare(args, device):
+    """A.pth --compare B.pth: both on the same images and views (plain --tta: A's set), each at its own temperature
+    and input size unless told otherwise; prints a table, writes compare_<A>_vs_<B>_<split>.{json,png} under --out."""
+    loaded = [load_model(path) for path in (args.checkpoint, args.compare)]
+    train_args = [checkpoint.get("args", {}) for _, checkpoint in loaded]
+    tta_set = train_args[0].get("tta_set", "flip") if args.tta == "default" else args.tta
+    seeds = {a.get("seed", 0) for a in train_args}
+    if args.split == "val" and (len(seeds) > 1 or any(a.get("train_on_all") for a in train_args)):
+        raise common.UserError("--split val needs two checkpoints trained with the same --seed and not "
+                               "--train-on-all (the same validation images): use --split test")
+    _, val_set, test_set = common.cifar10_datasets(args.data_dir, seeds.pop(), eval_subset=args.subset)
+    dataset = val_set if args.split == "val" else test_set
+    scored, temperatures, img_sizes = [], [], []
+    for (model, checkpoint), own_args in zip(loaded, train_args):
+        model = model.to(device, memory_format=torch.channels_last)
+        img_sizes.append(args.img_size or own_args.get("img_size", 224))
+        temperatures.append(choose_temperature(checkpoint, args))
+        view_logits, labels = common.predict(model, dataset, device, img_sizes[-1], common.TTA_SETS[tta_set or "none"],
+                                             args.batch_size)
+        scored.append(per_image(view_logits, labels, temperatures[-1], args.tta_average))
+    figures = compare_figures(*scored, args.resamples, seed=0)
+    resolved = [Path(p).resolve().with_suffix("") for p in (args.checkpoint, args.compare)]
+    names = [p.name for p in resolved]
+    if names[0] == names[1]:  # seed1/level4_best.pth against seed2/level4_best.pth: name the folders that differ
+        shared = len(Path(os.path.commonpath(resolved)).parts)
+        names = ["-".join(p.parts[shared:]) or p.name for p in resolved]
+    out, tag = Path(args.out), f"compare_{names[0]}_vs_{names[1]}_{args.split}" + (f"_tta-{tta_set}" if tta_set else "")
+    out.mkdir(parents=True, exist_ok=True)
+    setup = {"a": args.checkpoint, "b": args.compare, "split": args.split, "tta": tta_set, "img_sizes": img_sizes,
+             "temperatures": temperatures, "num_images": len(dataset), "resamples": args.resamples, "bootstrap_seed": 0}
+    write_json(out / f"{tag}.json", {**setup, **figures, **run_info(device)})
+    plot_disagreements(dataset, *scored, out / f"{tag}.png", f"A = {names[0]}, B = {names[1]}")
+    print(f"A = {args.checkpoint} (T = {temperatures[0]:.3g}), B = {args.compare} (T = {temperatures[1]:.3g}): "
+          f"{args.split}, {len(dataset)} images, TTA {tta_set or 'off'}")
+    print(f"{'':8}{'A':>8}{'B':>9}{'A - B':>10}   95 % CI (paired bootstrap, {args.resamples} resamples)")
+    for key, label in (("acc1", "top-1"), ("ece", "ECE"), ("nll", "NLL")):
+        figure = figures[key]
+        low, high = figure["ci95"]
+        print(f"{label:<8}{figure['a']:>8.4f}{figure['b']:>9.4f}{figure['difference']:>+10.4f}   "
+              f"[{low:+.4f}, {high:+.4f}]")
+    mcnemar = figures["mcnemar"]
+    print(f"McNemar: b = {mcnemar['b']} (A right, B wrong), c = {mcnemar['c']} (B right, A wrong), exact two-sided "
+          f"p = {mcnemar['p']:.4g}")
+    print(f"wrote {out / f'{tag}.json'} and {out / f'{tag}.png'}")
+    print(f"final: acc1_a={figures['acc1']['a']:.4f} acc1_b={figures['acc1']['b']:.4f} "
+          f"difference={figures['acc1']['difference']:.4f} p={mcnemar['p']:.4g} images={len(dataset)}")
+
 def print_report(result, header):
     print(header)
     print(f"top-1 {100 * result['acc1']:.2f} %   ECE {result['ece']:.4f}   NLL {result['nll']:.4f}   "
@@ -356,6 +543,8 @@ def print_report(result, header):
 
 def main(args):
     device = common.resolve_device(args.device)
+    if args.compare:
+        return compare(args, device)
     model, checkpoint = load_model(args.checkpoint)
     model = model.to(device, memory_format=torch.channels_last)
     train_args = checkpoint.get("args", {})

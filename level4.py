@@ -492,22 +492,42 @@ def run_ablation(args):
     return rows
 
 def write_summary(args):
-    """results/summary.{md,png}: one row per results/levelN.json there; a malformed one is skipped, with a warning."""
-    rows = []
-    for path in sorted(Path(args.results_dir).glob("level[1-4].json")):
+    """results/summary.{md,png}: one row per level, pooling results/levelN.json with results/seed*/levelN.json (the
+    same level run with other seeds) as mean ± SD over n runs; a malformed file is skipped, with a warning."""
+    results_dir, runs = Path(args.results_dir), {}
+    for path in sorted([*results_dir.glob("level[1-4].json"), *results_dir.glob("seed*/level[1-4].json")]):
         try:
             r = json.loads(path.read_text())
-            rows.append([path.stem, r["test"]["acc1"], r.get("test_tta", {}).get("acc1", "-"), r["test"]["ece"],
-                         r.get("test_calibrated", {}).get("ece", "-"), len(r["history"]), f"{r['seconds']:.0f}",
-                         r["device"], r["commit"]])
+            run = [float(r["test"]["acc1"]), r.get("test_tta", {}).get("acc1"), float(r["test"]["ece"]),
+                   r.get("test_calibrated", {}).get("ece"), len(r["history"]), float(r["seconds"]), r["device"],
+                   r["commit"]]
+            runs.setdefault(path.stem, []).append(run)  # after the reads: a malformed file adds nothing
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             print(f"warning: skipped {path}: not a results file of this suite ({type(error).__name__})")
-    if not rows:
+    if not runs:
         raise common.UserError(f"no readable levelN.json in {args.results_dir}: run a level first")
-    print(evaluate.write_table(Path(args.results_dir) / "summary.md", "Summary (`python level4.py --summary`)",
-                               ["level", "test acc1", "with TTA", "ECE", "ECE (T)", "epochs", "seconds", "device",
-                                "commit"], rows))
-    evaluate.plot_bars([r[0] for r in rows], [r[1] for r in rows], Path(args.results_dir) / "summary.png", "", "top-1")
+
+    def mean_sd_cell(values):  # "0.9512 ± 0.0011" over several runs, the bare figure for one, "-" for none
+        values = [v for v in values if v is not None]
+        if not values:
+            return "-"
+        mean, sd = evaluate.mean_sd(values)
+        if sd is None:
+            return f"{mean:.4f}"
+        return f"{mean:.4f} ± {sd:.4f}"
+
+    rows, mean_acc1 = [], []
+    for level, level_runs in sorted(runs.items()):
+        acc1, tta_acc1, ece, ece_t, epochs, seconds, devices, commits = zip(*level_runs)
+        mean_acc1.append(evaluate.mean_sd(acc1)[0])
+        rows.append([level, *map(mean_sd_cell, (acc1, tta_acc1, ece, ece_t)), len(level_runs),
+                     ", ".join(map(str, sorted(set(epochs)))), f"{evaluate.mean_sd(seconds)[0]:.0f}",
+                     ", ".join(sorted(set(devices))), ", ".join(sorted(set(commits)))])
+    print(evaluate.write_table(results_dir / "summary.md", "Summary (`python level4.py --summary`): mean ± SD over "
+                               "n runs (results/levelN.json and results/seed*/levelN.json)",
+                               ["level", "test acc1", "with TTA", "ECE", "ECE (T)", "n", "epochs", "seconds",
+                                "device", "commit"], rows))
+    evaluate.plot_bars([r[0] for r in rows], mean_acc1, results_dir / "summary.png", "", "top-1 (mean over runs)")
     return rows
 
 def main(args):

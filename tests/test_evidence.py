@@ -1,0 +1,218 @@
+"""Issue 18: exact NLL, `evaluate.py --compare` (McNemar, paired bootstrap), the paired-seed statistics the ablation
+uses (Student's t without scipy), and `level4.py --summary` over seeds."""
+import json
+import math
+
+import pytest
+import torch
+
+import common
+import evaluate
+import level4
+from conftest import assert_one_line_error, final_line, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def is_png(path):
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- 5. Exact NLL ------------------------------------------------------------------------------------------------
+
+def exact_nll(row, label):
+    """-log softmax(row)[label] in float64 by hand: log(sum exp(row - max)) + max - row[label]."""
+    top = max(row)
+    return math.log(sum(math.exp(v - top) for v in row)) + top - row[label]
+
+
+def test_nll_of_a_probability_that_underflows_in_float32_is_exact():
+    """p(true class) = e^-200 is 0 in float32; the clamp made it 27.6, the logits give 200 (+ log of the rest)."""
+    rows = [[0.0, 200.0, 190.0] + [0.0] * 7, [5.0, 1.0, 0.0] + [0.0] * 7]
+    logits, labels = torch.tensor([rows]), torch.tensor([0, 0])  # float32, one view
+    assert common.average_views(logits)[0, 0] == 0  # the underflow this test is about
+    expected = (exact_nll(rows[0], 0) + exact_nll(rows[1], 0)) / 2
+    assert expected > 100
+    result, _ = evaluate.from_logits(logits, labels)
+    assert result["nll"] == pytest.approx(expected, rel=1e-12)
+    at_t, _ = evaluate.from_logits(logits, labels, temperature=2.0)
+    halved = [[v / 2 for v in row] for row in rows]
+    assert at_t["nll"] == pytest.approx((exact_nll(halved[0], 0) + exact_nll(halved[1], 0)) / 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("average", ["softmax", "logit"])
+def test_tta_nll_is_that_of_the_averaged_probabilities_in_float64(average):
+    """Softmax TTA: -log(mean over views of the softmax), logit TTA: -log softmax(mean logits), both at T = 1.7."""
+    generator = torch.Generator().manual_seed(0)
+    view_logits, labels = 8 * torch.randn(3, 20, 10, generator=generator), torch.randint(10, (20,), generator=generator)
+    logits = view_logits.double() / 1.7
+    if average == "softmax":
+        probs = logits.softmax(-1).mean(0)
+    else:
+        probs = logits.mean(0).softmax(-1)
+    expected = float(-probs[torch.arange(20), labels].log().mean())
+    result, _ = evaluate.from_logits(view_logits, labels, 1.7, average)
+    assert result["nll"] == pytest.approx(expected, rel=1e-12)
+
+
+# ---- 4. --compare: McNemar and the paired bootstrap --------------------------------------------------------------
+
+def test_mcnemar_exact_hand_computed_and_against_the_binomial():
+    """b = 10, c = 2: 2 P(X <= 2 | 12, 1/2) = 2 (1 + 12 + 66) / 4096 = 0.0386; b = c and no discordant pair: 1."""
+    assert evaluate.mcnemar_exact(10, 2) == pytest.approx(2 * 79 / 4096, rel=1e-12)
+    assert round(evaluate.mcnemar_exact(10, 2), 4) == 0.0386
+    assert evaluate.mcnemar_exact(2, 10) == evaluate.mcnemar_exact(10, 2)
+    assert evaluate.mcnemar_exact(7, 7) == 1.0 and evaluate.mcnemar_exact(0, 0) == 1.0
+    binomial = torch.distributions.Binomial(42, torch.tensor(0.5, dtype=torch.float64))
+    expected = 2 * float(binomial.log_prob(torch.arange(13.0, dtype=torch.float64)).exp().sum())  # P(X <= 12)
+    assert evaluate.mcnemar_exact(30, 12) == pytest.approx(expected, rel=1e-9)
+
+
+def test_paired_bootstrap_ci_covers_a_known_difference_in_most_of_200_repetitions():
+    """Pairs with P(A right) - P(B right) = 0.82 - 0.76 = 0.06: the 95 % interval holds 0.06 in 88-99 % of 200 samples
+    of 300 images, and its width is about 2 x 1.96 standard errors of the paired difference."""
+    generator = torch.Generator().manual_seed(0)
+    joint = torch.tensor([0.70, 0.12, 0.06, 0.12])  # both right, A only, B only, neither
+    a_right, b_right = torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.tensor([1.0, 0.0, 1.0, 0.0])
+    covered, widths = 0, []
+    for repetition in range(200):
+        kind = torch.multinomial(joint, 300, replacement=True, generator=generator)
+        difference = a_right[kind] - b_right[kind]
+        low, high = evaluate.paired_bootstrap(lambda idx: difference[idx].mean(1), 300, 400, seed=repetition)
+        covered += low <= 0.06 <= high
+        widths.append(high - low)
+    standard_error = math.sqrt((0.12 + 0.06 - 0.06**2) / 300)
+    assert 0.88 * 200 <= covered <= 0.99 * 200, covered
+    assert sum(widths) / 200 == pytest.approx(2 * 1.96 * standard_error, rel=0.1)
+
+
+def test_resampled_ece_is_expected_calibration_error_per_row():
+    generator = torch.Generator().manual_seed(1)
+    probs = torch.randn(50, 10, generator=generator).mul(3).softmax(-1)
+    labels = torch.randint(10, (50,), generator=generator)
+    confidence, preds = probs.double().max(-1)
+    indices = torch.stack([torch.arange(50), torch.randint(50, (50,), generator=generator)])
+    eces = evaluate.resampled_ece(confidence, preds == labels, indices)
+    for row, ece in zip(indices, eces):
+        assert float(ece) == pytest.approx(evaluate.expected_calibration_error(probs[row], labels[row]), rel=1e-12)
+
+
+def test_compare_figures_by_hand():
+    """Four images: A right on 0, 1, 2; B right on 2, 3: b = 2, c = 1, top-1 0.75 and 0.5."""
+    labels = torch.tensor([0, 1, 2, 3])
+    logits_a = 5 * torch.eye(10)[[0, 1, 2, 0]][None]
+    logits_b = 5 * torch.eye(10)[[1, 0, 2, 3]][None]
+    a, b = evaluate.per_image(logits_a, labels), evaluate.per_image(logits_b, labels)
+    figures = evaluate.compare_figures(a, b, resamples=200)
+    assert figures["mcnemar"] == {"b": 2, "c": 1, "p": 1.0}
+    assert figures["acc1"]["a"] == 0.75 and figures["acc1"]["b"] == 0.5 and figures["acc1"]["difference"] == 0.25
+    for name in ("ece", "nll"):
+        low, high = figures[name]["ci95"]
+        assert low <= figures[name]["difference"] <= high
+    assert figures["nll"]["a"] == pytest.approx(float(a["nll"].mean()))
+    assert figures["ece"]["b"] == pytest.approx(evaluate.expected_calibration_error(logits_b[0].softmax(-1), labels))
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """Two random-init 10-class ResNet-50s saved as checkpoints of seeds 0 and 1."""
+    folder = tmp_path_factory.mktemp("compare")
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = common.build_model("none")
+        torch.save({"model": model.state_dict(), "args": {"seed": seed, "img_size": 32}}, folder / f"seed{seed}.pth")
+    return folder / "seed0.pth", folder / "seed1.pth"
+
+
+def test_cli_compare_writes_the_json_png_and_table(tmp_path, two_checkpoints, synthetic_root):
+    path_a, path_b = two_checkpoints
+    result = run_cli(evaluate, path_a, "--compare", path_b, "--data-dir", synthetic_root, "--device", "cpu",
+                     "--subset", 64, "--img-size", 32, "--resamples", 300, "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "compare_seed0_vs_seed1_test.json").read_text())
+    assert is_png(tmp_path / "compare_seed0_vs_seed1_test.png")
+    assert saved["num_images"] == 64 and saved["resamples"] == 300 and saved["a"] == str(path_a)
+    mcnemar, acc1 = saved["mcnemar"], saved["acc1"]
+    assert mcnemar["b"] - mcnemar["c"] == round(64 * acc1["difference"])  # b - c = right(A) - right(B)
+    assert mcnemar["p"] == pytest.approx(evaluate.mcnemar_exact(mcnemar["b"], mcnemar["c"]))
+    for name in ("acc1", "ece", "nll"):
+        assert saved[name]["difference"] == pytest.approx(saved[name]["a"] - saved[name]["b"])
+        assert saved[name]["ci95"][0] <= saved[name]["ci95"][1]
+    assert "McNemar: b = " in result.stdout
+    assert final_line(result.stdout)["acc1_a"] == pytest.approx(acc1["a"], abs=1e-4)
+
+
+def test_cli_compare_on_val_needs_the_same_seed_and_no_images(tmp_path, two_checkpoints, synthetic_root):
+    path_a, path_b = two_checkpoints
+    result = run_cli(evaluate, path_a, "--compare", path_b, "--data-dir", synthetic_root, "--split", "val",
+                     "--out", tmp_path / "out")
+    assert_one_line_error(result, "--split val", "--split test")
+    assert not (tmp_path / "out").exists()
+    with_images = run_cli(evaluate, path_a, "--compare", path_b, "--images", path_a, "--out", tmp_path / "out")
+    assert_one_line_error(with_images, "--compare", "--images")
+
+
+# ---- 2 and 7. Paired seeds: Student's t, the verdict, the plot ---------------------------------------------------
+
+@pytest.mark.parametrize("df, quantile", [(1, 12.706), (2, 4.303), (4, 2.776), (5, 2.571), (30, 2.042)])
+def test_t_critical_matches_the_tables(df, quantile):
+    assert evaluate.t_critical(df) == pytest.approx(quantile, abs=5e-4)
+
+
+@pytest.mark.parametrize("df", [1, 3, 6])
+def test_t_two_sided_against_the_integrated_density(df):
+    """P(|T| <= 1.5) against the trapezoid rule over torch's Student-t density."""
+    t = torch.linspace(-1.5, 1.5, 20001, dtype=torch.float64)
+    density = torch.distributions.StudentT(torch.tensor(float(df), dtype=torch.float64)).log_prob(t).exp()
+    assert evaluate.t_two_sided(1.5, df) == pytest.approx(float(torch.trapezoid(density, t)), rel=1e-7)
+
+
+def test_paired_difference_by_hand():
+    """Differences 0.03, 0.025, 0.02: mean 0.025, SD 0.005, half-width 4.303 x 0.005 / sqrt(3) = 0.01242."""
+    result = evaluate.paired_difference([0.90, 0.91, 0.92], [0.93, 0.935, 0.94])
+    assert result["mean"] == pytest.approx(0.025) and result["n"] == 3 and result["verdict"] == "helps"
+    assert result["low"] == pytest.approx(0.025 - 0.012421, abs=2e-6)
+    assert result["high"] == pytest.approx(0.025 + 0.012421, abs=2e-6)
+    assert evaluate.paired_difference([0.93, 0.935, 0.94], [0.90, 0.91, 0.92])["verdict"] == "hurts"
+    assert evaluate.paired_difference([0.90, 0.91, 0.92], [0.91, 0.90, 0.925])["verdict"] == "within noise"
+    lower_ece = evaluate.paired_difference([0.05, 0.06, 0.055], [0.03, 0.035, 0.032], higher_is_better=False)
+    assert lower_ece["verdict"] == "helps"
+    single = evaluate.paired_difference([0.90], [0.95])
+    assert single["verdict"] == "n = 1, no interval" and single["low"] is None and single["mean"] == pytest.approx(0.05)
+    with pytest.raises(ValueError):
+        evaluate.paired_difference([0.9, 0.9], [0.9])
+
+
+def test_mean_sd():
+    assert evaluate.mean_sd([1.0, 2.0, 4.0]) == pytest.approx((7 / 3, math.sqrt((16 + 1 + 25) / 9 / 2)))
+    assert evaluate.mean_sd([0.5]) == (0.5, None)
+
+
+def test_plot_differences_writes_a_png(tmp_path):
+    evaluate.plot_differences(["no_mixup", "no_tta", "img_size_128"], [-0.004, -0.002, 0.001], [-0.007, None, -0.002],
+                              [-0.001, None, 0.004], [False, True, False], tmp_path / "ablation.png", "ablation")
+    assert is_png(tmp_path / "ablation.png")
+
+
+# ---- 6. --summary over seeds -------------------------------------------------------------------------------------
+
+def test_summary_pools_seed_folders_as_mean_sd_and_n(tmp_path):
+    """level2 in results/ and results/seed1, seed2: mean ± SD and n = 3; level1 alone: n = 1, no ±; a folder not
+    named seed* (another experiment) is not pooled."""
+    def write(path, acc1):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"test": {"acc1": acc1, "ece": 0.05}, "history": [{}, {}], "seconds": 10.0,
+                                    "device": "cpu", "commit": "abc"}))
+    for folder, acc1 in (("", 0.90), ("seed1", 0.92), ("seed2", 0.97)):
+        write(tmp_path / folder / "level2.json", acc1)
+    write(tmp_path / "level1.json", 0.8)
+    write(tmp_path / "example-quick" / "level1.json", 0.1)
+    out = run_cli(level4, "--summary", "--results-dir", tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = (tmp_path / "summary.md").read_text().splitlines()
+    header = [cell.strip() for cell in lines[2].split("|")]
+    rows = {cells[1]: cells for cells in ([c.strip() for c in line.split("|")] for line in lines[4:])}
+    acc1, n = header.index("test acc1"), header.index("n")
+    assert rows["level2"][acc1] == f"0.9300 ± {math.sqrt((0.03**2 + 0.01**2 + 0.04**2) / 2):.4f}"
+    assert rows["level2"][n] == "3"
+    assert rows["level1"][acc1] == "0.8000" and rows["level1"][n] == "1"
