@@ -1,7 +1,7 @@
 """CIFAR-10-C-style corruptions (Hendrycks & Dietterich 2019, "Benchmarking Neural Network Robustness to Common
-Corruptions and Perturbations"): 13 of the paper's 19, in torch, on whole uint8 batches on the device, seeded.
-
-Imported by evaluate.py only (`evaluate.py CKPT --corruptions generated`); kept out of evaluate.py for its length.
+Corruptions and Perturbations"): 13 of the paper's 19, in torch, on whole uint8 batches on the device, seeded; and
+the reader of the official files. Imported by evaluate.py only (`evaluate.py CKPT --corruptions generated|DIR`),
+which owns the measurement: this module, kept out of evaluate.py for its length, makes the images.
 The five severities of each are the parameters of the paper's own CIFAR-10 generator, hendrycks/robustness
 `ImageNet-C/create_c/make_cifar_c.py` (NumPy, scikit-image, OpenCV, ImageMagick); motion blur follows
 ImageMagick's kernel as bethgelab/imagecorruptions re-implements it. The code here is this project's own, and the
@@ -10,10 +10,15 @@ Left out: frost (needs the paper's frost photographs), snow and spatter (ImageMa
 and distance transforms), glass blur (a per-pixel swapping loop), speckle noise and Gaussian blur (two of the four
 extra corruptions, left out to keep the set at 13 x 5 = 65 passes).
 """
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
 from torchvision.transforms.v2 import functional as TF
+
+import common
 
 def to_uint8(images):
     """[0, 1] floats -> uint8, rounded (the paper's np.uint8 truncates, which darkens every image by half a level)."""
@@ -213,3 +218,50 @@ def corrupt(images, name, severity, seed=0, device=torch.device("cpu"), batch_si
         batch = images[start:start + batch_size].to(device).float().div_(255)
         corrupted[start:start + batch_size] = to_uint8(function(batch, params[severity - 1], generator)).cpu()
     return corrupted
+
+# ---- The official files (CIFAR-10-C.tar, 2.9 GB, from the paper's Zenodo record) -------------------------------
+def read_official(folder, test_labels):
+    """{name: memory-mapped N x 32 x 32 x 3 uint8 array} of each NAME.npy in the official CIFAR-10-C layout (`folder`
+    or its CIFAR-10-C/): five severities of N / 5 test images each, in test-set order, labels in labels.npy. Every
+    file is checked, and the labels against the test set's; None when the folder holds no .npy file."""
+    folder = Path(folder)
+    if (folder / "CIFAR-10-C").is_dir():
+        folder = folder / "CIFAR-10-C"
+    if not folder.is_dir():
+        raise common.UserError(f"--corruptions {folder} is not a folder: give the extracted CIFAR-10-C/ or 'generated'")
+    files = {path.stem: path for path in sorted(folder.glob("*.npy"))}
+    if not files:
+        return None
+    arrays = {}
+    for name, path in files.items():
+        try:
+            arrays[name] = np.load(path, mmap_mode="r")  # 150 MB each: read a severity at a time, never all
+        except Exception as error:  # truncated, not a .npy, pickled objects
+            raise common.UserError(f"{path} is not a readable .npy array ({type(error).__name__}): re-extract "
+                                   f"CIFAR-10-C.tar") from None
+    labels = arrays.pop("labels", None)
+    if labels is None or labels.ndim != 1 or labels.dtype.kind not in "iu" or not len(labels) or len(labels) % 5:
+        raise common.UserError(f"{folder / 'labels.npy'} must hold the labels of 5 severities (a multiple of 5 "
+                               f"integers): re-extract CIFAR-10-C.tar")
+    if not arrays:
+        raise common.UserError(f"{folder} holds labels.npy but no corruption (NAME.npy): re-extract CIFAR-10-C.tar")
+    per_severity, n = len(labels) // 5, len(test_labels)
+    if n > per_severity:
+        raise common.UserError(f"{files['labels']} holds {per_severity} images per severity, fewer than the {n} "
+                               f"test images: use --subset {per_severity}")
+    for name, images in arrays.items():
+        if images.dtype != np.uint8 or images.shape != (len(labels), 32, 32, 3):
+            raise common.UserError(f"{files[name]} must be a uint8 array of shape ({len(labels)}, 32, 32, 3), not "
+                                   f"{images.dtype} {images.shape}: re-extract CIFAR-10-C.tar")
+    for start in range(0, len(labels), per_severity):
+        if not np.array_equal(labels[start:start + n], np.asarray(test_labels)):
+            raise common.UserError(f"{files['labels']}: the labels of images {start} to {start + n - 1} are not the "
+                                   f"test set's first {n}: it is not CIFAR-10-C's, or not in test-set order")
+    return arrays
+
+def severity_images(source, name, severity, clean, seed, device, batch_size):
+    """uint8 N x 3 x 32 x 32: the first N of an official file's `severity`, or `clean` corrupted here."""
+    if isinstance(source, str):  # "generated"
+        return corrupt(clean, name, severity, seed, device, batch_size)
+    start = len(source[name]) // 5 * (severity - 1)
+    return torch.from_numpy(np.ascontiguousarray(source[name][start:start + len(clean)])).permute(0, 3, 1, 2)

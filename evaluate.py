@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import corruptions
 
 # ---- Metrics, on CPU tensors (each checked against a hand-computed answer in tests/test_evaluate.py) -------------
 def confusion_matrix(preds, labels, num_classes=len(common.CLASSES)):
@@ -220,6 +221,75 @@ def plot_bars(names, values, path, title, xlabel, reference=None):
     axis.invert_yaxis()
     _save(fig, path, title)
 
+# ---- Robustness: CIFAR-10-C (Hendrycks & Dietterich 2019) ------------------------------------------------------
+def corruption_summary(accuracy, clean_acc1, baseline=None):
+    """From {corruption: top-1 at severities 1-5}: the mean corruption accuracy over every cell, the mean per severity,
+    the relative drop (clean - mean) / clean; with `baseline` (model B's, in the same form), each corruption's error
+    of A relative to B, CE_c = sum_s E_A / sum_s E_B, and their mean: the paper's mCE (eq. 1) with B as AlexNet."""
+    table = torch.tensor(list(accuracy.values()), dtype=torch.float64)  # corruptions x severities
+    mean = float(table.mean())
+    summary = {"mean_acc1": mean, "mean_acc1_per_severity": table.mean(0).tolist(),
+               "relative_drop": (clean_acc1 - mean) / clean_acc1 if clean_acc1 > 0 else math.nan}
+    if baseline is not None:
+        errors = {name: (sum(1 - a for a in accuracy[name]), sum(1 - b for b in baseline[name])) for name in accuracy}
+        summary["ce"] = {name: a / b if b > 0 else math.nan for name, (a, b) in errors.items()}
+        summary["mce"] = sum(summary["ce"].values()) / len(errors)
+    return summary
+
+def corruption_report(model, test_set, device, img_size, views=("identity",), temperature=1.0, average="softmax",
+                      source="generated", batch_size=256, seed=0, baseline=None):
+    """Top-1 and ECE on each corruption and severity of `test_set`, one at a time through common.predict (`source`:
+    "generated", corruptions.py's CIFAR-10-C-style set, or corruptions.read_official's arrays; `baseline`: model B's
+    top-1 for the CE), clean top-1, corruption_summary; prints the table and the images per second."""
+    started, n = time.time(), len(test_set)
+    clean = report(model, test_set, device, img_size, views, temperature, average, batch_size)[0]
+    accuracy, ece = {}, {}
+    for name in (corruptions.CORRUPTIONS if isinstance(source, str) else source):
+        for severity in range(1, 6):
+            images = corruptions.severity_images(source, name, severity, test_set.images, seed, device, batch_size)
+            view_logits, labels = common.predict(model, common.CifarDataset(images, test_set.labels), device,
+                                                 img_size, views, batch_size)
+            result, _ = from_logits(view_logits, labels, temperature, average)
+            accuracy.setdefault(name, []).append(result["acc1"])
+            ece.setdefault(name, []).append(result["ece"])
+    seconds = time.time() - started
+    result = {"source": source if isinstance(source, str) else "CIFAR-10-C (official files)", "seed": seed,
+              "clean_acc1": clean["acc1"], "clean_ece": clean["ece"], "acc1": accuracy, "ece": ece,
+              "mean_ece": float(np.mean(list(ece.values()))), **corruption_summary(accuracy, clean["acc1"], baseline),
+              "images_per_severity": n, "views": list(views), "temperature": temperature, "seconds": seconds,
+              "images_per_s": (5 * len(accuracy) + 1) * n / seconds}
+    print_corruption_table(result)
+    return result
+
+def print_corruption_table(result):
+    label = "generated, CIFAR-10-C-style" if result["source"] == "generated" else result["source"]
+    print(f"corruptions ({label}): top-1 % at severities 1-5, {result['images_per_severity']} images each, "
+          f"{len(result['views'])} view(s), ECE at T = {result['temperature']:.3g}")
+    print(f"{'corruption':<18}" + "".join(f"{s:>7}" for s in range(1, 6)) + f"{'mean':>7}{'ECE':>7}"
+          + (f"{'CE':>7}" if "ce" in result else ""))
+    for name, accs in result["acc1"].items():
+        ce = f"{result['ce'][name]:>7.3f}" if "ce" in result else ""
+        print(f"{name:<18}" + "".join(f"{100 * a:>7.2f}" for a in accs) + f"{100 * np.mean(accs):>7.2f}"
+              f"{np.mean(result['ece'][name]):>7.3f}{ce}")
+    print(f"{'mean':<18}" + "".join(f"{100 * a:>7.2f}" for a in result["mean_acc1_per_severity"])
+          + f"{100 * result['mean_acc1']:>7.2f}{result['mean_ece']:>7.3f}"
+          + (f"{result['mce']:>7.3f}  (mCE)" if "ce" in result else ""))
+    print(f"clean top-1 {100 * result['clean_acc1']:.2f} %, mean corruption accuracy {100 * result['mean_acc1']:.2f} "
+          f"% (relative drop {100 * result['relative_drop']:.1f} %); {result['seconds']:.1f} s, "
+          f"{result['images_per_s']:.0f} img/s")
+
+def plot_corruptions(result, path, title):
+    """Heat map: corruption x severity, the top-1 in each cell, and the clean top-1 in the title."""
+    table = np.array(list(result["acc1"].values()))
+    fig, axis = _pyplot().subplots(figsize=(6.5, 0.42 * len(table) + 1.6))
+    axis.imshow(table, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for (i, j), value in np.ndenumerate(table):
+        axis.text(j, i, f"{100 * value:.1f}", ha="center", va="center", fontsize=8)
+    axis.set(xticks=range(5), xticklabels=range(1, 6), yticks=range(len(table)), yticklabels=list(result["acc1"]),
+             xlabel="severity", title=f"top-1 %, clean {100 * result['clean_acc1']:.1f} %, mean corrupted "
+                                      f"{100 * result['mean_acc1']:.1f} %")
+    _save(fig, path, title)
+
 # ---- Command line ------------------------------------------------------------------------------------------------
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -239,10 +309,17 @@ def get_args_parser():
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: auto)")
     parser.add_argument("--images", nargs="+", metavar="PATH",
                         help="predict your own JPEG/PNG files, or folders of them, instead of a split (default: off)")
+    parser.add_argument("--corruptions", metavar="DIR|generated",
+                        help="robustness on the test set: the official CIFAR-10-C .npy files in DIR, or 'generated' "
+                             "CIFAR-10-C-style corruptions, also used when DIR holds no .npy file (default: off)")
+    parser.add_argument("--baseline", metavar="B.pth", help="with --corruptions: the corruption error relative to "
+                        "this checkpoint's, per corruption and its mean (mCE) (default: none)")
     return parser
 
 def validate_args(args):
     common.check_flags(args, positive=("batch_size", "subset"))
+    if args.baseline and not args.corruptions:
+        raise common.UserError("--baseline needs --corruptions DIR|generated")
     if args.img_size is not None and args.img_size < 32:
         raise common.UserError(f"--img-size must be at least 32, CIFAR-10's own size (got {args.img_size})")
 
@@ -314,6 +391,40 @@ def print_report(result, header):
         print(f"{name:<12}{100 * result['per_class_acc'][name]:>9.2f}%{result['precision'][name]:>11.4f}"
               f"{result['recall'][name]:>9.4f}{result['f1'][name]:>8.4f}")
 
+def robustness(args, model, device, img_size, views, temperature, test_set, tta_set):
+    """--corruptions: the report of corruption_report (and of --baseline's checkpoint first), a JSON and a heat map."""
+    source = "generated"
+    if args.corruptions != "generated":
+        source = corruptions.read_official(args.corruptions, test_set.labels)
+    if source is None:
+        print(f"{args.corruptions} holds no .npy file: using generated CIFAR-10-C-style corruptions instead")
+        source = "generated"
+    baseline, baseline_acc1 = None, None
+    if args.baseline:
+        baseline_model, baseline_checkpoint = load_model(args.baseline)
+        baseline_size = args.img_size or baseline_checkpoint.get("args", {}).get("img_size", 224)
+        print(f"baseline {args.baseline} ({baseline_size} px):")
+        baseline = corruption_report(baseline_model.to(device, memory_format=torch.channels_last), test_set, device,
+                                     baseline_size, views, choose_temperature(baseline_checkpoint, args),
+                                     args.tta_average, source, args.batch_size)
+        baseline = {"checkpoint": args.baseline, **baseline}
+        baseline_acc1 = baseline["acc1"]
+    print(f"{args.checkpoint} ({img_size} px, TTA {tta_set or 'off'}):")
+    result = corruption_report(model, test_set, device, img_size, views, temperature, args.tta_average, source,
+                               args.batch_size, baseline=baseline_acc1)
+    tag = f"{Path(args.checkpoint).stem}_corruptions" + (f"_tta-{tta_set}" if tta_set else "")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"eval_{tag}.json", {**result, "checkpoint": args.checkpoint, "img_size": img_size, "tta": tta_set,
+                                          "baseline": baseline, **run_info(device)})
+    label = "generated CIFAR-10-C-style corruptions" if source == "generated" else result["source"]
+    plot_corruptions(result, out / f"eval_{tag}.png", f"{Path(args.checkpoint).name}: {label}")
+    print(f"wrote {out / f'eval_{tag}.json'} and {out / f'eval_{tag}.png'}")
+    mce = f" mce={result['mce']:.4f}" if baseline else ""
+    print(f"final: acc1={result['clean_acc1']:.4f} corruption_acc1={result['mean_acc1']:.4f} relative_drop="
+          f"{result['relative_drop']:.4f} ece={result['mean_ece']:.4f}{mce} images={result['images_per_severity']} "
+          f"seconds={result['seconds']:.1f}")
+
 def main(args):
     device = common.resolve_device(args.device)
     model, checkpoint = load_model(args.checkpoint)
@@ -329,6 +440,8 @@ def main(args):
         raise common.UserError(f"{args.checkpoint} was trained on all 50,000 training images (--train-on-all): it has "
                                f"no validation split; use --split test")
     _, val_set, test_set = common.cifar10_datasets(args.data_dir, train_args.get("seed", 0), eval_subset=args.subset)
+    if args.corruptions:
+        return robustness(args, model, device, img_size, views, temperature, test_set, tta_set)
     result, _ = report(model, val_set if args.split == "val" else test_set, device, img_size, views, temperature,
                        args.tta_average, args.batch_size)
     tag = f"{Path(args.checkpoint).stem}_{args.split}" + (f"_tta-{tta_set}" if tta_set else "")
