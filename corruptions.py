@@ -264,4 +264,4 @@ def severity_images(source, name, severity, clean, seed, device, batch_size):
     if isinstance(source, str):  # "generated"
         return corrupt(clean, name, severity, seed, device, batch_size)
     start = len(source[name]) // 5 * (severity - 1)
-    return torch.from_numpy(np.ascontiguousarray(source[name][start:start + len(clean)])).permute(0, 3, 1, 2)
+    return torch.from_numpy(np.array(source[name][start:start + len(clean)])).permute(0, 3, 1, 2)  # a copy

@@ -243,15 +243,21 @@ def corruption_report(model, test_set, device, img_size, views=("identity",), te
     top-1 for the CE), clean top-1, corruption_summary; prints the table and the images per second."""
     started, n = time.time(), len(test_set)
     clean = report(model, test_set, device, img_size, views, temperature, average, batch_size)[0]
-    accuracy, ece = {}, {}
-    for name in (corruptions.CORRUPTIONS if isinstance(source, str) else source):
-        for severity in range(1, 6):
-            images = corruptions.severity_images(source, name, severity, test_set.images, seed, device, batch_size)
-            view_logits, labels = common.predict(model, common.CifarDataset(images, test_set.labels), device,
-                                                 img_size, views, batch_size)
-            result, _ = from_logits(view_logits, labels, temperature, average)
-            accuracy.setdefault(name, []).append(result["acc1"])
-            ece.setdefault(name, []).append(result["ece"])
+    cells = [(name, severity) for name in (corruptions.CORRUPTIONS if isinstance(source, str) else source)
+             for severity in range(1, 6)]
+    accuracy, ece, group, images = {}, {}, [], []
+    for index, (name, severity) in enumerate(cells):
+        group.append(name)
+        images.append(corruptions.severity_images(source, name, severity, test_set.images, seed, device, batch_size))
+        if len(group) * n < batch_size and index < len(cells) - 1:
+            continue  # a small test set: several (corruption, severity) cells share batches, not one each
+        dataset = common.CifarDataset(torch.cat(images), test_set.labels.repeat(len(group)))
+        view_logits, _ = common.predict(model, dataset, device, img_size, views, batch_size)
+        for cell_name, logits in zip(group, view_logits.split(n, dim=1)):  # severities in order
+            result, _ = from_logits(logits, test_set.labels, temperature, average)
+            accuracy.setdefault(cell_name, []).append(result["acc1"])
+            ece.setdefault(cell_name, []).append(result["ece"])
+        group, images = [], []
     seconds = time.time() - started
     result = {"source": source if isinstance(source, str) else "CIFAR-10-C (official files)", "seed": seed,
               "clean_acc1": clean["acc1"], "clean_ece": clean["ece"], "acc1": accuracy, "ece": ece,
