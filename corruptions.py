@@ -42,6 +42,7 @@ def _sample(images, rows, cols, mode="bilinear", padding="border"):
 
 # ---- Noise --------------------------------------------------------------------------------------------------------
 def gaussian_noise(images, sigma, generator):
+    """Additive N(0, sigma^2) noise on [0, 1] values."""
     return images + sigma * torch.randn(images.shape, generator=generator, device=images.device)
 
 def shot_noise(images, photons, generator):
@@ -186,7 +187,8 @@ def elastic_transform(images, params, generator):
     source = torch.stack([cols, rows, torch.ones_like(rows)], dim=-1) @ back[:, None]  # N x H x W x (x, y)
     return _sample(images, source[..., 1], source[..., 0], padding="reflection")
 
-# name (the official file's stem) -> (function, its parameter at severities 1-5), from make_cifar_c.py.
+# name (the official file's stem) -> (function, its parameter at severities 1-5), from make_cifar_c.py. Each function
+# maps N x 3 x H x W floats in [0, 1], one severity's parameter and a torch.Generator to the same shape, unclipped.
 # Zoom blur: the factors np.arange(1, 1.06, 0.01) ... there gives (7, 12, 16, 21, 26 of them, floating point).
 CORRUPTIONS = {
     "gaussian_noise": (gaussian_noise, (0.04, 0.06, 0.08, 0.09, 0.10)),

@@ -238,9 +238,10 @@ def corruption_summary(accuracy, clean_acc1, baseline=None):
 
 def corruption_report(model, test_set, device, img_size, views=("identity",), temperature=1.0, average="softmax",
                       source="generated", batch_size=256, seed=0, baseline=None):
-    """Top-1 and ECE on each corruption and severity of `test_set`, one at a time through common.predict (`source`:
-    "generated", corruptions.py's CIFAR-10-C-style set, or corruptions.read_official's arrays; `baseline`: model B's
-    top-1 for the CE), clean top-1, corruption_summary; prints the table and the images per second."""
+    """Top-1 and ECE on each corruption and severity of `test_set` (`source`: "generated", corruptions.py's
+    CIFAR-10-C-style set, or corruptions.read_official's arrays), a (corruption, severity) cell at a time through
+    common.predict, cells sharing batches when the test set is smaller than one; clean top-1; corruption_summary
+    (`baseline`: model B's top-1 per cell, for the CE). Prints the table and the images per second."""
     started, n = time.time(), len(test_set)
     clean = report(model, test_set, device, img_size, views, temperature, average, batch_size)[0]
     cells = [(name, severity) for name in (corruptions.CORRUPTIONS if isinstance(source, str) else source)
@@ -254,9 +255,9 @@ def corruption_report(model, test_set, device, img_size, views=("identity",), te
         dataset = common.CifarDataset(torch.cat(images), test_set.labels.repeat(len(group)))
         view_logits, _ = common.predict(model, dataset, device, img_size, views, batch_size)
         for cell_name, logits in zip(group, view_logits.split(n, dim=1)):  # severities in order
-            result, _ = from_logits(logits, test_set.labels, temperature, average)
-            accuracy.setdefault(cell_name, []).append(result["acc1"])
-            ece.setdefault(cell_name, []).append(result["ece"])
+            cell, _ = from_logits(logits, test_set.labels, temperature, average)
+            accuracy.setdefault(cell_name, []).append(cell["acc1"])
+            ece.setdefault(cell_name, []).append(cell["ece"])
         group, images = [], []
     seconds = time.time() - started
     result = {"source": source if isinstance(source, str) else "CIFAR-10-C (official files)", "seed": seed,
