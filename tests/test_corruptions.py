@@ -222,9 +222,11 @@ def test_cli_truncated_npy_and_mismatched_labels_are_one_line_errors(tmp_path, c
     write_official(tmp_path / "mismatch", (test_labels + 1) % 10, {"fog": [20] * 5})
     assert_one_line_error(run_cli(evaluate, checkpoint, "--corruptions", tmp_path / "mismatch", *flags),
                           "labels.npy", "not the test set's")
-    np.save(tmp_path / "ok" / "fog.npy", np.zeros((100, 32, 32), dtype=np.uint8))  # a wrong shape
-    assert_one_line_error(run_cli(evaluate, checkpoint, "--corruptions", tmp_path / "ok", *flags),
-                          "fog.npy must be a uint8 array of shape (100, 32, 32, 3)")
-    assert_one_line_error(run_cli(evaluate, checkpoint, "--corruptions", tmp_path / "nowhere", *flags),
-                          "is not a folder")
     assert_one_line_error(run_cli(evaluate, checkpoint, "--baseline", checkpoint, *flags), "--baseline needs")
+    np.save(tmp_path / "ok" / "fog.npy", np.zeros((100, 32, 32), dtype=np.uint8))  # a wrong shape
+    with pytest.raises(common.UserError, match=r"fog.npy must be a uint8 array of shape \(100, 32, 32, 3\)"):
+        corruptions.read_official(tmp_path / "ok", torch.as_tensor(test_labels))
+    with pytest.raises(common.UserError, match="is not a folder"):
+        corruptions.read_official(tmp_path / "nowhere", torch.as_tensor(test_labels))
+    with pytest.raises(common.UserError, match="holds 20 images per severity, fewer than the 21"):
+        corruptions.read_official(tmp_path / "mismatch", torch.arange(21) % 10)
