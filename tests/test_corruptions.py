@@ -123,6 +123,16 @@ def test_motion_blur_at_angle_zero_is_a_one_sided_gaussian_along_the_rows(images
     np.testing.assert_allclose(corruptions.motion_blur(x, (6, 1.5), None).numpy(), expected, atol=1e-5)
 
 
+def test_clipped_zoom_crops_whole_pixels_and_aligns_corners_as_scipy_zoom(images):
+    """A horizontal ramp (value = column): zoom 2 keeps columns 8-23, stretched corner to corner, column j becoming
+    8 + 15 j / 31; zoom 1.01 keeps the whole image (ceil(32 / 1.01) = 32, round(32 x 1.01) = 32): no change."""
+    ramp = torch.arange(32.0).expand(1, 3, 32, 32)
+    expected = (8 + 15 * torch.arange(32.0) / 31).expand(1, 3, 32, 32)
+    torch.testing.assert_close(corruptions.clipped_zoom(ramp, 2.0), expected)
+    x = images.float() / 255
+    assert torch.equal(corruptions.clipped_zoom(x, 1.01), x)
+
+
 def test_plasma_fractal_spans_zero_to_one_per_map():
     maps = corruptions.plasma_fractal(3, 2.0, torch.Generator().manual_seed(0), CPU)
     assert maps.shape == (3, 32, 32)
