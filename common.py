@@ -448,26 +448,25 @@ def average_views(view_logits, temperature=1.0, average="softmax"):
     return (view_logits / temperature).softmax(-1).mean(0)
 
 # ---- Calibration: temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural Networks", sec. 4.2) -----
-def views_nll(view_logits, labels, temperature=1.0, average="softmax"):
-    """The mean NLL of the labels under average_views(view_logits, temperature, average), computed from the logits
-    (float64, no clamp): -log mean_v softmax(l_v / T) = log V - logsumexp_v log_softmax(l_v / T) for "softmax",
-    the cross-entropy of mean_v l_v / T for "logit". V x N x K or N x K logits."""
-    view_logits = view_logits.double()
-    if view_logits.dim() == 2:
-        view_logits = view_logits.unsqueeze(0)
-    labels = labels.long()
+def nll_per_image(view_logits, labels, temperature=1.0, average="softmax"):
+    """Each image's exact NLL under average_views(view_logits, temperature, average), from V x N x K (or N x K) logits
+    in float64, no clamp: minus the log-softmax of the mean logits ("logit"); for the softmax average,
+    log(mean_v p_v) = logsumexp_v(log p_v) - log V. It is what fit_temperature minimises and evaluate.py reports."""
+    logits = view_logits.double() / temperature
+    if logits.dim() == 2:
+        logits = logits.unsqueeze(0)  # one view
     if average == "logit":
-        return float(F.cross_entropy(view_logits.mean(0) / temperature, labels))
-    log_probs = F.log_softmax(view_logits / temperature, dim=-1)  # V x N x K
-    label_log_probs = log_probs.gather(2, labels.view(1, -1, 1).expand(len(log_probs), -1, 1)).squeeze(2)  # V x N
-    return float((math.log(len(log_probs)) - label_log_probs.logsumexp(0)).mean())
+        log_probs = logits.mean(0).log_softmax(-1)
+    else:
+        log_probs = logits.log_softmax(-1).logsumexp(0) - math.log(len(logits))
+    return -log_probs.gather(1, labels.long()[:, None]).squeeze(1)
 
 def fit_temperature(view_logits, labels, average="softmax", low=1e-2, high=1e2, iterations=100):
-    """The T minimising the NLL of the labels under the views' average at T (views_nll: V x N x K validation logits,
+    """The T minimising the NLL of the labels under the views' average at T (nll_per_image: V x N x K validation logits,
     or N x K for one view), so that each TTA set gets the T of its own average: golden-section search on log T in
     [log low, log high], where the NLL is unimodal. Returns (T, at_bound): at_bound, the optimum is at an end, so T is
     no fit (chance-level logits want T = infinity). T > 0 keeps each arg-max: accuracy never changes."""
-    nll = lambda log_t: views_nll(view_logits, labels, math.exp(log_t), average)  # noqa: E731
+    nll = lambda log_t: float(nll_per_image(view_logits, labels, math.exp(log_t), average).mean())  # noqa: E731
     lo, hi, golden = math.log(low), math.log(high), (math.sqrt(5) - 1) / 2
     for _ in range(iterations):
         a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)

@@ -15,7 +15,6 @@ import importlib
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import common
+import corruptions
+import evidence
 
 # ---- Metrics, on CPU tensors (each checked against a hand-computed answer in tests/test_evaluate.py) -------------
 def confusion_matrix(preds, labels, num_classes=len(common.CLASSES)):
@@ -84,23 +85,13 @@ def confident_mistakes(probs, labels, k=24):
     wrong = torch.nonzero(preds != labels).flatten()
     return wrong[confidence[wrong].argsort(descending=True, stable=True)][:k].tolist()
 
-def nll_per_image(view_logits, labels, temperature=1.0, average="softmax"):
-    """Each image's exact NLL (float64, no clamp) from V x N x K logits at `temperature`: minus the log-softmax of one
-    view or of the mean logits ("logit"); for the softmax average, log(mean_v p_v) = logsumexp_v(log p_v) - log V."""
-    logits = view_logits.double() / temperature
-    if average == "logit":
-        log_probs = logits.mean(0).log_softmax(-1)
-    else:
-        log_probs = logits.log_softmax(-1).logsumexp(0) - math.log(len(view_logits))
-    return -log_probs.gather(1, labels[:, None]).squeeze(1)
-
 def from_logits(view_logits, labels, temperature=1.0, average="softmax"):
     """metrics() of V x N x K logits: the prediction from the T = 1 average of the views, the probabilities and the
     exact NLL at `temperature` (Guo et al. 2017: T only calibrates; it must not change a prediction).
     Returns (report, probs)."""
     probs = common.average_views(view_logits, temperature, average)
     preds = common.average_views(view_logits, 1.0, average).argmax(-1)
-    nll = float(nll_per_image(view_logits, labels, temperature, average).mean())
+    nll = float(common.nll_per_image(view_logits, labels, temperature, average).mean())
     return {**metrics(probs, labels, preds, nll), "temperature": temperature, "tta_average": average}, probs
 
 def report(model, dataset, device, img_size, views=("identity",), temperature=1.0, average="softmax", batch_size=256):
@@ -116,96 +107,13 @@ def loss_and_accuracy(model, dataset, device, img_size):
     logits, labels = common.predict(model, dataset, device, img_size)
     return float(F.cross_entropy(logits[0], labels)), float((logits[0].argmax(-1) == labels).double().mean())
 
-# ---- Is a difference real? Two checkpoints on the same images; runs over paired seeds -----------------------------
-def mcnemar_exact(b, c):
-    """McNemar's test (1947), exact binomial form: of the b + c images exactly one checkpoint gets right, were the two
-    equally good each would be A's with probability 1/2: b ~ Binomial(b + c, 1/2). Two-sided p = 2 P(X <= min(b, c)),
-    at most 1."""
-    n = b + c
-    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n  # exact integers: no overflow for any n
-    return min(1.0, 2 * tail)
-
-def paired_bootstrap(statistic, n, resamples=2000, seed=0, chunk=200):
-    """95 % percentile interval (Efron and Tibshirani 1993, ch. 13) of `statistic`, a function of R x n image indices
-    returning R values, over `resamples` draws of n images with replacement; both checkpoints see the same draw."""
-    generator = torch.Generator().manual_seed(seed)
-    values = [statistic(torch.randint(n, (min(chunk, resamples - start), n), generator=generator))
-              for start in range(0, resamples, chunk)]  # in chunks: 2,000 x 10,000 indices at once is 160 MB
-    low, high = torch.quantile(torch.cat(values).double(), torch.tensor([0.025, 0.975], dtype=torch.float64))
-    return float(low), float(high)
-
-def resampled_ece(confidence, correct, indices, n_bins=15):
-    """ECE of each row of R x N image indices at once; as expected_calibration_error, since |bin| / N * |accuracy -
-    confidence| = |sum over the bin of (correct - confidence)| / N."""
-    bins = (confidence * n_bins).ceil().long().clamp(1, n_bins) - 1
-    cells = (bins[indices] + n_bins * torch.arange(len(indices))[:, None]).flatten()  # (resample, bin) as one index
-    gaps = torch.bincount(cells, (correct.double() - confidence)[indices].flatten(), minlength=len(indices) * n_bins)
-    return gaps.view(len(indices), n_bins).abs().sum(1) / indices.shape[1]
-
+# ---- Per image, for --compare (the statistics are in evidence.py) --------------------------------------------
 def per_image(view_logits, labels, temperature=1.0, average="softmax"):
     """Per image: the T = 1 prediction, right or not, its confidence at `temperature`, the exact NLL there."""
     preds = common.average_views(view_logits, 1.0, average).argmax(-1)
     probs = common.average_views(view_logits, temperature, average).double()
     return {"preds": preds, "correct": preds == labels, "confidence": probs.gather(1, preds[:, None]).squeeze(1),
-            "nll": nll_per_image(view_logits, labels, temperature, average)}
-
-def compare_figures(a, b, resamples=2000, seed=0):
-    """A against B (per_image dicts of the same images): top-1, ECE and NLL of each, the difference A - B with its
-    paired-bootstrap 95 % CI, and McNemar's b (A right, B wrong), c (the reverse) and p."""
-    measures = {"acc1": lambda s, idx: s["correct"].double()[idx].mean(1),
-                "ece": lambda s, idx: resampled_ece(s["confidence"], s["correct"], idx),
-                "nll": lambda s, idx: s["nll"][idx].mean(1)}
-    everyone, figures = torch.arange(len(a["correct"]))[None], {}
-    for name, measure in measures.items():
-        def difference(idx, measure=measure):
-            return measure(a, idx) - measure(b, idx)
-        figures[name] = {"a": float(measure(a, everyone)), "b": float(measure(b, everyone)),
-                         "difference": float(difference(everyone)),
-                         "ci95": paired_bootstrap(difference, len(a["correct"]), resamples, seed)}
-    only_a, only_b = int((a["correct"] & ~b["correct"]).sum()), int((b["correct"] & ~a["correct"]).sum())
-    return {**figures, "mcnemar": {"b": only_a, "c": only_b, "p": mcnemar_exact(only_a, only_b)}}
-
-def t_two_sided(t, df):
-    """P(|T| <= t) for Student's t with integer df >= 1: the finite series in theta = atan(t / sqrt(df)) of Abramowitz
-    and Stegun (1964), 26.7.3 (odd df: 2/pi (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ... + cos^(df - 3))))
-    and 26.7.4 (even df: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ... + cos^(df - 2)))."""
-    theta = math.atan(t / math.sqrt(df))
-    cos2, term, total = math.cos(theta) ** 2, 1.0, 1.0
-    for k in range(2 + df % 2, df - 1, 2):  # k = 2, 4, ... (even df) or 3, 5, ... (odd df)
-        term *= cos2 * (k - 1) / k
-        total += term
-    if df % 2 == 0:
-        return math.sin(theta) * total
-    series = 0.0 if df == 1 else math.sin(theta) * math.cos(theta) * total
-    return 2 / math.pi * (theta + series)
-
-def t_critical(df, confidence=0.95):
-    """The t with P(|T| <= t) = confidence (12.706 for df 1, 2.042 for df 30 at 95 %): bisection on t_two_sided."""
-    low, high = 0.0, 1e6
-    for _ in range(100):
-        middle = (low + high) / 2
-        low, high = (middle, high) if t_two_sided(middle, df) < confidence else (low, middle)
-    return (low + high) / 2
-
-def mean_sd(values):
-    """(mean, sample standard deviation with n - 1); the SD is None for a single value."""
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-def paired_difference(baseline_values, row_values, higher_is_better=True):
-    """Mean of the paired differences row - baseline (one pair per seed), its 95 % CI from Student's t with n - 1
-    degrees of freedom, and a verdict: "helps" / "hurts" when the interval excludes 0, else "within noise"."""
-    if len(baseline_values) != len(row_values) or not row_values:
-        raise ValueError(f"one row value per baseline value: got {len(row_values)} and {len(baseline_values)}")
-    mean, sd = mean_sd([r - b for b, r in zip(baseline_values, row_values)])
-    n = len(row_values)
-    if sd is None:
-        return {"mean": mean, "low": None, "high": None, "n": 1, "verdict": "n = 1, no interval"}
-    half_width = t_critical(n - 1) * sd / math.sqrt(n)
-    low, high = mean - half_width, mean + half_width
-    verdict = "within noise"
-    if low > 0 or high < 0:  # the interval excludes 0
-        verdict = "helps" if (mean > 0) == higher_is_better else "hurts"
-    return {"mean": mean, "low": low, "high": high, "n": n, "verdict": verdict}
+            "nll": common.nll_per_image(view_logits, labels, temperature, average)}
 
 # ---- Results: strict JSON, naming the command, device and commit that produced each number -----------------------
 def run_info(device):
@@ -357,6 +265,82 @@ def plot_disagreements(dataset, a, b, path, title, k=8):
                      for i in chosen]
     plot_images(images, captions, path, title)
 
+# ---- Robustness: CIFAR-10-C (Hendrycks & Dietterich 2019) ------------------------------------------------------
+def corruption_summary(accuracy, clean_acc1, baseline=None):
+    """From {corruption: top-1 at severities 1-5}: the mean corruption accuracy over every cell, the mean per severity,
+    the relative drop (clean - mean) / clean; with `baseline` (model B's, in the same form), each corruption's error
+    of A relative to B, CE_c = sum_s E_A / sum_s E_B, and their mean: the paper's mCE (eq. 1) with B as AlexNet."""
+    table = torch.tensor(list(accuracy.values()), dtype=torch.float64)  # corruptions x severities
+    mean = float(table.mean())
+    summary = {"mean_acc1": mean, "mean_acc1_per_severity": table.mean(0).tolist(),
+               "relative_drop": (clean_acc1 - mean) / clean_acc1 if clean_acc1 > 0 else math.nan}
+    if baseline is not None:
+        errors = {name: (sum(1 - a for a in accuracy[name]), sum(1 - b for b in baseline[name])) for name in accuracy}
+        summary["ce"] = {name: a / b if b > 0 else math.nan for name, (a, b) in errors.items()}
+        summary["mce"] = sum(summary["ce"].values()) / len(errors)
+    return summary
+
+def corruption_report(model, test_set, device, img_size, views=("identity",), temperature=1.0, average="softmax",
+                      source="generated", batch_size=256, seed=0, baseline=None):
+    """Top-1 and ECE on each corruption and severity of `test_set` (`source`: "generated", corruptions.py's
+    CIFAR-10-C-style set, or corruptions.read_official's arrays), a (corruption, severity) cell at a time through
+    common.predict, cells sharing batches when the test set is smaller than one; clean top-1; corruption_summary
+    (`baseline`: model B's top-1 per cell, for the CE). Prints the table and the images per second."""
+    started, n = time.time(), len(test_set)
+    clean = report(model, test_set, device, img_size, views, temperature, average, batch_size)[0]
+    cells = [(name, severity) for name in (corruptions.CORRUPTIONS if isinstance(source, str) else source)
+             for severity in range(1, 6)]
+    accuracy, ece, group, images = {}, {}, [], []
+    for index, (name, severity) in enumerate(cells):
+        group.append(name)
+        images.append(corruptions.severity_images(source, name, severity, test_set.images, seed, device, batch_size))
+        if len(group) * n < batch_size and index < len(cells) - 1:
+            continue  # a small test set: several (corruption, severity) cells share batches, not one each
+        dataset = common.CifarDataset(torch.cat(images), test_set.labels.repeat(len(group)))
+        view_logits, _ = common.predict(model, dataset, device, img_size, views, batch_size)
+        for cell_name, logits in zip(group, view_logits.split(n, dim=1)):  # severities in order
+            cell, _ = from_logits(logits, test_set.labels, temperature, average)
+            accuracy.setdefault(cell_name, []).append(cell["acc1"])
+            ece.setdefault(cell_name, []).append(cell["ece"])
+        group, images = [], []
+    seconds = time.time() - started
+    result = {"source": source if isinstance(source, str) else "CIFAR-10-C (official files)", "seed": seed,
+              "clean_acc1": clean["acc1"], "clean_ece": clean["ece"], "acc1": accuracy, "ece": ece,
+              "mean_ece": float(np.mean(list(ece.values()))), **corruption_summary(accuracy, clean["acc1"], baseline),
+              "images_per_severity": n, "views": list(views), "temperature": temperature, "seconds": seconds,
+              "images_per_s": (5 * len(accuracy) + 1) * n / seconds}
+    print_corruption_table(result)
+    return result
+
+def print_corruption_table(result):
+    label = "generated, CIFAR-10-C-style" if result["source"] == "generated" else result["source"]
+    print(f"corruptions ({label}): top-1 % at severities 1-5, {result['images_per_severity']} images each, "
+          f"{len(result['views'])} view(s), ECE at T = {result['temperature']:.3g}")
+    print(f"{'corruption':<18}" + "".join(f"{s:>7}" for s in range(1, 6)) + f"{'mean':>7}{'ECE':>7}"
+          + (f"{'CE':>7}" if "ce" in result else ""))
+    for name, accs in result["acc1"].items():
+        ce = f"{result['ce'][name]:>7.3f}" if "ce" in result else ""
+        print(f"{name:<18}" + "".join(f"{100 * a:>7.2f}" for a in accs) + f"{100 * np.mean(accs):>7.2f}"
+              f"{np.mean(result['ece'][name]):>7.3f}{ce}")
+    print(f"{'mean':<18}" + "".join(f"{100 * a:>7.2f}" for a in result["mean_acc1_per_severity"])
+          + f"{100 * result['mean_acc1']:>7.2f}{result['mean_ece']:>7.3f}"
+          + (f"{result['mce']:>7.3f}  (mCE)" if "ce" in result else ""))
+    print(f"clean top-1 {100 * result['clean_acc1']:.2f} %, mean corruption accuracy {100 * result['mean_acc1']:.2f} "
+          f"% (relative drop {100 * result['relative_drop']:.1f} %); {result['seconds']:.1f} s, "
+          f"{result['images_per_s']:.0f} img/s")
+
+def plot_corruptions(result, path, title):
+    """Heat map: corruption x severity, the top-1 in each cell, and the clean top-1 in the title."""
+    table = np.array(list(result["acc1"].values()))
+    fig, axis = _pyplot().subplots(figsize=(6.5, 0.42 * len(table) + 1.6))
+    axis.imshow(table, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for (i, j), value in np.ndenumerate(table):
+        axis.text(j, i, f"{100 * value:.1f}", ha="center", va="center", fontsize=8)
+    axis.set(xticks=range(5), xticklabels=range(1, 6), yticks=range(len(table)), yticklabels=list(result["acc1"]),
+             xlabel="severity", title=f"top-1 %, clean {100 * result['clean_acc1']:.1f} %, mean corrupted "
+                                      f"{100 * result['mean_acc1']:.1f} %")
+    _save(fig, path, title)
+
 # ---- Command line ------------------------------------------------------------------------------------------------
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -374,20 +358,28 @@ def get_args_parser():
     parser.add_argument("--no-temperature", action="store_true",
                         help="ignore a calibration temperature stored in the checkpoint (default: apply it)")
     parser.add_argument("--bn-stats", choices=["checkpoint", "train", "clean"], default="checkpoint",
-                        help="BatchNorm statistics: the stored ones, or recomputed on the run's training images through "
-                             "its level's training augmentation, or on the same images clean (default: checkpoint)")
+                        help="BatchNorm statistics: the stored ones, or recomputed on the run's training images "
+                             "through its level's training augmentation, or on the same images clean "
+                             "(default: checkpoint)")
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: auto)")
     parser.add_argument("--compare", metavar="B.pth", help="compare the checkpoint with B.pth on the same images: "
                         "paired bootstrap CIs, McNemar's exact test (default: off)")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of --compare (default: 2000)")
     parser.add_argument("--images", nargs="+", metavar="PATH",
                         help="predict your own JPEG/PNG files, or folders of them, instead of a split (default: off)")
+    parser.add_argument("--corruptions", metavar="DIR|generated",
+                        help="robustness on the test set: the official CIFAR-10-C .npy files in DIR, or 'generated' "
+                             "CIFAR-10-C-style corruptions, also used when DIR holds no .npy file (default: off)")
+    parser.add_argument("--baseline", metavar="B.pth", help="with --corruptions: the corruption error relative to "
+                        "this checkpoint's, per corruption and its mean (mCE) (default: none)")
     return parser
 
 def validate_args(args):
     common.check_flags(args, positive=("batch_size", "subset", "resamples"))
     if args.compare and args.images:
         raise common.UserError("--compare measures two checkpoints on a split, --images predicts files: give one")
+    if args.baseline and not args.corruptions:
+        raise common.UserError("--baseline needs --corruptions DIR|generated")
     if args.img_size is not None and args.img_size < 32:
         raise common.UserError(f"--img-size must be at least 32, CIFAR-10's own size (got {args.img_size})")
 
@@ -430,8 +422,9 @@ def choose_temperature(checkpoint, args, tta_set):
 
 def recompute_statistics(model, checkpoint, args, device, img_size):
     """--bn-stats train|clean: the model's BatchNorm statistics recomputed as the levels recompute an average's
-    (common.bn_images, common.recompute_bn): on the run's own first BN_IMAGES training images (its --seed split), through
-    the training augmentation of the checkpoint's level (train), or clean (clean), in batches of its --batch-size."""
+    (common.bn_images, common.recompute_bn): on the run's own first BN_IMAGES training images (its --seed split),
+    through the training augmentation of the checkpoint's level (train), or clean (clean), in batches of its
+    --batch-size."""
     train_args = checkpoint.get("args") or {}
     if checkpoint.get("level") not in ("level1", "level2", "level3", "level4") or "seed" not in train_args:
         raise common.UserError(f"--bn-stats {args.bn_stats} needs a levelN_best.pth of this suite (its level and args "
@@ -505,7 +498,7 @@ def compare(args, device):
         view_logits, labels = common.predict(model, dataset, device, img_sizes[-1], common.TTA_SETS[tta_set or "none"],
                                              args.batch_size)
         scored.append(per_image(view_logits, labels, temperatures[-1], args.tta_average))
-    figures = compare_figures(*scored, args.resamples, seed=0)
+    figures = evidence.compare_figures(*scored, args.resamples, seed=0)
     resolved = [Path(p).resolve().with_suffix("") for p in (args.checkpoint, args.compare)]
     names = [p.name for p in resolved]
     if names[0] == names[1]:  # seed1/level4_best.pth against seed2/level4_best.pth: name the folders that differ
@@ -541,6 +534,40 @@ def print_report(result, header):
         print(f"{name:<12}{100 * result['per_class_acc'][name]:>9.2f}%{result['precision'][name]:>11.4f}"
               f"{result['recall'][name]:>9.4f}{result['f1'][name]:>8.4f}")
 
+def robustness(args, model, device, img_size, views, temperature, test_set, tta_set):
+    """--corruptions: the report of corruption_report (and of --baseline's checkpoint first), a JSON and a heat map."""
+    source = "generated"
+    if args.corruptions != "generated":
+        source = corruptions.read_official(args.corruptions, test_set.labels)
+    if source is None:
+        print(f"{args.corruptions} holds no .npy file: using generated CIFAR-10-C-style corruptions instead")
+        source = "generated"
+    baseline, baseline_acc1 = None, None
+    if args.baseline:
+        baseline_model, baseline_checkpoint = load_model(args.baseline)
+        baseline_size = args.img_size or baseline_checkpoint.get("args", {}).get("img_size", 224)
+        print(f"baseline {args.baseline} ({baseline_size} px):")
+        baseline = corruption_report(baseline_model.to(device, memory_format=torch.channels_last), test_set, device,
+                                     baseline_size, views, choose_temperature(baseline_checkpoint, args),
+                                     args.tta_average, source, args.batch_size)
+        baseline = {"checkpoint": args.baseline, **baseline}
+        baseline_acc1 = baseline["acc1"]
+    print(f"{args.checkpoint} ({img_size} px, TTA {tta_set or 'off'}):")
+    result = corruption_report(model, test_set, device, img_size, views, temperature, args.tta_average, source,
+                               args.batch_size, baseline=baseline_acc1)
+    tag = f"{Path(args.checkpoint).stem}_corruptions" + (f"_tta-{tta_set}" if tta_set else "")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"eval_{tag}.json", {**result, "checkpoint": args.checkpoint, "img_size": img_size, "tta": tta_set,
+                                          "baseline": baseline, **run_info(device)})
+    label = "generated CIFAR-10-C-style corruptions" if source == "generated" else result["source"]
+    plot_corruptions(result, out / f"eval_{tag}.png", f"{Path(args.checkpoint).name}: {label}")
+    print(f"wrote {out / f'eval_{tag}.json'} and {out / f'eval_{tag}.png'}")
+    mce = f" mce={result['mce']:.4f}" if baseline else ""
+    print(f"final: acc1={result['clean_acc1']:.4f} corruption_acc1={result['mean_acc1']:.4f} relative_drop="
+          f"{result['relative_drop']:.4f} ece={result['mean_ece']:.4f}{mce} images={result['images_per_severity']} "
+          f"seconds={result['seconds']:.1f}")
+
 def main(args):
     device = common.resolve_device(args.device)
     if args.compare:
@@ -560,6 +587,8 @@ def main(args):
         raise common.UserError(f"{args.checkpoint} was trained on all 50,000 training images (--train-on-all): it has "
                                f"no validation split; use --split test")
     _, val_set, test_set = common.cifar10_datasets(args.data_dir, train_args.get("seed", 0), eval_subset=args.subset)
+    if args.corruptions:
+        return robustness(args, model, device, img_size, views, temperature, test_set, tta_set)
     result, _ = report(model, val_set if args.split == "val" else test_set, device, img_size, views, temperature,
                        args.tta_average, args.batch_size)
     tag = f"{Path(args.checkpoint).stem}_{args.split}" + (f"_tta-{tta_set}" if tta_set else "")

@@ -28,11 +28,12 @@ from torchvision.transforms import v2
 
 import common
 import evaluate
+import evidence
 
 LEVEL = "level4"
 # --quick: a smoke run that shows every stage working, in a minute or two on a CPU; its numbers mean nothing.
 QUICK = {"subset": 128, "eval_subset": 128, "img_size": 32, "batch_size": 32, "head_epochs": 1, "epochs": 1,
-         "overwrite": True, "swa_epochs": 1}
+         "overwrite": True, "swa_epochs": 1, "corruption_images": 16}
 # Progressive unfreezing walks ResNet-50's stages from the output back to the input.
 GROUPS = ("fc", "layer4", "layer3", "layer2", "layer1", "stem")
 # The averages' BatchNorm statistics come from this many training images (0.3 s at 224 px on an H100).
@@ -112,6 +113,9 @@ def get_args_parser():
     aug.add_argument("--tta-set", default="flip+translate", choices=list(common.TTA_SETS),
                      help="test-time augmentation views of the final test (default: flip+translate)")
     aug.add_argument("--tta-average", choices=["softmax", "logit"], default="softmax", help="(default: softmax)")
+    robust = parser.add_argument_group("robustness: CIFAR-10-C-style corruptions (evaluate.py --corruptions)")
+    robust.add_argument("--corruption-images", type=int, help="test images per corruption and severity in the final "
+                        "report, 0 = no report (default: all of the test set: 65 passes over it)")
     study = parser.add_argument_group("ablation and summary")
     study.add_argument("--ablate", action="store_true", help="run the ablation grid instead of one run (default: off)")
     study.add_argument("--ablate-epochs", type=int, default=5, help="--epochs of each ablation run (default: 5)")
@@ -137,7 +141,7 @@ def validate_args(args):
     common.check_flags(args, positive=("epochs", "batch_size", "head_lr", "lr", "subset", "eval_subset", "swa_lr",
                                        "ablate_epochs"),
                        non_negative=("head_epochs", "weight_decay", "workers", "print_freq", "warmup_epochs", "min_lr",
-                                     "randaug_n", "mixup_alpha", "cutmix_alpha", "unfreeze_every",
+                                     "randaug_n", "mixup_alpha", "cutmix_alpha", "unfreeze_every", "corruption_images",
                                      "unfreeze_warmup_epochs", "final_epochs", "final_lr", "swa_epochs", "swa_every"),
                        fraction=("mix_prob", "switch_prob", "label_smoothing", "erase_prob", "lr_decay", "ema_decay"))
     if not (0 <= args.dropout < 1 and args.ema_decay < 1 and args.lr_decay > 0 and 0 <= args.randaug_m <= 30):
@@ -436,11 +440,17 @@ def final_test(model, val_set, test_set, device, args, history, info):
     best_val_acc = best["history"][-1].get(history_key("acc", best["model_source"]), math.nan)  # nan: no validation
     calibration = {"temperature": one_view["temperature"], "at_bound": one_view["at_bound"], "per_tta_set": fits,
                    "tta_average": args.tta_average, "fitted_on_images": len(val_set)}
+    robustness = None
+    if args.corruption_images != 0:  # one view at the fitted T; README, "Robustness"
+        corruption_set = common.CifarDataset(test_set.images[:args.corruption_images],
+                                             test_set.labels[:args.corruption_images])
+        robustness = evaluate.corruption_report(model, corruption_set, device, args.img_size, temperature=calibrated_t)
     results = {"level": LEVEL, **info, "args": vars(args), "history": history, "best_epoch": best["epoch"],
                "selected_by": best["selected_by"], "model_source": best["model_source"], "best_val_acc": best_val_acc,
                "test": test, "test_calibrated": calibrated, "test_tta": tta[args.tta_set], "tta_sets": tta,
                "calibration": calibration, "most_confused": evaluate.most_confused(test["confusion_matrix"]),
-               "confident_mistakes": mistakes, "seconds": time.time() - info["started"]}
+               "confident_mistakes": mistakes, "corruptions_generated": robustness,
+               "seconds": time.time() - info["started"]}
     evaluate.write_json(results_dir / f"{LEVEL}.json", results)
     evaluate.plot_curves(history, results_dir / f"{LEVEL}_curves.png", f"{LEVEL}, {args.img_size} px")
     print("most confused, true -> predicted: " + ", ".join(f"{t} -> {p} ({n})" for t, p, n in results["most_confused"]))
@@ -498,9 +508,10 @@ def write_summary(args):
     for path in sorted([*results_dir.glob("level[1-4].json"), *results_dir.glob("seed*/level[1-4].json")]):
         try:
             r = json.loads(path.read_text())
+            corruption = r.get("corruptions_generated") or {}  # {}: not measured
             run = [float(r["test"]["acc1"]), r.get("test_tta", {}).get("acc1"), float(r["test"]["ece"]),
-                   r.get("test_calibrated", {}).get("ece"), len(r["history"]), float(r["seconds"]), r["device"],
-                   r["commit"]]
+                   r.get("test_calibrated", {}).get("ece"), corruption.get("mean_acc1"), len(r["history"]),
+                   float(r["seconds"]), r["device"], r["commit"]]
             runs.setdefault(path.stem, []).append(run)  # after the reads: a malformed file adds nothing
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             print(f"warning: skipped {path}: not a results file of this suite ({type(error).__name__})")
@@ -511,22 +522,22 @@ def write_summary(args):
         values = [v for v in values if v is not None]
         if not values:
             return "-"
-        mean, sd = evaluate.mean_sd(values)
+        mean, sd = evidence.mean_sd(values)
         if sd is None:
             return f"{mean:.4f}"
         return f"{mean:.4f} ± {sd:.4f}"
 
     rows, mean_acc1 = [], []
     for level, level_runs in sorted(runs.items()):
-        acc1, tta_acc1, ece, ece_t, epochs, seconds, devices, commits = zip(*level_runs)
-        mean_acc1.append(evaluate.mean_sd(acc1)[0])
-        rows.append([level, *map(mean_sd_cell, (acc1, tta_acc1, ece, ece_t)), len(level_runs),
-                     ", ".join(map(str, sorted(set(epochs)))), f"{evaluate.mean_sd(seconds)[0]:.0f}",
+        acc1, tta_acc1, ece, ece_t, corruption_acc1, epochs, seconds, devices, commits = zip(*level_runs)
+        mean_acc1.append(evidence.mean_sd(acc1)[0])
+        rows.append([level, *map(mean_sd_cell, (acc1, tta_acc1, ece, ece_t, corruption_acc1)), len(level_runs),
+                     ", ".join(map(str, sorted(set(epochs)))), f"{evidence.mean_sd(seconds)[0]:.0f}",
                      ", ".join(sorted(set(devices))), ", ".join(sorted(set(commits)))])
     print(evaluate.write_table(results_dir / "summary.md", "Summary (`python level4.py --summary`): mean ± SD over "
                                "n runs (results/levelN.json and results/seed*/levelN.json)",
-                               ["level", "test acc1", "with TTA", "ECE", "ECE (T)", "n", "epochs", "seconds",
-                                "device", "commit"], rows))
+                               ["level", "test acc1", "with TTA", "ECE", "ECE (T)", "corruption acc", "n", "epochs",
+                                "seconds", "device", "commit"], rows))
     evaluate.plot_bars([r[0] for r in rows], mean_acc1, results_dir / "summary.png", "", "top-1 (mean over runs)")
     return rows
 

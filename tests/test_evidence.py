@@ -8,6 +8,7 @@ import torch
 
 import common
 import evaluate
+import evidence
 import level4
 from conftest import assert_one_line_error, final_line, run_cli
 
@@ -59,13 +60,13 @@ def test_tta_nll_is_that_of_the_averaged_probabilities_in_float64(average):
 
 def test_mcnemar_exact_hand_computed_and_against_the_binomial():
     """b = 10, c = 2: 2 P(X <= 2 | 12, 1/2) = 2 (1 + 12 + 66) / 4096 = 0.0386; b = c and no discordant pair: 1."""
-    assert evaluate.mcnemar_exact(10, 2) == pytest.approx(2 * 79 / 4096, rel=1e-12)
-    assert round(evaluate.mcnemar_exact(10, 2), 4) == 0.0386
-    assert evaluate.mcnemar_exact(2, 10) == evaluate.mcnemar_exact(10, 2)
-    assert evaluate.mcnemar_exact(7, 7) == 1.0 and evaluate.mcnemar_exact(0, 0) == 1.0
+    assert evidence.mcnemar_exact(10, 2) == pytest.approx(2 * 79 / 4096, rel=1e-12)
+    assert round(evidence.mcnemar_exact(10, 2), 4) == 0.0386
+    assert evidence.mcnemar_exact(2, 10) == evidence.mcnemar_exact(10, 2)
+    assert evidence.mcnemar_exact(7, 7) == 1.0 and evidence.mcnemar_exact(0, 0) == 1.0
     binomial = torch.distributions.Binomial(42, torch.tensor(0.5, dtype=torch.float64))
     expected = 2 * float(binomial.log_prob(torch.arange(13.0, dtype=torch.float64)).exp().sum())  # P(X <= 12)
-    assert evaluate.mcnemar_exact(30, 12) == pytest.approx(expected, rel=1e-9)
+    assert evidence.mcnemar_exact(30, 12) == pytest.approx(expected, rel=1e-9)
 
 
 def test_paired_bootstrap_ci_covers_a_known_difference_in_most_of_200_repetitions():
@@ -78,7 +79,7 @@ def test_paired_bootstrap_ci_covers_a_known_difference_in_most_of_200_repetition
     for repetition in range(200):
         kind = torch.multinomial(joint, 300, replacement=True, generator=generator)
         difference = a_right[kind] - b_right[kind]
-        low, high = evaluate.paired_bootstrap(lambda idx: difference[idx].mean(1), 300, 400, seed=repetition)
+        low, high = evidence.paired_bootstrap(lambda idx: difference[idx].mean(1), 300, 400, seed=repetition)
         covered += low <= 0.06 <= high
         widths.append(high - low)
     standard_error = math.sqrt((0.12 + 0.06 - 0.06**2) / 300)
@@ -92,7 +93,7 @@ def test_resampled_ece_is_expected_calibration_error_per_row():
     labels = torch.randint(10, (50,), generator=generator)
     confidence, preds = probs.double().max(-1)
     indices = torch.stack([torch.arange(50), torch.randint(50, (50,), generator=generator)])
-    eces = evaluate.resampled_ece(confidence, preds == labels, indices)
+    eces = evidence.resampled_ece(confidence, preds == labels, indices)
     for row, ece in zip(indices, eces):
         assert float(ece) == pytest.approx(evaluate.expected_calibration_error(probs[row], labels[row]), rel=1e-12)
 
@@ -103,7 +104,7 @@ def test_compare_figures_by_hand():
     logits_a = 5 * torch.eye(10)[[0, 1, 2, 0]][None]
     logits_b = 5 * torch.eye(10)[[1, 0, 2, 3]][None]
     a, b = evaluate.per_image(logits_a, labels), evaluate.per_image(logits_b, labels)
-    figures = evaluate.compare_figures(a, b, resamples=200)
+    figures = evidence.compare_figures(a, b, resamples=200)
     assert figures["mcnemar"] == {"b": 2, "c": 1, "p": 1.0}
     assert figures["acc1"]["a"] == 0.75 and figures["acc1"]["b"] == 0.5 and figures["acc1"]["difference"] == 0.25
     for name in ("ece", "nll"):
@@ -134,7 +135,7 @@ def test_cli_compare_writes_the_json_png_and_table(tmp_path, two_checkpoints, sy
     assert saved["num_images"] == 64 and saved["resamples"] == 300 and saved["a"] == str(path_a)
     mcnemar, acc1 = saved["mcnemar"], saved["acc1"]
     assert mcnemar["b"] - mcnemar["c"] == round(64 * acc1["difference"])  # b - c = right(A) - right(B)
-    assert mcnemar["p"] == pytest.approx(evaluate.mcnemar_exact(mcnemar["b"], mcnemar["c"]))
+    assert mcnemar["p"] == pytest.approx(evidence.mcnemar_exact(mcnemar["b"], mcnemar["c"]))
     for name in ("acc1", "ece", "nll"):
         assert saved[name]["difference"] == pytest.approx(saved[name]["a"] - saved[name]["b"])
         assert saved[name]["ci95"][0] <= saved[name]["ci95"][1]
@@ -156,7 +157,7 @@ def test_cli_compare_on_val_needs_the_same_seed_and_no_images(tmp_path, two_chec
 
 @pytest.mark.parametrize("df, quantile", [(1, 12.706), (2, 4.303), (4, 2.776), (5, 2.571), (30, 2.042)])
 def test_t_critical_matches_the_tables(df, quantile):
-    assert evaluate.t_critical(df) == pytest.approx(quantile, abs=5e-4)
+    assert evidence.t_critical(df) == pytest.approx(quantile, abs=5e-4)
 
 
 @pytest.mark.parametrize("df", [1, 3, 6])
@@ -164,28 +165,28 @@ def test_t_two_sided_against_the_integrated_density(df):
     """P(|T| <= 1.5) against the trapezoid rule over torch's Student-t density."""
     t = torch.linspace(-1.5, 1.5, 20001, dtype=torch.float64)
     density = torch.distributions.StudentT(torch.tensor(float(df), dtype=torch.float64)).log_prob(t).exp()
-    assert evaluate.t_two_sided(1.5, df) == pytest.approx(float(torch.trapezoid(density, t)), rel=1e-7)
+    assert evidence.t_two_sided(1.5, df) == pytest.approx(float(torch.trapezoid(density, t)), rel=1e-7)
 
 
 def test_paired_difference_by_hand():
     """Differences 0.03, 0.025, 0.02: mean 0.025, SD 0.005, half-width 4.303 x 0.005 / sqrt(3) = 0.01242."""
-    result = evaluate.paired_difference([0.90, 0.91, 0.92], [0.93, 0.935, 0.94])
+    result = evidence.paired_difference([0.90, 0.91, 0.92], [0.93, 0.935, 0.94])
     assert result["mean"] == pytest.approx(0.025) and result["n"] == 3 and result["verdict"] == "helps"
     assert result["low"] == pytest.approx(0.025 - 0.012421, abs=2e-6)
     assert result["high"] == pytest.approx(0.025 + 0.012421, abs=2e-6)
-    assert evaluate.paired_difference([0.93, 0.935, 0.94], [0.90, 0.91, 0.92])["verdict"] == "hurts"
-    assert evaluate.paired_difference([0.90, 0.91, 0.92], [0.91, 0.90, 0.925])["verdict"] == "within noise"
-    lower_ece = evaluate.paired_difference([0.05, 0.06, 0.055], [0.03, 0.035, 0.032], higher_is_better=False)
+    assert evidence.paired_difference([0.93, 0.935, 0.94], [0.90, 0.91, 0.92])["verdict"] == "hurts"
+    assert evidence.paired_difference([0.90, 0.91, 0.92], [0.91, 0.90, 0.925])["verdict"] == "within noise"
+    lower_ece = evidence.paired_difference([0.05, 0.06, 0.055], [0.03, 0.035, 0.032], higher_is_better=False)
     assert lower_ece["verdict"] == "helps"
-    single = evaluate.paired_difference([0.90], [0.95])
+    single = evidence.paired_difference([0.90], [0.95])
     assert single["verdict"] == "n = 1, no interval" and single["low"] is None and single["mean"] == pytest.approx(0.05)
     with pytest.raises(ValueError):
-        evaluate.paired_difference([0.9, 0.9], [0.9])
+        evidence.paired_difference([0.9, 0.9], [0.9])
 
 
 def test_mean_sd():
-    assert evaluate.mean_sd([1.0, 2.0, 4.0]) == pytest.approx((7 / 3, math.sqrt((16 + 1 + 25) / 9 / 2)))
-    assert evaluate.mean_sd([0.5]) == (0.5, None)
+    assert evidence.mean_sd([1.0, 2.0, 4.0]) == pytest.approx((7 / 3, math.sqrt((16 + 1 + 25) / 9 / 2)))
+    assert evidence.mean_sd([0.5]) == (0.5, None)
 
 
 def test_plot_differences_writes_a_png(tmp_path):

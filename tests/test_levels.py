@@ -299,6 +299,10 @@ def test_level4_reports_calibration_tta_sets_and_errors(cached_run):
     for name in ("reliability", "confusion", "mistakes"):
         assert (folder / f"level4_{name}.png").stat().st_size > 0
     assert all(a != b for a, b, _ in results["most_confused"])
+    robustness = results["corruptions_generated"]  # one view at the fitted T, on 4 images (conftest.TINY_LEVEL)
+    assert robustness["images_per_severity"] == 4 and len(robustness["acc1"]) == 13
+    assert robustness["views"] == ["identity"]
+    assert robustness["temperature"] == pytest.approx(results["test_calibrated"]["temperature"])
 
 
 @pytest.mark.parametrize("module, flags", [(level2, ["--tta-set", "flip"]), (level4, ["--tta-average", "logit"])])
@@ -385,8 +389,8 @@ def test_summary_has_a_raw_and_a_calibrated_ece_column(tmp_path):
     """Issue 13, point 3: `ECE` is the raw figure for every level, `ECE (T)` the calibrated one where it exists."""
     row = {"test": {"acc1": 0.9, "ece": 0.05}, "history": [{}], "seconds": 10.0, "device": "cpu", "commit": "abc"}
     (tmp_path / "level1.json").write_text(json.dumps(row))
-    (tmp_path / "level4.json").write_text(json.dumps({**row, "test_tta": {"acc1": 0.91},
-                                                      "test_calibrated": {"ece": 0.01}}))
+    (tmp_path / "level4.json").write_text(json.dumps({**row, "test_tta": {"acc1": 0.91}, "test_calibrated": {
+        "ece": 0.01}, "corruptions_generated": {"mean_acc1": 0.7}}))
     out = run_cli(level4, "--summary", "--results-dir", tmp_path)
     assert out.returncode == 0, out.stderr
     lines = (tmp_path / "summary.md").read_text().splitlines()
@@ -395,6 +399,8 @@ def test_summary_has_a_raw_and_a_calibrated_ece_column(tmp_path):
     ece, ece_t = header.index("ECE"), header.index("ECE (T)")
     assert rows["level1"][ece] == "0.0500" and rows["level1"][ece_t] == "-"
     assert rows["level4"][ece] == "0.0500" and rows["level4"][ece_t] == "0.0100"
+    corrupted = header.index("corruption acc")  # Level 4's mean accuracy on the generated CIFAR-10-C-style set
+    assert rows["level1"][corrupted] == "-" and rows["level4"][corrupted] == "0.7000"
 
 
 def test_ablation_runs_its_rows_keeps_finished_ones_and_names_unknown_rows(tmp_path, data_root, monkeypatch):

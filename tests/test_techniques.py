@@ -484,30 +484,31 @@ def test_fit_temperature_recovers_large_and_small_temperatures():
 
 
 @pytest.mark.parametrize("average", ["softmax", "logit"])
-def test_views_nll_is_the_nll_of_the_averaged_views(average):
-    """views_nll from the logits equals -log of average_views' probability of the label, in float64; and stays exact
+def test_nll_per_image_is_the_nll_of_the_averaged_views(average):
+    """nll_per_image from the logits equals -log of average_views' probability of the label, in float64; and stays exact
     where float32 probabilities underflow to 0 (a sure mistake, logit gap 200)."""
     torch.manual_seed(0)
     view_logits, labels = torch.randn(4, 50, 10, dtype=torch.float64) * 3, torch.randint(10, (50,))
     probs = common.average_views(view_logits, 1.7, average)
     expected = float(-probs.gather(1, labels[:, None]).log().mean())
-    assert common.views_nll(view_logits, labels, 1.7, average) == pytest.approx(expected, rel=1e-12)
+    assert float(common.nll_per_image(view_logits, labels, 1.7, average).mean()) == pytest.approx(expected, rel=1e-12)
     sure_mistake = torch.zeros(2, 1, 10)
     sure_mistake[:, 0, 1] = 200.0  # label 0 has probability e^-200: 0 in float32
     assert common.average_views(sure_mistake, 1.0, average)[0, 0] == 0
-    assert common.views_nll(sure_mistake, torch.tensor([0]), 1.0, average) == pytest.approx(200.0, rel=1e-9)
+    assert float(common.nll_per_image(sure_mistake, torch.tensor([0]), 1.0, average).mean()) == pytest.approx(200.0, rel=1e-9)
 
 
 def test_fit_temperature_of_a_view_set_minimises_that_sets_nll():
     """Issue 17 point 3: the T fitted on the V x N x K logits of a view set minimises the NLL of that set's average
-    (views_nll), which the T of its first view alone does not."""
+    (nll_per_image), which the T of its first view alone does not."""
     logits, labels = calibrated_logits(n=4000)
     torch.manual_seed(1)
     view_logits = logits * 2 + torch.randn(6, *logits.shape, dtype=torch.float64) * 2  # six noisy, overconfident views
     for average in ("softmax", "logit"):
         fitted, at_bound = common.fit_temperature(view_logits, labels, average)
         one_view, _ = common.fit_temperature(view_logits[0], labels)
-        nll = functools.partial(common.views_nll, view_logits, labels, average=average)
+        def nll(temperature):
+            return float(common.nll_per_image(view_logits, labels, temperature, average).mean())
         assert not at_bound and abs(fitted - one_view) > 0.05
         assert nll(fitted) < nll(one_view) and nll(fitted) <= min(nll(fitted * 1.01), nll(fitted / 1.01))
 

@@ -1,0 +1,242 @@
+"""corruptions.py and evaluate.py --corruptions (issue 20): each generated corruption seeded, uint8 32 x 32 x 3 and
+growing with severity on real test images; the helpers against PIL, matplotlib and torchvision; the official layout
+read a severity at a time; its bad files one-line errors; the report's figures against a hand computation."""
+import json
+
+import matplotlib.colors
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+import common
+import corruptions
+import evaluate
+from conftest import assert_one_line_error, real_cifar_dir, run_cli
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")
+needs_real = pytest.mark.skipif(real_cifar_dir() is None, reason="real CIFAR-10 not available")
+# The corruptions that draw random numbers (the others are functions of the image alone).
+SEEDED = {"gaussian_noise", "shot_noise", "impulse_noise", "motion_blur", "fog", "elastic_transform"}
+
+
+@pytest.fixture(scope="module")
+def images():
+    """uint8 16 x 3 x 32 x 32: real test images when present, else random ones."""
+    if real_cifar_dir() is not None:
+        return torch.as_tensor(common.read_batch(real_cifar_dir() / "test_batch")[0][:16])
+    return torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+# ---- The generated corruptions ------------------------------------------------------------------------------------
+def test_each_corruption_is_deterministic_for_a_seed_and_keeps_uint8_32x32x3(images):
+    assert len(corruptions.CORRUPTIONS) == 13
+    for name in corruptions.CORRUPTIONS:
+        first = corruptions.corrupt(images, name, 3, seed=0, batch_size=8)
+        assert first.dtype == torch.uint8 and first.shape == (16, 3, 32, 32), name
+        assert torch.equal(first, corruptions.corrupt(images, name, 3, seed=0, batch_size=8)), name
+        other_seed = corruptions.corrupt(images, name, 3, seed=1, batch_size=8)
+        assert torch.equal(first, other_seed) == (name not in SEEDED), name
+        assert not torch.equal(first, images), name
+
+
+@needs_real
+def test_the_change_grows_with_severity_on_real_test_images():
+    """Mean absolute pixel change from the clean image, severities 1-5, on 64 real test images. Three exceptions are
+    the paper's own parameters (make_cifar_c.py), checked here as they are: saturate washes colours out at 1-2 and
+    strengthens them at 3-5; elastic's affine part shrinks (2.56 -> 0.96 px) while its local field grows (0 -> 3.2 px);
+    motion blur's severities 3 and 4 share sigma = 2 px, so the 4th's longer kernel adds weights below e^-18."""
+    clean = torch.as_tensor(common.read_batch(real_cifar_dir() / "test_batch")[0][:64])
+
+    def change(name, severity):
+        return float((corruptions.corrupt(clean, name, severity).float() - clean.float()).abs().mean())
+    for name in corruptions.CORRUPTIONS:
+        changes = [change(name, severity) for severity in range(1, 6)]
+        if name == "saturate":
+            assert changes[0] < changes[1] and changes[2] < changes[3] < changes[4], changes
+        elif name == "elastic_transform":
+            assert changes == sorted(changes, reverse=True), changes  # the affine part dominates
+        elif name == "motion_blur":
+            assert changes[2] == pytest.approx(changes[3], abs=1e-3), changes
+            assert changes[0] < changes[1] < changes[2] < changes[4], changes
+        else:
+            assert all(a < b for a, b in zip(changes, changes[1:])), (name, changes)
+    function, params = corruptions.CORRUPTIONS["elastic_transform"]
+    local = [float((function(clean.float() / 255, (alpha, sigma, 0.0), torch.Generator().manual_seed(0)) * 255
+                    - clean.float()).abs().mean()) for alpha, sigma, _ in params]  # the displacement field alone
+    assert local[0] == pytest.approx(0, abs=1e-3) and all(a < b for a, b in zip(local, local[1:])), local
+
+
+def test_pixelate_is_pils_box_resize_down_and_up(images):
+    for severity, fraction in enumerate((0.95, 0.9, 0.85, 0.75, 0.65), 1):
+        side = int(32 * fraction)
+        pil = np.stack([np.asarray(Image.fromarray(image).resize((side, side), Image.BOX).resize((32, 32), Image.BOX))
+                        for image in images.permute(0, 2, 3, 1).numpy()])
+        ours = corruptions.corrupt(images, "pixelate", severity).permute(0, 2, 3, 1).numpy()
+        assert np.abs(ours.astype(int) - pil).max() <= 1  # PIL rounds its intermediate image to uint8
+
+
+def test_brightness_and_saturate_are_matplotlibs_hsv(images):
+    """Against rgb_to_hsv -> change V or S -> hsv_to_rgb, with grey pixels (hue 0) among them."""
+    x = images.float() / 255
+    x[:, :, :4, :4] = x[:, :1, :4, :4]  # a grey corner
+    x[:, :, 4:6, :4] = 0.0  # and black pixels
+    hsv = matplotlib.colors.rgb_to_hsv(x.permute(0, 2, 3, 1).numpy())
+    for shift in (0.05, 0.3):
+        expected = hsv.copy()
+        expected[..., 2] = np.clip(expected[..., 2] + shift, 0, 1)
+        ours = corruptions.brightness(x, shift, None).permute(0, 2, 3, 1).numpy()
+        np.testing.assert_allclose(ours, matplotlib.colors.hsv_to_rgb(expected), atol=1e-5)
+    for factor, offset in ((0.1, 0), (2.5, 0.2)):
+        expected = hsv.copy()
+        expected[..., 1] = np.clip(expected[..., 1] * factor + offset, 0, 1)
+        ours = corruptions.saturate(x, (factor, offset), None).permute(0, 2, 3, 1).numpy()
+        np.testing.assert_allclose(ours, matplotlib.colors.hsv_to_rgb(expected), atol=1e-5)
+
+
+def test_defocus_blur_of_a_disk_within_one_pixel_is_the_3x3_anti_aliasing_gaussian(images):
+    """Radius 0.3 px: the disk is the centre pixel alone, so the kernel is the 3 x 3 Gaussian of sigma 0.4."""
+    x = images.float() / 255
+    expected = TF.gaussian_blur(x, [3, 3], [0.4, 0.4])
+    torch.testing.assert_close(corruptions.defocus_blur(x, (0.3, 0.4), None), expected, atol=1e-6, rtol=0)
+
+
+def test_elastic_affine_part_moves_the_image_as_opencv_warp_affine(images, monkeypatch):
+    """Each of the three control points moved by (+1, +1) px: the pixel at p comes from p - (1, 1)."""
+    x = images.float() / 255
+    monkeypatch.setattr(corruptions, "_uniform", lambda shape, low, high, generator, device: torch.ones(shape))
+    moved = corruptions.elastic_transform(x, (0.0, 0.0, 2.56), None)
+    torch.testing.assert_close(moved[..., 1:, 1:], x[..., :-1, :-1], atol=1e-5, rtol=0)
+
+
+def test_motion_blur_at_angle_zero_is_a_one_sided_gaussian_along_the_rows(images, monkeypatch):
+    """ImageMagick's kernel at angle 0: sum_i w_i x[:, :, y, min(x + i, 31)], w_i ~ exp(-i^2 / 2 sigma^2), i < 13."""
+    x = images.float() / 255
+    monkeypatch.setattr(corruptions, "_uniform", lambda shape, low, high, generator, device: torch.zeros(shape))
+    weights = np.exp(-np.arange(13) ** 2 / (2 * 1.5 ** 2))
+    weights /= weights.sum()
+    padded = np.concatenate([x.numpy(), np.repeat(x.numpy()[..., -1:], 12, axis=-1)], axis=-1)
+    expected = sum(w * padded[..., i:i + 32] for i, w in enumerate(weights))
+    np.testing.assert_allclose(corruptions.motion_blur(x, (6, 1.5), None).numpy(), expected, atol=1e-5)
+
+
+def test_clipped_zoom_crops_whole_pixels_and_aligns_corners_as_scipy_zoom(images):
+    """A horizontal ramp (value = column): zoom 2 keeps columns 8-23, stretched corner to corner, column j becoming
+    8 + 15 j / 31; zoom 1.01 keeps the whole image (ceil(32 / 1.01) = 32, round(32 x 1.01) = 32): no change."""
+    ramp = torch.arange(32.0).expand(1, 3, 32, 32)
+    expected = (8 + 15 * torch.arange(32.0) / 31).expand(1, 3, 32, 32)
+    torch.testing.assert_close(corruptions.clipped_zoom(ramp, 2.0), expected)
+    x = images.float() / 255
+    assert torch.equal(corruptions.clipped_zoom(x, 1.01), x)
+
+
+def test_plasma_fractal_spans_zero_to_one_per_map():
+    maps = corruptions.plasma_fractal(3, 2.0, torch.Generator().manual_seed(0), CPU)
+    assert maps.shape == (3, 32, 32)
+    assert maps.amin((1, 2)).tolist() == [0, 0, 0] and maps.amax((1, 2)).tolist() == [1, 1, 1]
+    assert not torch.equal(maps[0], maps[1])
+
+
+# ---- The report ---------------------------------------------------------------------------------------------------
+def test_corruption_summary_by_hand():
+    """A: a = 0.9 .. 0.5, b = 1.0 .. 0.6 -> mean 7.5 / 10 = 0.75; per severity 0.95, 0.85, 0.75, 0.65, 0.55; clean 0.95:
+    drop 0.2 / 0.95. B: a = 0.8, b = 0.5 at each severity. Errors summed: A 1.5 and 1.0, B 1.0 and 2.5: CE 1.5, 0.4,
+    mCE 0.95."""
+    accuracy = {"a": [0.9, 0.8, 0.7, 0.6, 0.5], "b": [1.0, 0.9, 0.8, 0.7, 0.6]}
+    summary = evaluate.corruption_summary(accuracy, 0.95, {"a": [0.8] * 5, "b": [0.5] * 5})
+    assert summary["mean_acc1"] == pytest.approx(0.75)
+    assert summary["mean_acc1_per_severity"] == pytest.approx([0.95, 0.85, 0.75, 0.65, 0.55])
+    assert summary["relative_drop"] == pytest.approx(0.2 / 0.95)
+    assert summary["ce"] == pytest.approx({"a": 1.5, "b": 0.4}) and summary["mce"] == pytest.approx(0.95)
+    assert "ce" not in evaluate.corruption_summary(accuracy, 0.95)
+
+
+class PixelModel(nn.Module):
+    """Predicts the class written in each image's top-left red value (undoing common.prepare_batch's normalisation)."""
+
+    def forward(self, x):
+        value = ((x[:, 0, 0, 0] * common.IMAGENET_STD[0] + common.IMAGENET_MEAN[0]) * 255).round().long()
+        return 10.0 * nn.functional.one_hot(value % 10, 10).float()
+
+
+def write_official(folder, labels, severities_right):
+    """An official-layout folder: per corruption, severity s holds len(labels) images of which the first
+    severities_right[name][s - 1] carry their true label (the rest the next class); labels.npy tiled five times."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(labels)
+    for name, right in severities_right.items():
+        images = np.zeros((5 * n, 32, 32, 3), dtype=np.uint8)
+        for severity, k in enumerate(right):
+            images[severity * n:(severity + 1) * n, 0, 0, 0] = (labels + (np.arange(n) >= k)) % 10
+        np.save(folder / f"{name}.npy", images)
+    np.save(folder / "labels.npy", np.tile(labels, 5).astype(np.uint8))  # the official labels are uint8
+
+
+def test_official_layout_severity_slices_and_mean_accuracy_by_hand(tmp_path):
+    """2 corruptions x 5 severities x 20 images. `fog`: 4 s images right at severity s -> 0.2 .. 1.0; `blur`: 10
+    right at each -> 0.5. Mean (3.0 + 2.5) / 10 = 0.55; per severity 0.35, 0.45, 0.55, 0.65, 0.75; clean 1 (the clean
+    images carry their labels): drop 0.45."""
+    labels = np.arange(20) % 10
+    write_official(tmp_path / "CIFAR-10-C", labels, {"fog": [4, 8, 12, 16, 20], "blur": [10] * 5})
+    source = corruptions.read_official(tmp_path, torch.as_tensor(labels))  # finds the CIFAR-10-C/ inside
+    assert sorted(source) == ["blur", "fog"] and isinstance(source["fog"], np.memmap)
+    clean = np.zeros((20, 3, 32, 32), dtype=np.uint8)
+    clean[:, 0, 0, 0] = labels
+    test_set = common.CifarDataset(clean, labels)
+    result = evaluate.corruption_report(PixelModel(), test_set, CPU, 32, source=source, batch_size=8)
+    assert result["acc1"]["fog"] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert result["acc1"]["blur"] == pytest.approx([0.5] * 5)
+    assert result["mean_acc1"] == pytest.approx(0.55) and result["clean_acc1"] == 1.0
+    assert result["mean_acc1_per_severity"] == pytest.approx([0.35, 0.45, 0.55, 0.65, 0.75])
+    assert result["relative_drop"] == pytest.approx(0.45) and result["images_per_severity"] == 20
+    first_10 = common.CifarDataset(clean[:10], labels[:10])  # --subset 10: the first 10 of each severity
+    result = evaluate.corruption_report(PixelModel(), first_10, CPU, 32, source=source)
+    assert result["acc1"]["fog"] == pytest.approx([0.4, 0.8, 1.0, 1.0, 1.0])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
+    torch.manual_seed(0)
+    torch.save({"model": common.build_model("none").state_dict(), "args": {"img_size": 32}}, path)
+    return path
+
+
+def test_cli_generated_writes_the_json_and_heat_map(tmp_path, checkpoint, synthetic_root):
+    """--corruptions on a folder without .npy files: generated, said so; with --baseline itself, every CE is 1."""
+    (tmp_path / "empty").mkdir()
+    out = run_cli(evaluate, checkpoint, "--corruptions", tmp_path / "empty", "--baseline", checkpoint, "--subset", 4,
+                  "--data-dir", synthetic_root, "--out", tmp_path, "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert "holds no .npy file: using generated CIFAR-10-C-style" in out.stdout
+    result = json.loads((tmp_path / "eval_model_corruptions.json").read_text())
+    assert result["source"] == "generated" and len(result["acc1"]) == 13 and result["images_per_severity"] == 4
+    assert result["ce"] == pytest.approx(dict.fromkeys(result["acc1"], 1.0)) and result["mce"] == pytest.approx(1.0)
+    assert result["baseline"]["checkpoint"] == str(checkpoint) and result["mean_ece"] >= 0
+    assert (tmp_path / "eval_model_corruptions.png").stat().st_size > 0
+    assert "corruption_acc1=" in out.stdout.splitlines()[-1]
+
+
+def test_cli_truncated_npy_and_mismatched_labels_are_one_line_errors(tmp_path, checkpoint, synthetic_root):
+    test_labels = common.read_batch(synthetic_root / "cifar-10-batches-py" / "test_batch")[1][:20]
+    write_official(tmp_path / "ok", test_labels, {"fog": [20] * 5})
+    flags = ["--subset", 20, "--data-dir", synthetic_root, "--out", tmp_path, "--device", "cpu"]
+    write_official(tmp_path / "truncated", test_labels, {"fog": [20] * 5})
+    data = (tmp_path / "truncated" / "fog.npy").read_bytes()
+    (tmp_path / "truncated" / "fog.npy").write_bytes(data[:len(data) // 2])
+    assert_one_line_error(run_cli(evaluate, checkpoint, "--corruptions", tmp_path / "truncated", *flags),
+                          "fog.npy is not a readable .npy array")
+    write_official(tmp_path / "mismatch", (test_labels + 1) % 10, {"fog": [20] * 5})
+    assert_one_line_error(run_cli(evaluate, checkpoint, "--corruptions", tmp_path / "mismatch", *flags),
+                          "labels.npy", "not the test set's")
+    assert_one_line_error(run_cli(evaluate, checkpoint, "--baseline", checkpoint, *flags), "--baseline needs")
+    np.save(tmp_path / "ok" / "fog.npy", np.zeros((100, 32, 32), dtype=np.uint8))  # a wrong shape
+    with pytest.raises(common.UserError, match=r"fog.npy must be a uint8 array of shape \(100, 32, 32, 3\)"):
+        corruptions.read_official(tmp_path / "ok", torch.as_tensor(test_labels))
+    with pytest.raises(common.UserError, match="is not a folder"):
+        corruptions.read_official(tmp_path / "nowhere", torch.as_tensor(test_labels))
+    with pytest.raises(common.UserError, match="holds 20 images per severity, fewer than the 21"):
+        corruptions.read_official(tmp_path / "mismatch", torch.arange(21) % 10)
