@@ -494,7 +494,7 @@ def compare(args, device):
     for (model, checkpoint), own_args in zip(loaded, train_args):
         model = model.to(device, memory_format=torch.channels_last)
         img_sizes.append(args.img_size or own_args.get("img_size", 224))
-        temperatures.append(choose_temperature(checkpoint, args))
+        temperatures.append(choose_temperature(checkpoint, args, tta_set))
         view_logits, labels = common.predict(model, dataset, device, img_sizes[-1], common.TTA_SETS[tta_set or "none"],
                                              args.batch_size)
         scored.append(per_image(view_logits, labels, temperatures[-1], args.tta_average))
@@ -548,7 +548,7 @@ def robustness(args, model, device, img_size, views, temperature, test_set, tta_
         baseline_size = args.img_size or baseline_checkpoint.get("args", {}).get("img_size", 224)
         print(f"baseline {args.baseline} ({baseline_size} px):")
         baseline = corruption_report(baseline_model.to(device, memory_format=torch.channels_last), test_set, device,
-                                     baseline_size, views, choose_temperature(baseline_checkpoint, args),
+                                     baseline_size, views, choose_temperature(baseline_checkpoint, args, tta_set),
                                      args.tta_average, source, args.batch_size)
         baseline = {"checkpoint": args.baseline, **baseline}
         baseline_acc1 = baseline["acc1"]
