@@ -7,13 +7,14 @@ What this level adds to level3.py:
   - advanced TTA: every view set, softmax or logit averaging; temperature scaling (Guo et al. 2017) fitted on
     validation: ECE, NLL, Brier before and after, reliability diagrams (TTA predicts with T = 1: T only calibrates);
   - error analysis: confusion matrix, per-class precision/recall/F1, most-confused pairs, most confident mistakes;
-  - --ablate: real, shorter runs that each switch one technique off; --summary: one table across the levels.
+  - --ablate: the recipe scaled down, each row switching one technique off, over paired seeds, with a 95 % interval
+    and a verdict per row (rows that change only the measurement reuse the baseline's checkpoints); --summary.
 
 Each level is one self-contained script, as airbench's are: it repeats the previous level's lines on purpose, so that
 `diff level3.py level4.py` shows exactly what this level adds.
 
     python level4.py --epochs 30
-    python level4.py --ablate --ablate-epochs 5                  # results/ablation.{json,md,png}
+    python level4.py --ablate --ablate-epochs 6 --ablate-seeds 3  # results/ablation.{json,md,png}
     python level4.py --summary                                   # results/summary.{md,png} from results/level*.json
 """
 import argparse
@@ -33,7 +34,7 @@ import evidence
 LEVEL = "level4"
 # --quick: a smoke run that shows every stage working, in a minute or two on a CPU; its numbers mean nothing.
 QUICK = {"subset": 128, "eval_subset": 128, "img_size": 32, "batch_size": 32, "head_epochs": 1, "epochs": 1,
-         "overwrite": True, "swa_epochs": 1, "corruption_images": 16}
+         "overwrite": True, "swa_epochs": 1, "corruption_images": 16, "ablate_sizes": [48]}
 # Progressive unfreezing walks ResNet-50's stages from the output back to the input.
 GROUPS = ("fc", "layer4", "layer3", "layer2", "layer1", "stem")
 # The averages' BatchNorm statistics come from this many training images (0.3 s at 224 px on an H100).
@@ -118,7 +119,11 @@ def get_args_parser():
                         "report, 0 = no report (default: all of the test set: 65 passes over it)")
     study = parser.add_argument_group("ablation and summary")
     study.add_argument("--ablate", action="store_true", help="run the ablation grid instead of one run (default: off)")
-    study.add_argument("--ablate-epochs", type=int, default=5, help="--epochs of each ablation run (default: 5)")
+    study.add_argument("--ablate-epochs", type=int, default=6,
+                       help="--epochs of each ablation run; every other phase scales with it (default: 6)")
+    # One run's test top-1 varies by about 0.17 points at 97 % on 10,000 images (binomial; Jordan 2024): a few tenths
+    # of a point between techniques needs paired seeds, as torchvision's recipe work uses 3-5 runs per change.
+    study.add_argument("--ablate-seeds", type=int, default=3, help="seeds per trained row, paired (default: 3)")
     study.add_argument("--ablate-sizes", type=int, nargs="+", default=[128, 160, 224], help="(default: 128 160 224)")
     study.add_argument("--ablate-rows", nargs="+", metavar="ROW", help="only these rows, and baseline (default: all)")
     study.add_argument("--summary", action="store_true", help="only write results/summary.{md,png} (default: off)")
@@ -139,7 +144,7 @@ def validate_args(args):
     if args.quick:  # shrink first, then check what will run; quick/ folders keep real runs' files apart
         vars(args).update(QUICK, checkpoint_dir=f"{args.checkpoint_dir}/quick", results_dir=f"{args.results_dir}/quick")
     common.check_flags(args, positive=("epochs", "batch_size", "head_lr", "lr", "subset", "eval_subset", "swa_lr",
-                                       "ablate_epochs"),
+                                       "ablate_epochs", "ablate_seeds"),
                        non_negative=("head_epochs", "weight_decay", "workers", "print_freq", "warmup_epochs", "min_lr",
                                      "randaug_n", "mixup_alpha", "cutmix_alpha", "unfreeze_every", "corruption_images",
                                      "unfreeze_warmup_epochs", "final_epochs", "final_lr", "swa_epochs", "swa_every"),
@@ -459,47 +464,145 @@ def final_test(model, val_set, test_set, device, args, history, info):
           f"{calibrated_t:.4f} epoch={best['epoch']} test_images={test['num_images']} seconds={results['seconds']:.0f}")
     return results
 
+def scaled_recipe(args):
+    """The full recipe's phases scaled by --ablate-epochs / --epochs: head, cosine, SWA (or final) epochs and the
+    unfreezing calendar, each rounded to whole epochs and kept at 1 or more where the recipe has the phase; the
+    warmups (fractions of an epoch) scaled as they are. A row then runs a shorter copy of the same schedule."""
+    factor = args.ablate_epochs / args.epochs
+    scaled = {"epochs": args.ablate_epochs}
+    for name in ("head_epochs", "swa_epochs", "final_epochs", "unfreeze_every"):
+        scaled[name] = 0
+        if getattr(args, name) > 0:  # a phase the recipe has keeps at least one epoch
+            scaled[name] = max(1, math.floor(getattr(args, name) * factor + 0.5))
+    for name in ("warmup_epochs", "unfreeze_warmup_epochs"):
+        scaled[name] = getattr(args, name) * factor
+    return scaled
+
 def ablation_grid(args):
-    """The declared grid: each row switches one technique of the full recipe off, or changes the input size."""
-    grid = {"baseline": {}, "no_randaugment": {"randaug_n": 0}, "no_mixup_cutmix": {"mix_prob": 0.0},
-            "no_label_smoothing": {"label_smoothing": 0.0}, "no_random_erasing": {"erase_prob": 0.0},
-            "no_ema": {"ema_decay": 0.0}, "no_swa": {"swa_epochs": 0}, "no_tta": {"tta_set": "none"},
-            "no_progressive_unfreezing": {"unfreeze_every": 0}}
-    return {**grid, **{f"img_size_{size}": {"img_size": size} for size in args.ablate_sizes if size != args.img_size}}
+    """The declared grid: each trained row switches one technique of the full recipe off, or changes the input size
+    (no_swa runs Level 3's final low-LR epochs in the SWA phase's place: the same budget); each evaluation row changes
+    only how the baseline's checkpoints are measured. {name: (change, evaluation_only)}."""
+    swa_epochs = scaled_recipe(args)["swa_epochs"]
+    trained = {"baseline": {}, "no_randaugment": {"randaug_n": 0}, "no_mixup_cutmix": {"mix_prob": 0.0},
+               "no_label_smoothing": {"label_smoothing": 0.0}, "no_random_erasing": {"erase_prob": 0.0},
+               "no_ema": {"ema_decay": 0.0}, "no_swa": {"swa_epochs": 0, "final_epochs": swa_epochs},
+               "no_progressive_unfreezing": {"unfreeze_every": 0},
+               **{f"img_size_{size}": {"img_size": size} for size in args.ablate_sizes if size != args.img_size}}
+    measured = {}
+    for tta_set in common.TTA_SETS:
+        if tta_set != args.tta_set:  # the baseline's own set is the baseline
+            measured["no_tta" if tta_set == "none" else f"tta_{tta_set}"] = {"tta_set": tta_set}
+    measured.update({"no_temperature": {"temperature": "off"}, "bn_clean": {"bn_stats": "clean"}})
+    grid = {name: (change, False) for name, change in trained.items()}
+    grid.update({name: (change, True) for name, change in measured.items()})
+    return grid
+
+def measure_row(change, checkpoint_path, datasets, device, args):
+    """An evaluation row on one seed: the baseline's best checkpoint measured with `change` (other TTA views, T = 1,
+    or BatchNorm statistics recomputed on clean training images), on the test and validation sets."""
+    train_set, val_set, test_set = datasets
+    checkpoint = common.load_checkpoint(checkpoint_path)
+    model = common.build_model("none", args.dropout).to(device, memory_format=torch.channels_last)
+    model.load_state_dict(checkpoint["model"])
+    if change.get("bn_stats") == "clean":
+        common.recompute_bn(model, common.bn_images(train_set, BN_IMAGES), device, args.img_size, args.batch_size)
+    tta_set = change.get("tta_set", args.tta_set)
+    temperature = 1.0
+    if change.get("temperature") != "off":
+        temperature = applied_temperature(checkpoint["temperatures"][tta_set])
+    views = common.TTA_SETS[tta_set]
+    test, _ = evaluate.report(model, test_set, device, args.img_size, views, temperature, args.tta_average)
+    one_view, _ = evaluate.report(model, test_set, device, args.img_size)
+    val, _ = evaluate.report(model, val_set, device, args.img_size, views, temperature, args.tta_average)
+    return {"acc1": one_view["acc1"], "tta_acc1": test["acc1"], "ece": test["ece"], "val_acc1": val["acc1"]}
 
 def run_ablation(args):
-    """Each row (or each of --ablate-rows, and the baseline) a real run at --epochs --ablate-epochs; rows run earlier
-    with the same settings are kept. Writes results/ablation.{json,md,png}."""
-    path, rows = Path(args.results_dir) / "ablation.json", []
+    """Every trained row (or each of --ablate-rows, and the baseline) a real run of the scaled recipe with each of
+    --ablate-seeds seeds, the same seeds for every row; the evaluation rows from the baseline's checkpoint of each seed,
+    no retraining. Runs done earlier with the same settings are kept. Writes results/ablation.{json,md,png}."""
+    path = Path(args.results_dir) / "ablation.json"
     try:
-        done = {row["name"]: row for row in json.loads(path.read_text())["rows"]} if path.is_file() else {}
+        runs = json.loads(path.read_text())["runs"] if path.is_file() else []
+        done = {(run["name"], run["seed"]): run for run in runs}
     except (ValueError, KeyError, TypeError) as error:
         raise common.UserError(f"{path} is not this suite's ablation table ({type(error).__name__}): move it away")
-    for name, change in ablation_grid(args).items():
-        row_args = argparse.Namespace(**{**vars(args), "ablate": False, "epochs": args.ablate_epochs, **change,
-                                         "checkpoint_dir": f"{args.checkpoint_dir}/ablation/{name}", "overwrite": True,
-                                         "results_dir": f"{args.results_dir}/ablation/{name}"})
-        settings = json.loads(json.dumps({k: v for k, v in vars(row_args).items() if not k.startswith("ablate")}))
-        if name in done and done[name]["args"] == settings:
-            rows.append(done[name])
-        elif name == "baseline" or name in (args.ablate_rows or [name]):
-            print(f"ablation row {name}: {change or 'the full recipe'}", flush=True)
-            result = main(row_args)
-            done[name] = {"name": name, "change": change, "args": settings, "acc1": result["test"]["acc1"], "tta_acc1":
-                          result["test_tta"]["acc1"], "ece": result["test"]["ece"], **{k: result[k] for k in (
-                              "model_source", "seconds", "device", "commit")}}
-            rows.append(done[name])
-            evaluate.write_json(path, {"rows": list(done.values())})  # an interrupted grid keeps its finished rows
-    evaluate.write_json(path, {"rows": rows})
-    baseline = rows[0]["tta_acc1"]
-    print(evaluate.write_table(path.with_suffix(".md"), f"Ablation (`python level4.py --ablate`), --epochs "
-                               f"{args.ablate_epochs} per row, on {rows[0]['device']}, commit {rows[0]['commit']}",
-                               ["row", "change", "test acc1 (TTA)", "vs baseline", "acc1", "ECE", "weights", "seconds"],
-                               [[r["name"], r["change"], r["tta_acc1"], f"{r['tta_acc1'] - baseline:+.4f}", r["acc1"],
-                                 r["ece"], r["model_source"], f"{r['seconds']:.0f}"] for r in rows]))
-    evaluate.plot_bars([r["name"] for r in rows], [r["tta_acc1"] for r in rows], path.with_suffix(".png"),
-                       "ablation: test accuracy (each row's TTA)", "test top-1", reference=baseline)
-    return rows
+    recipe, seeds = scaled_recipe(args), [args.seed + i for i in range(args.ablate_seeds)]
+    print(f"ablation recipe (--epochs {args.epochs} scaled by {args.ablate_epochs / args.epochs:.3g}): "
+          + ", ".join(f"{name} {value:g}" for name, value in recipe.items()) + f"; seeds {seeds}", flush=True)
+    chosen = ["baseline", *(args.ablate_rows or ablation_grid(args))]
+    grid = {name: row for name, row in ablation_grid(args).items() if name in chosen}
+    table = {}
+    for name, (change, evaluation_only) in grid.items():
+        table[name] = []
+        for seed in seeds:
+            row_args = argparse.Namespace(**{**vars(args), "ablate": False, **recipe, "seed": seed, "overwrite": True,
+                                             "corruption_images": 0, "checkpoint_dir":
+                                             f"{args.checkpoint_dir}/ablation/{name}/seed{seed}", "results_dir":
+                                             f"{args.results_dir}/ablation/{name}/seed{seed}"})
+            if not evaluation_only:
+                row_args = argparse.Namespace(**{**vars(row_args), **change})
+            settings = json.loads(json.dumps({k: v for k, v in vars(row_args).items() if not k.startswith("ablate")}))
+            earlier = done.get((name, seed))
+            if earlier is None or earlier["args"] != settings or earlier["change"] != change:
+                done[(name, seed)] = ablation_run(name, seed, change, evaluation_only, row_args, settings, args)
+                evaluate.write_json(path, {"runs": list(done.values())})  # an interrupted grid keeps finished runs
+            table[name].append(done[(name, seed)])
+    return write_ablation_table(table, path, args)
+
+def ablation_run(name, seed, change, evaluation_only, row_args, settings, args):
+    """One (row, seed): a training run of the scaled recipe, or the baseline's checkpoint of that seed measured."""
+    print(f"ablation row {name}, seed {seed}: {change or 'the full recipe'}", flush=True)
+    if evaluation_only:
+        device = common.resolve_device(args.device)
+        datasets = common.cifar10_datasets(args.data_dir, seed, args.subset, args.eval_subset)
+        baseline = Path(args.checkpoint_dir) / "ablation" / "baseline" / f"seed{seed}" / f"{LEVEL}_best.pth"
+        figures = measure_row(change, baseline, datasets, device, row_args)
+        info = evaluate.run_info(device)
+    else:
+        result = main(row_args)
+        figures = {"acc1": result["test"]["acc1"], "tta_acc1": result["test_tta"]["acc1"],
+                   "ece": result["test_tta"]["ece"], "val_acc1": result["best_val_acc"]}
+        info = result
+    return {"name": name, "seed": seed, "change": change, "evaluation_only": evaluation_only, "args": settings,
+            **figures, "device": info["device"], "commit": info["commit"]}
+
+def write_ablation_table(table, path, args):
+    """results/ablation.{md,png}: per row, mean ± SD over the seeds and the paired difference from the baseline
+    (evidence.paired_difference: 95 % Student t interval, verdict). Choose on validation, report test."""
+    baseline = table["baseline"]
+    lines, plotted = [], []
+    for name, runs in table.items():
+        evaluation_only = runs[0]["evaluation_only"]
+        cells = {}
+        for figure in ("val_acc1", "acc1", "tta_acc1", "ece"):
+            mean, sd = evidence.mean_sd([run[figure] for run in runs])
+            cells[figure] = f"{mean:.4f}" if sd is None else f"{mean:.4f} ± {sd:.4f}"
+        accuracy = evidence.paired_difference([r["tta_acc1"] for r in baseline], [r["tta_acc1"] for r in runs])
+        ece = evidence.paired_difference([r["ece"] for r in baseline], [r["ece"] for r in runs], higher_is_better=False)
+        kind = "evaluation only" if evaluation_only else "trained"
+        lines.append([name, kind, json.dumps(runs[0]["change"]), len(runs), cells["val_acc1"], cells["acc1"],
+                      cells["tta_acc1"], interval_text(accuracy), accuracy["verdict"], cells["ece"],
+                      interval_text(ece)])
+        if name != "baseline":
+            plotted.append((name, accuracy, evaluation_only))
+    heading = (f"Ablation (`python level4.py --ablate`): --ablate-epochs {args.ablate_epochs}, seeds "
+               f"{[run['seed'] for run in baseline]}, on {baseline[0]['device']}, commit {baseline[0]['commit']}. "
+               f"Differences are paired by seed (row - baseline) with a 95 % Student t interval.")
+    print(evaluate.write_table(path.with_suffix(".md"), heading,
+                               ["row", "kind", "change", "n", "val acc1", "test acc1", "test acc1 (TTA)",
+                                "Δ TTA acc1 [95 % CI]", "verdict", "ECE (TTA, T)", "Δ ECE [95 % CI]"], lines))
+    if plotted:
+        names, differences, evaluation_only = zip(*plotted)
+        evaluate.plot_differences(list(names), [d["mean"] for d in differences], [d["low"] for d in differences],
+                                  [d["high"] for d in differences], list(evaluation_only), path.with_suffix(".png"),
+                                  "ablation: test top-1 (TTA), row - baseline, paired by seed")
+    return table
+
+def interval_text(difference):
+    """"+0.0012 [-0.0008, +0.0031]", or the mean alone where one seed gives no interval."""
+    if difference["low"] is None:
+        return f"{difference['mean']:+.4f}"
+    return f"{difference['mean']:+.4f} [{difference['low']:+.4f}, {difference['high']:+.4f}]"
 
 def write_summary(args):
     """results/summary.{md,png}: one row per level, pooling results/levelN.json with results/seed*/levelN.json (the

@@ -5,6 +5,7 @@ import copy
 import inspect
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -452,3 +453,53 @@ def test_an_average_the_saved_run_did_not_have_starts_from_its_weights(tmp_path,
     assert all(torch.equal(a, b) for a, b in zip(averages["ema"].module.state_dict().values(),
                                                   model.state_dict().values()))
     assert averages["ema"].num_updates == 0
+
+
+# ---- Level 4's ablation: the recipe scaled, paired seeds, evaluation-only rows (issue 18) -----------------------
+
+def test_scaled_recipe_keeps_the_phases_in_proportion():
+    """--ablate-epochs 6 of a 30-epoch recipe: every phase at a fifth, whole epochs, a phase the recipe has keeps one
+    epoch or more, a phase it does not have stays 0; warmups (fractions of an epoch) scale exactly."""
+    parse = level4.get_args_parser().parse_args
+    scaled = level4.scaled_recipe(parse(["--ablate-epochs", "6"]))  # head 2, cosine 30, SWA 5, a stage per epoch
+    assert scaled == {"epochs": 6, "head_epochs": 1, "swa_epochs": 1, "final_epochs": 0, "unfreeze_every": 1,
+                      "warmup_epochs": pytest.approx(0.2), "unfreeze_warmup_epochs": pytest.approx(0.1)}
+    longer = level4.scaled_recipe(parse(["--ablate-epochs", "6", "--head-epochs", "10", "--swa-epochs", "10",
+                                         "--unfreeze-every", "5"]))
+    assert [longer[k] for k in ("head_epochs", "epochs", "swa_epochs", "unfreeze_every")] == [2, 6, 2, 1]
+    half = level4.scaled_recipe(parse(["--ablate-epochs", "15", "--swa-epochs", "5", "--unfreeze-every", "3"]))
+    assert [half[k] for k in ("head_epochs", "swa_epochs", "unfreeze_every")] == [1, 3, 2]  # 1, 2.5, 1.5: half up
+
+
+def test_ablation_pairs_seeds_and_its_evaluation_rows_train_nothing(cached_run, data_root, tmp_path, monkeypatch):
+    """Trained rows call main once per seed (the same seeds as the baseline); no_tta, no_temperature and bn_clean are
+    measured on the baseline's checkpoint of each seed without training; a second call reuses every finished run;
+    the table has each row's paired difference with its interval and verdict, the plot is written."""
+    _, folder = cached_run(level4)
+    calls = []
+
+    def fake_main(row_args):  # a "training run": the cached checkpoint, and figures that depend on the row and seed
+        calls.append((row_args.seed, row_args.mix_prob))
+        Path(row_args.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copy(folder / "level4_best.pth", Path(row_args.checkpoint_dir) / "level4_best.pth")
+        acc1 = 0.5 + 0.01 * row_args.seed + 0.02 * (row_args.mix_prob == 0)
+        return {"test": {"acc1": acc1}, "test_tta": {"acc1": acc1, "ece": 0.1}, "best_val_acc": acc1,
+                "device": "cpu", "commit": "test"}
+    monkeypatch.setattr(level4, "main", fake_main)
+    args = level_args(level4, tmp_path, data_root, "--ablate", "--ablate-seeds", 2, "--seed", 3, "--ablate-rows",
+                      "no_mixup_cutmix", "no_tta", "no_temperature", "bn_clean")
+    table = level4.run_ablation(args)
+    assert sorted(calls) == [(3, 0.0), (3, 0.5), (4, 0.0), (4, 0.5)]  # baseline and no_mixup_cutmix, seeds 3 and 4
+    assert [run["seed"] for run in table["no_tta"]] == [3, 4] and table["no_tta"][0]["evaluation_only"]
+    model = common.build_model("none", args.dropout)
+    model.load_state_dict(torch.load(folder / "level4_best.pth", weights_only=True)["model"])
+    _, _, test_set = common.cifar10_datasets(data_root, 3, 64, 32)
+    one_view, _ = evaluate.report(model, test_set, CPU, 32)
+    assert table["no_tta"][0]["tta_acc1"] == pytest.approx(one_view["acc1"])
+    markdown = (tmp_path / "ablation.md").read_text()
+    line = next(row for row in markdown.splitlines() if row.startswith("| no_mixup_cutmix"))
+    assert "+0.0200 [+0.0200, +0.0200] | helps" in line  # paired by seed: the same +0.02 on both
+    assert "evaluation only" in next(row for row in markdown.splitlines() if row.startswith("| no_tta"))
+    assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    level4.run_ablation(args)
+    assert len(calls) == 4  # every finished (row, seed) reused
