@@ -382,8 +382,8 @@ class SwaAverage(ModelEma):
 
 def bn_images(dataset, count, transform=None, seed=0):
     """The first `count` images of `dataset` (uint8 N x 3 x 32 x 32), each through `transform` (a level's training
-    augmentation: crop, flip, RandAugment) drawn from its own generator seeded by `seed`, so that the same images
-    come out every time and the global RNG is left as it was. Without `transform`: the clean images."""
+    augmentation: crop, flip, RandAugment), with the global RNG seeded by `seed` inside fork_rng, so that the same
+    images come out every time and the run's own random stream is restored after. Without `transform`: clean."""
     images, labels = dataset.images[:count], dataset.labels[:count]
     if transform is not None:
         with torch.random.fork_rng(devices=[]):  # the training run's own random stream is not disturbed
@@ -392,18 +392,22 @@ def bn_images(dataset, count, transform=None, seed=0):
     return CifarDataset(images, labels)
 
 @torch.no_grad()
-def recompute_bn(model, dataset, device, img_size, batch_size):
+def recompute_bn(model, dataset, device, img_size, batch_size, norms=None):
     """BatchNorm statistics of `model` from one pass over `dataset` (uint8 images, see bn_images), in batches of
-    `batch_size` as in training: torch.optim.swa_utils.update_bn's procedure (reset, cumulative average, train mode).
-    An average of weights needs statistics of its own (Izmailov et al. 2018, sec. 3.2), and they must come from the
-    distribution the layers trained on: update_bn and the SWA paper's `bn_update(loaders['train'], ...)` run over the
-    *training* loader, augmentation included (MixUp/CutMix and erasing act on the batch after the loader, so not)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    `batch_size` (the levels pass the global training batch): torch.optim.swa_utils.update_bn's procedure (reset,
+    cumulative average, train mode). An average of weights needs statistics of its own (Izmailov et al. 2018, sec.
+    3.2), and they must come from the distribution the layers trained on: update_bn and the SWA paper's
+    `bn_update(loaders['train'], ...)` run over the *training* loader, augmentation included (MixUp/CutMix and
+    erasing act on the batch after the loader, so not). `norms`: the BatchNorm layers to recompute (default: all);
+    the others keep their statistics and stay in eval mode, as frozen stages do in training."""
+    if norms is None:
+        norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     momenta = [m.momentum for m in norms]
+    model.eval()  # only the layers recomputed in train mode (the dropout before the head comes after every one)
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # None = cumulative average
-    model.train()
+        m.train()
     for images, _ in batches(dataset, min(batch_size, len(dataset)), device, drop_last=True):  # no batch of one
         with autocast(device):
             model(prepare_batch(images, device, img_size))
@@ -465,7 +469,8 @@ def fit_temperature(view_logits, labels, average="softmax", low=1e-2, high=1e2, 
     """The T minimising the NLL of the labels under the views' average at T (nll_per_image: V x N x K validation logits,
     or N x K for one view), so that each TTA set gets the T of its own average: golden-section search on log T in
     [log low, log high], where the NLL is unimodal. Returns (T, at_bound): at_bound, the optimum is at an end, so T is
-    no fit (chance-level logits want T = infinity). T > 0 keeps each arg-max: accuracy never changes."""
+    no fit (chance-level logits want T = infinity). T > 0 keeps the arg-max of one view's logits; with several
+    views and softmax averaging it could change the top class, so predictions come from the T = 1 average."""
     nll = lambda log_t: float(nll_per_image(view_logits, labels, math.exp(log_t), average).mean())  # noqa: E731
     lo, hi, golden = math.log(low), math.log(high), (math.sqrt(5) - 1) / 2
     for _ in range(iterations):

@@ -376,8 +376,9 @@ def get_args_parser():
 
 def validate_args(args):
     common.check_flags(args, positive=("batch_size", "subset", "resamples"))
-    if args.compare and args.images:
-        raise common.UserError("--compare measures two checkpoints on a split, --images predicts files: give one")
+    if args.compare and (args.images or args.corruptions or args.bn_stats != "checkpoint"):
+        raise common.UserError("--compare measures two checkpoints as they are, on a split: not with --images, "
+                               "--corruptions or --bn-stats")
     if args.baseline and not args.corruptions:
         raise common.UserError("--baseline needs --corruptions DIR|generated")
     if args.img_size is not None and args.img_size < 32:

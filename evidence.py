@@ -66,7 +66,10 @@ def t_critical(df, confidence=0.95):
     low, high = 0.0, 1e6
     for _ in range(100):
         middle = (low + high) / 2
-        low, high = (middle, high) if t_two_sided(middle, df) < confidence else (low, middle)
+        if t_two_sided(middle, df) < confidence:
+            low = middle
+        else:
+            high = middle
     return (low + high) / 2
 
 def mean_sd(values):
@@ -75,13 +78,20 @@ def mean_sd(values):
 
 def paired_difference(baseline_values, row_values, higher_is_better=True):
     """Mean of the paired differences row - baseline (one pair per seed), its 95 % CI from Student's t with n - 1
-    degrees of freedom, and a verdict: "helps" / "hurts" when the interval excludes 0, else "within noise"."""
+    degrees of freedom, and a verdict: "helps" / "hurts" when the interval excludes 0, else "within noise"; "no
+    change" when every difference is 0, "no spread" when all are equal but not 0 (an interval of width 0, which says
+    more about a small test set than about the technique)."""
     if len(baseline_values) != len(row_values) or not row_values:
         raise ValueError(f"one row value per baseline value: got {len(row_values)} and {len(baseline_values)}")
     mean, sd = mean_sd([r - b for b, r in zip(baseline_values, row_values)])
     n = len(row_values)
     if sd is None:
         return {"mean": mean, "low": None, "high": None, "n": 1, "verdict": "n = 1, no interval"}
+    if sd < 1e-12:  # equal differences, up to the rounding of the accuracies' subtraction
+        verdict = "no spread"
+        if abs(mean) < 1e-12:
+            verdict = "no change"
+        return {"mean": mean, "low": mean, "high": mean, "n": n, "verdict": verdict}
     half_width = t_critical(n - 1) * sd / math.sqrt(n)
     low, high = mean - half_width, mean + half_width
     verdict = "within noise"

@@ -280,13 +280,16 @@ def bn_dataset(train_set, args):
 
 def set_average_bn(average_model, model, trainable, bn_set, device, args):
     """BatchNorm statistics of the average's own, recomputed on `bn_set`, or the raw model's (--avg-bn copy). The
-    stages still frozen keep the statistics they train with: ImageNet's, like the raw model's."""
-    if args.avg_bn != "copy":
-        common.recompute_bn(average_model, bn_set, device, args.img_size, args.batch_size)
+    stages still frozen keep the statistics they train with, ImageNet's like the raw model's, and normalise with
+    them during the recompute, as they do in training (eval mode)."""
     raw_buffers = dict(model.named_buffers())
     for name, buffer in average_model.named_buffers():
         if args.avg_bn == "copy" or group_of(name) not in trainable:
             buffer.copy_(raw_buffers[name])
+    if args.avg_bn != "copy":
+        norms = [module for name, module in average_model.named_modules()
+                 if isinstance(module, torch.nn.BatchNorm2d) and group_of(name) in trainable]
+        common.recompute_bn(average_model, bn_set, device, args.img_size, args.batch_size, norms)
 
 def validate(model, averages, trainable, bn_set, val_set, device, args):
     """Validation loss and accuracy of the raw weights and of each average that has averaged something, after the

@@ -34,7 +34,7 @@ import evidence
 LEVEL = "level4"
 # --quick: a smoke run that shows every stage working, in a minute or two on a CPU; its numbers mean nothing.
 QUICK = {"subset": 128, "eval_subset": 128, "img_size": 32, "batch_size": 32, "head_epochs": 1, "epochs": 1,
-         "overwrite": True, "swa_epochs": 1, "corruption_images": 16, "ablate_sizes": [48]}
+         "overwrite": True, "swa_epochs": 1, "corruption_images": 16, "ablate_sizes": [48], "ablate_epochs": 1}
 # Progressive unfreezing walks ResNet-50's stages from the output back to the input.
 GROUPS = ("fc", "layer4", "layer3", "layer2", "layer1", "stem")
 # The averages' BatchNorm statistics come from this many training images (0.3 s at 224 px on an H100).
@@ -87,7 +87,7 @@ def get_args_parser():
     # runs, from pretrained models, cycle from 1e-3 to 1e-5. A fifth of --lr lies in that CIFAR range: high enough for
     # the weights to move about the basin the cosine found, low enough not to leave it.
     swa.add_argument("--swa-epochs", type=int, default=5, help="SWA epochs at the end, 0 = off (default: 5)")
-    swa.add_argument("--swa-lr", type=float, default=2e-5, help="SWA learning rate, a fifth of --lr (default: 2e-05)")
+    swa.add_argument("--swa-lr", type=float, help="SWA learning rate (default: --lr / 5, 2e-05 for the default --lr)")
     swa.add_argument("--swa-schedule", choices=["constant", "cyclic"], default="constant",
                      help="constant, or cyclic: --swa-lr down to a tenth in each cycle (default: constant)")
     swa.add_argument("--swa-every", type=int, default=0, help="average every N steps, 0 = each epoch (default: 0)")
@@ -143,6 +143,8 @@ def get_args_parser():
 def validate_args(args):
     if args.quick:  # shrink first, then check what will run; quick/ folders keep real runs' files apart
         vars(args).update(QUICK, checkpoint_dir=f"{args.checkpoint_dir}/quick", results_dir=f"{args.results_dir}/quick")
+    if args.swa_lr is None:  # the SWA paper's CIFAR runs hold 0.1-0.5 of the initial LR (see --swa-lr)
+        args.swa_lr = args.lr / 5
     common.check_flags(args, positive=("epochs", "batch_size", "head_lr", "lr", "subset", "eval_subset", "swa_lr",
                                        "ablate_epochs", "ablate_seeds"),
                        non_negative=("head_epochs", "weight_decay", "workers", "print_freq", "warmup_epochs", "min_lr",
@@ -156,6 +158,9 @@ def validate_args(args):
             args.resume or "RANK" in os.environ):
         raise common.UserError(f"--ablate-rows needs --ablate and rows of {' '.join(rows)}; --ablate-sizes must be "
                                f">= 32; --ablate runs its rows itself: one process (python, not torchrun), no --resume")
+    if args.ablate and args.ablate_epochs > args.epochs:
+        raise common.UserError(f"--ablate-epochs scales the recipe down: at most --epochs ({args.epochs}), got "
+                               f"{args.ablate_epochs}")
     if args.final_epochs and args.swa_epochs:
         raise common.UserError("--final-epochs needs --swa-epochs 0: in Level 4 the SWA phase replaces the final "
                                "low-LR epochs")
@@ -333,13 +338,16 @@ def bn_dataset(train_set, args):
 
 def set_average_bn(average_model, model, trainable, bn_set, device, args):
     """BatchNorm statistics of the average's own, recomputed on `bn_set`, or the raw model's (--avg-bn copy). The
-    stages still frozen keep the statistics they train with: ImageNet's, like the raw model's."""
-    if args.avg_bn != "copy":
-        common.recompute_bn(average_model, bn_set, device, args.img_size, args.batch_size)
+    stages still frozen keep the statistics they train with, ImageNet's like the raw model's, and normalise with
+    them during the recompute, as they do in training (eval mode)."""
     raw_buffers = dict(model.named_buffers())
     for name, buffer in average_model.named_buffers():
         if args.avg_bn == "copy" or group_of(name) not in trainable:
             buffer.copy_(raw_buffers[name])
+    if args.avg_bn != "copy":
+        norms = [module for name, module in average_model.named_modules()
+                 if isinstance(module, torch.nn.BatchNorm2d) and group_of(name) in trainable]
+        common.recompute_bn(average_model, bn_set, device, args.img_size, args.batch_size, norms)
 
 def validate(model, averages, trainable, bn_set, val_set, device, args):
     """Validation loss and accuracy of the raw weights and of each average that has averaged something, after the
@@ -513,8 +521,8 @@ def measure_row(change, checkpoint_path, datasets, device, args):
     views = common.TTA_SETS[tta_set]
     test, _ = evaluate.report(model, test_set, device, args.img_size, views, temperature, args.tta_average)
     one_view, _ = evaluate.report(model, test_set, device, args.img_size)
-    val, _ = evaluate.report(model, val_set, device, args.img_size, views, temperature, args.tta_average)
-    return {"acc1": one_view["acc1"], "tta_acc1": test["acc1"], "ece": test["ece"], "val_acc1": val["acc1"]}
+    _, val_acc1 = evaluate.loss_and_accuracy(model, val_set, device, args.img_size)  # one view, as a trained row's
+    return {"acc1": one_view["acc1"], "tta_acc1": test["acc1"], "ece": test["ece"], "val_acc1": val_acc1}
 
 def run_ablation(args):
     """Every trained row (or each of --ablate-rows, and the baseline) a real run of the scaled recipe with each of
@@ -535,12 +543,10 @@ def run_ablation(args):
     for name, (change, evaluation_only) in grid.items():
         table[name] = []
         for seed in seeds:
-            row_args = argparse.Namespace(**{**vars(args), "ablate": False, **recipe, "seed": seed, "overwrite": True,
-                                             "corruption_images": 0, "checkpoint_dir":
-                                             f"{args.checkpoint_dir}/ablation/{name}/seed{seed}", "results_dir":
-                                             f"{args.results_dir}/ablation/{name}/seed{seed}"})
+            row_args = ablation_arguments(args, recipe, name, seed)
             if not evaluation_only:
-                row_args = argparse.Namespace(**{**vars(row_args), **change})
+                vars(row_args).update(change)
+            # The row's settings as JSON stores them (tuples become lists), to compare with a finished run's.
             settings = json.loads(json.dumps({k: v for k, v in vars(row_args).items() if not k.startswith("ablate")}))
             earlier = done.get((name, seed))
             if earlier is None or earlier["args"] != settings or earlier["change"] != change:
@@ -548,6 +554,18 @@ def run_ablation(args):
                 evaluate.write_json(path, {"runs": list(done.values())})  # an interrupted grid keeps finished runs
             table[name].append(done[(name, seed)])
     return write_ablation_table(table, path, args)
+
+def ablation_arguments(args, recipe, name, seed):
+    """The flags of one (row, seed) run: the scaled recipe, the seed, its own folders, no corruption report."""
+    row_args = argparse.Namespace(**vars(args))
+    vars(row_args).update(recipe)
+    row_args.ablate = False
+    row_args.seed = seed
+    row_args.overwrite = True  # a changed row reruns in its folder
+    row_args.corruption_images = 0  # 65 passes over the test set per run: measure robustness with evaluate.py
+    row_args.checkpoint_dir = f"{args.checkpoint_dir}/ablation/{name}/seed{seed}"
+    row_args.results_dir = f"{args.results_dir}/ablation/{name}/seed{seed}"
+    return row_args
 
 def ablation_run(name, seed, change, evaluation_only, row_args, settings, args):
     """One (row, seed): a training run of the scaled recipe, or the baseline's checkpoint of that seed measured."""
@@ -585,9 +603,12 @@ def write_ablation_table(table, path, args):
                       interval_text(ece)])
         if name != "baseline":
             plotted.append((name, accuracy, evaluation_only))
+    runs = [run for row_runs in table.values() for run in row_runs]
+    devices = ", ".join(sorted({run["device"] for run in runs}))
+    commits = ", ".join(sorted({run["commit"] for run in runs}))  # finished runs are reused across commits
     heading = (f"Ablation (`python level4.py --ablate`): --ablate-epochs {args.ablate_epochs}, seeds "
-               f"{[run['seed'] for run in baseline]}, on {baseline[0]['device']}, commit {baseline[0]['commit']}. "
-               f"Differences are paired by seed (row - baseline) with a 95 % Student t interval.")
+               f"{[run['seed'] for run in baseline]}, on {devices}, commit {commits}. Differences are paired by "
+               f"seed (row - baseline) with a 95 % Student t interval.")
     print(evaluate.write_table(path.with_suffix(".md"), heading,
                                ["row", "kind", "change", "n", "val acc1", "test acc1", "test acc1 (TTA)",
                                 "Δ TTA acc1 [95 % CI]", "verdict", "ECE (TTA, T)", "Δ ECE [95 % CI]"], lines))

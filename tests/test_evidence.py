@@ -180,6 +180,8 @@ def test_paired_difference_by_hand():
     assert lower_ece["verdict"] == "helps"
     single = evidence.paired_difference([0.90], [0.95])
     assert single["verdict"] == "n = 1, no interval" and single["low"] is None and single["mean"] == pytest.approx(0.05)
+    assert evidence.paired_difference([0.53, 0.54], [0.55, 0.56])["verdict"] == "no spread"  # +0.02 twice
+    assert evidence.paired_difference([0.53, 0.54], [0.53, 0.54])["verdict"] == "no change"
     with pytest.raises(ValueError):
         evidence.paired_difference([0.9, 0.9], [0.9])
 

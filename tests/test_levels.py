@@ -153,6 +153,7 @@ def test_no_learning_rate_is_ever_negative_and_frozen_stages_get_none(module):
     """Issue 13, point 4: over a whole default schedule, every stage's LR is >= 0, exactly 0 while it is frozen and
     > 0 once it trains (59e8176 gave layer4 -2.8e-3 at step 0)."""
     args = module.get_args_parser().parse_args([])
+    module.validate_args(args)
     steps_per_epoch = 10
     total = steps_per_epoch * (args.head_epochs + args.epochs + args.final_epochs + getattr(args, "swa_epochs", 0))
     for group in module.GROUPS:
@@ -214,11 +215,37 @@ def test_avg_bn_flag_chooses_where_the_averages_statistics_come_from(module):
         assert not torch.equal(average.module.layer4[0].bn1.running_mean, model.layer4[0].bn1.running_mean)
 
 
+def test_statistics_behind_a_frozen_stage_are_recomputed_as_in_training():
+    """While stem..layer3 are frozen they run in eval mode with their (ImageNet) statistics in training; the
+    average's recompute of layer4's statistics sees their output normalised the same way: layer4's first BatchNorm
+    gets the mean of its inputs as a model in eval mode computes them (a hook, by hand), not as a model in train mode."""
+    args = level_args(level4, "unused", "unused")
+    torch.manual_seed(0)
+    model = common.build_model("none")
+    for module in model.modules():  # statistics away from their defaults, as pretrained ones are
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    average = common.ModelEma(model, 0.9)
+    average.num_updates = 1
+    bn_set = common.bn_images(common.CifarDataset(IMAGES, LABELS), 32)
+    reference, inputs = copy.deepcopy(model).eval(), []
+    reference.layer4[0].bn1.register_forward_hook(lambda module, x, y: inputs.append(x[0].mean((0, 2, 3))))
+    with torch.no_grad():
+        for images, _ in common.batches(bn_set, args.batch_size, CPU, drop_last=True):
+            reference(common.prepare_batch(images, CPU, args.img_size))
+    level4.validate(model, {"ema": average}, ["fc", "layer4"], bn_set, bn_set, CPU, args)
+    torch.testing.assert_close(average.module.layer4[0].bn1.running_mean, torch.stack(inputs).mean(0), atol=1e-4,
+                               rtol=1e-4)
+    assert torch.equal(average.module.layer3[0].bn1.running_var, model.layer3[0].bn1.running_var)
+
+
 def test_level4_cosine_decays_to_the_swa_lr_where_the_swa_phase_starts():
     """Issue 17 point 2: by default no final-epoch phase; stage 2's cosine ends at --swa-lr, which the SWA phase then
     holds (no anneal to about zero and climb back); without SWA the cosine ends at --min-lr as in Level 3."""
     args = level4.get_args_parser().parse_args([])
-    assert args.final_epochs == 0
+    level4.validate_args(args)
+    assert args.final_epochs == 0 and args.swa_lr == args.lr / 5
     steps = 10
     swa_start, _ = level4.swa_steps(steps, args)
     assert swa_start == (args.head_epochs + args.epochs) * steps
@@ -228,6 +255,7 @@ def test_level4_cosine_decays_to_the_swa_lr_where_the_swa_phase_starts():
     swa_phase = [level4.lr_at(step, "fc", steps, args) for step in range(swa_start, swa_start + args.swa_epochs * steps)]
     assert swa_phase == [args.swa_lr] * len(swa_phase)
     no_swa = level4.get_args_parser().parse_args(["--swa-epochs", "0"])
+    level4.validate_args(no_swa)
     assert level4.lr_at(swa_start - 1, "fc", steps, no_swa) == pytest.approx(no_swa.min_lr, rel=1e-2)
     out = run_cli(level4, *TINY, "--final-epochs", "1", "--swa-epochs", "1")
     assert out.returncode == 2 and "--final-epochs needs --swa-epochs 0" in out.stderr
@@ -498,7 +526,7 @@ def test_ablation_pairs_seeds_and_its_evaluation_rows_train_nothing(cached_run, 
     assert table["no_tta"][0]["tta_acc1"] == pytest.approx(one_view["acc1"])
     markdown = (tmp_path / "ablation.md").read_text()
     line = next(row for row in markdown.splitlines() if row.startswith("| no_mixup_cutmix"))
-    assert "+0.0200 [+0.0200, +0.0200] | helps" in line  # paired by seed: the same +0.02 on both
+    assert "+0.0200 [+0.0200, +0.0200] | no spread" in line  # paired by seed: the same +0.02 on both
     assert "evaluation only" in next(row for row in markdown.splitlines() if row.startswith("| no_tta"))
     assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     level4.run_ablation(args)
