@@ -300,10 +300,11 @@ def validate(model, averages, trainable, bn_set, val_set, device, args):
                                                                                        args.img_size)
     return val, models
 
-def save_checkpoints(model, models, averages, optimizer, scaler, history, best_acc, args):
+def save_checkpoints(model, models, averages, optimizer, scaler, history, best_acc, args, writer):
     """levelN_last.pth after every epoch, for --resume; levelN_best.pth when validation improved (with --train-on-all:
     every epoch, so the last one), holding the best of the candidate models. Returns the best accuracy so far."""
     row, checkpoint_dir = history[-1], Path(args.checkpoint_dir)
+    files = {}  # path -> checkpoint
     score = {name: row.get("val_acc" + ("" if name == "raw" else f"_{name}"), -1.0) for name in models}
     source = list(models)[-1] if args.train_on_all else max(models, key=score.get)  # no validation: the last average
     checkpoint = {"level": LEVEL, "model": models[source].state_dict(), "model_source": source, "epoch": row["epoch"],
@@ -311,11 +312,12 @@ def save_checkpoints(model, models, averages, optimizer, scaler, history, best_a
     if args.train_on_all or score[source] > best_acc:
         best_acc = score[source]
         selected_by = "last epoch (no validation)" if args.train_on_all else "validation accuracy"
-        common.save_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", {**checkpoint, "selected_by": selected_by})
+        files[checkpoint_dir / f"{LEVEL}_best.pth"] = {**checkpoint, "selected_by": selected_by}
     averages = {name: {"module": a.module.state_dict(), "num_updates": a.num_updates} for name, a in averages.items()}
-    common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", {
+    files[checkpoint_dir / f"{LEVEL}_last.pth"] = {
         **checkpoint, "model": model.state_dict(), "model_source": "raw", "best_acc": best_acc,
-        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "averages": averages})
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "averages": averages}
+    writer.save(files)  # a CPU copy now; serialised and written in the background while the next epoch trains
     return best_acc
 
 def final_test(model, val_set, test_set, device, args, history, info):
@@ -444,6 +446,7 @@ def main(args):
               f"weights, epoch {start_epoch + 1} on; train images: {len(train_set)}, val {len(val_set)}, test "
               f"{len(test_set)}; Ctrl-C stops the run, {LEVEL}_last.pth keeps its last epoch", flush=True)
 
+    writer = common.CheckpointWriter()  # one save in flight at most
     total_epochs, wrapped = args.head_epochs + args.epochs + args.final_epochs + args.swa_epochs, None
     for epoch in range(start_epoch, total_epochs):
         trainable = set_trainable(model, epoch, args)  # every epoch: validation leaves the model in eval mode
@@ -453,16 +456,18 @@ def main(args):
         train_loader.sampler.set_epoch(epoch)
         epoch_start = time.time()
         train_loss = train_one_epoch(train_model, train_loader, optimizer, scaler, device, args, epoch, averages)
+        train_seconds = time.time() - epoch_start
         lr = optimizer.param_groups[0]["lr"]  # the head's
         row = {"epoch": epoch + 1, "stage": stage, "lr": lr, "train_loss": train_loss,
-               "images_per_s": len(train_loader) * args.batch_size / (time.time() - epoch_start)}
+               "images_per_s": len(train_loader) * args.batch_size / train_seconds, "train_seconds": train_seconds}
         val, models = validate(model, averages, trainable, bn_set, val_set, device, args) if master else ({}, {})
         bad = [loss for loss in (train_loss, *val.values()) if not math.isfinite(loss)]
         if bad:  # checked once per epoch: a check in every step would make the CPU wait for the GPU
             raise common.UserError(f"loss became {bad[0]} in epoch {epoch + 1} (lr {lr:.0e}): lower --lr/--head-lr")
         if master:
             history.append({**row, **val})
-            best_acc = save_checkpoints(model, models, averages, optimizer, scaler, history, best_acc, args)
+            best_acc = save_checkpoints(model, models, averages, optimizer, scaler, history, best_acc, args, writer)
+            history[-1]["epoch_seconds"] = time.time() - epoch_start  # training, validation, the save's copy
             elapsed = time.time() - info["started"]
             val = " | val " + " ".join(f"{name[4:]} {value:.4f}" for name, value in val.items()) if val else ""
             print(f"epoch {epoch + 1}/{total_epochs} [{stage}] lr {lr:.1e} train loss {train_loss:.4f}{val} | "
@@ -471,6 +476,7 @@ def main(args):
         if world_size > 1:
             torch.distributed.barrier()  # the others wait while rank 0 validates and saves
 
+    writer.wait()  # the last epoch's files are on disk before the final test reads them; its error, if any
     del train_loader  # its worker processes stop now, rather than being waited for one by one at exit
     if world_size > 1:
         torch.distributed.destroy_process_group()

@@ -206,9 +206,11 @@ def test_the_best_candidate_is_saved_with_its_source(tmp_path):
     model, other = common.build_model("none"), common.build_model("none")
     averages = {"ema": common.ModelEma(other, 0.9)}
     history = [{"epoch": 1, "val_acc": 0.5, "val_acc_ema": 0.6}]
+    writer = common.CheckpointWriter()
     best = level4.save_checkpoints(model, {"raw": model, "ema": averages["ema"].module}, averages,
                                    level4.make_optimizer(model, args, CPU), torch.amp.GradScaler("cpu", enabled=False),
-                                   history, -1.0, args)
+                                   history, -1.0, args, writer)
+    writer.wait()
     saved = torch.load(tmp_path / "level4_best.pth", weights_only=True)
     assert best == 0.6 and saved["model_source"] == "ema"
     assert torch.equal(saved["model"]["fc.weight"], other.fc.weight)
