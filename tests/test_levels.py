@@ -239,6 +239,16 @@ def test_level_end_to_end_then_evaluate(module, cached_run, data_root):
     assert measured["ece"] == pytest.approx(expected["ece"], abs=1e-4)
 
 
+@pytest.mark.parametrize("module", [level1, level2, level3, level4])
+def test_each_epoch_records_its_training_and_wall_seconds(module, cached_run):
+    """benchmark.py --epochs reads these: the training steps' seconds within the epoch's, 64 images trained."""
+    results, _ = cached_run(module)
+    for row in results["history"]:
+        assert 0 < row["train_seconds"] <= row["epoch_seconds"]
+        assert row["images_per_s"] * row["train_seconds"] == pytest.approx(64)
+    assert sum(row["epoch_seconds"] for row in results["history"]) <= results["seconds"]
+
+
 def test_level4_reports_calibration_tta_sets_and_errors(cached_run):
     results, folder = cached_run(level4)
     assert set(results["tta_sets"]) == set(common.TTA_SETS)
