@@ -62,7 +62,8 @@ def get_args_parser():
                         help="(c): epochs of each level's own loop, the first one untimed, 0 = off (default: 0)")
     parser.add_argument("--epoch-images", type=int, default=9000,
                         help="(c): training images per epoch, a ninth as many validated, as in the full split; the "
-                             "fixed costs of an epoch weigh 45,000 / N times more than in a full one (default: 9000)")
+                             "BatchNorm recomputes and the checkpoint copy weigh 45,000 / N times more than in a full "
+                             "epoch (default: 9000)")
     parser.add_argument("--json", help="also write the figures to this JSON file (default: off)")
     parser.add_argument("--markdown", help="also write a Markdown table naming command, device, commit (default: off)")
     return parser
