@@ -292,17 +292,15 @@ def _alive(pid):
         return isinstance(error, PermissionError)  # another user's process
 
 class CheckpointWriter:
-    """save_checkpoint in one background thread, while the next epoch trains. save() returns once it holds a CPU copy
-    of everything (from CUDA: non-blocking copies into pinned memory, one synchronisation), so that changing the model
-    afterwards cannot change what is written. One save in flight at most: save() and wait() first wait for the
-    previous one, and wait() raises its error (a UserError) here; the previous files stay whole (atomic_write)."""
+    """save_checkpoint in one background thread while the next epoch trains. save({path: checkpoint}) returns once it
+    holds a CPU copy of all (from CUDA: non-blocking copies to pinned memory, one sync), so later changes to the model
+    cannot reach the files. One save in flight at most: save() and wait() wait for it first, and raise its error."""
 
     def __init__(self):
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self.pending = None  # the Future of the save in flight
 
     def save(self, files):
-        """`files`: {path: checkpoint}, written in this order."""
         self.wait()
         memo = {}  # shared by the files: the weights that best and last both hold are copied once
         copies = {path: _cpu_copy(checkpoint, memo) for path, checkpoint in files.items()}
@@ -324,8 +322,7 @@ def _write_all(copies):
                             f"space or restore the folder, then --resume") from None
 
 def _cpu_copy(value, memo):
-    """The dicts, lists and tensors of a checkpoint copied, every tensor to the CPU (pinned when from CUDA); `memo`:
-    id(tensor) -> (tensor, copy), so that a tensor held twice is copied once."""
+    """A checkpoint's dicts, lists and tensors copied, tensors to the CPU; memo: id -> (tensor, its copy)."""
     if isinstance(value, dict):  # an OrderedDict stays one, and a state_dict keeps its _metadata (module versions)
         copied = type(value)((key, _cpu_copy(item, memo)) for key, item in value.items())
         if hasattr(value, "_metadata"):
