@@ -5,7 +5,9 @@ For each level, image size and batch size it times, after warm-up steps and with
       random inputs already on the device: the ceiling that no data pipeline can beat;
   (b) the level's own step: its `train_one_epoch`, fed by its own DataLoader (workers, RandAugment at 32 px) on the
       real CIFAR-10, with every technique of its defaults on (MixUp/CutMix, erasing, per-step LRs, the EMA, ...);
-and prints both, their ratio, the peak memory of (b), and evaluation images/s with one view and with TTA.
+and prints both, their ratio, the peak memory of (b), and evaluation images/s with one view and with TTA. With
+--epochs N it also runs (c) the level's own epoch loop, its `main`: validation, BatchNorm recomputes and checkpoint
+saves included, and prints the epoch line's images/s against (b) and the seconds per epoch outside the steps.
 
 The goal is a loop that costs under 10 % of the bare step (ratio >= 0.90): then the GPU is fed, and only the model
 step itself (size, batch, --compile) can make a run faster. On the CPU the ratio says little: the workers and the
@@ -14,12 +16,16 @@ model share the same cores there.
     python benchmark.py --data-dir ~/data                                  # levels 1-4, 224 px, batch 256
     python benchmark.py --level 2 --img-size 128 --json results/benchmark.json --markdown results/benchmark.md
     python benchmark.py --level 1 --compile --warmup-steps 20              # compiling happens in the warm-up
+    python benchmark.py --epochs 3 --epoch-images 9000                     # (c): 3 epochs of 9,000 images each
     python benchmark.py --level 1 2 --img-size 32 -b 8 --steps 2 --warmup-steps 1 -j 0 --device cpu   # smoke test
 """
 import argparse
+import contextlib
 import inspect
+import io
 import itertools
 import resource
+import tempfile
 import time
 
 import torch
@@ -52,14 +58,22 @@ def get_args_parser():
     parser.add_argument("--compile", action="store_true", help="torch.compile both steps (default: off)")
     # A step costs the same whatever the weights, and the ImageNet file may not be on the machine.
     parser.add_argument("--weights", default="none", help="imagenet, none or PATH, as in the levels (default: none)")
+    parser.add_argument("--epochs", type=int, default=0,
+                        help="(c): epochs of each level's own loop, the first one untimed, 0 = off (default: 0)")
+    parser.add_argument("--epoch-images", type=int, default=9000,
+                        help="(c): training images per epoch, a ninth as many validated, as in the full split; the "
+                             "BatchNorm recomputes and the checkpoint copy weigh 45,000 / N times more than in a full "
+                             "epoch (default: 9000)")
     parser.add_argument("--json", help="also write the figures to this JSON file (default: off)")
     parser.add_argument("--markdown", help="also write a Markdown table naming command, device, commit (default: off)")
     return parser
 
 def validate_args(args):
-    common.check_flags(args, positive=("batch_size", "steps"), non_negative=("warmup_steps", "workers"))
+    common.check_flags(args, positive=("batch_size", "steps"), non_negative=("warmup_steps", "workers", "epochs"))
     if args.img_size < 32 or args.batch_size < 2:
         raise common.UserError("need --img-size >= 32 and --batch-size >= 2")
+    if args.epochs == 1 or args.epoch_images < args.batch_size:
+        raise common.UserError("need --epochs 0 (off) or >= 2 (the first is warm-up), --epoch-images >= --batch-size")
 
 def timed(device, run):
     """(seconds that run() takes, device work included, what it returned): the device runs asynchronously, so
@@ -161,6 +175,29 @@ def eval_img_s(model, val_set, args, device):
         rates.append(len(labels) / seconds)
     return rates
 
+# (c) runs the last stage only (every layer training, the EMA on) and ends with Level 4's SWA epoch, three candidates.
+EPOCH_FLAGS = {1: [], 2: [], 3: ["--unfreeze-every", "0", "--final-epochs", "0"],
+               4: ["--unfreeze-every", "0", "--final-epochs", "0", "--swa-epochs", "1"]}
+
+def epoch_img_s(module, args, device):
+    """(c): the level's own main into a temporary folder, every epoch in full (training, validation, BatchNorm
+    recomputes, checkpoint saves); returns (training images per second of wall time over the epochs after the first,
+    the mean seconds per epoch spent outside train_one_epoch) from the per-epoch times in its history."""
+    level = int(module.LEVEL[-1])
+    epochs = args.epochs - 1 if level == 4 else args.epochs  # + Level 4's one SWA epoch
+    with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()):  # its lines: not ours
+        level_args = module.get_args_parser().parse_args([
+            "--data-dir", args.data_dir, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
+            "--workers", str(args.workers), "--weights", args.weights, "--print-freq", "0", "--device", str(device),
+            "--subset", str(args.epoch_images), "--eval-subset", str(max(args.batch_size, args.epoch_images // 9)),
+            "--head-epochs", "0", "--epochs", str(epochs), "--checkpoint-dir", folder, "--results-dir", folder,
+            *EPOCH_FLAGS[level], *(["--compile"] if args.compile else [])])
+        module.validate_args(level_args)
+        timed = module.main(level_args)["history"][1:]  # the first epoch starts workers, tunes cuDNN, compiles
+    images = args.epoch_images // args.batch_size * args.batch_size  # whole batches (drop_last)
+    outside = sum(row["epoch_seconds"] - row["train_seconds"] for row in timed) / len(timed)
+    return images * len(timed) / sum(row["epoch_seconds"] for row in timed), outside
+
 def benchmark_level(level, args, device):
     module = LEVELS[level]
     level_args = module.get_args_parser().parse_args([
@@ -177,9 +214,15 @@ def benchmark_level(level, args, device):
         torch.cuda.reset_peak_memory_stats(device)
     real, (memory, memory_kind), model, val_set = level_img_s(module, level_args, args, device)
     plain, tta = eval_img_s(model, val_set, args, device)
+    del model, val_set
+    epoch = {}
+    if args.epochs:
+        epoch_rate, outside = epoch_img_s(module, args, device)
+        epoch = {"epoch_img_s": round(epoch_rate, 2), "epoch_ratio": round(epoch_rate / real, 4),
+                 "outside_s": round(outside, 3), "epoch_images": args.epoch_images, "epochs": args.epochs}
     return {"level": level, "img_size": args.img_size, "batch": args.batch_size, "bare_img_s": round(bare, 2),
             "level_img_s": round(real, 2), "ratio": round(real / bare, 4), "eval_img_s": round(plain, 1),
-            "tta_img_s": round(tta, 1), "peak_mem_mb": round(memory), "peak_mem_kind": memory_kind}
+            "tta_img_s": round(tta, 1), "peak_mem_mb": round(memory), "peak_mem_kind": memory_kind, **epoch}
 
 def main(args):
     device = common.resolve_device(args.device)
@@ -196,21 +239,31 @@ def main(args):
               f"level step {row['level_img_s']:.1f} img/s = {100 * row['ratio']:.1f} % of bare (goal >= 90 %); "
               f"eval {row['eval_img_s']:.1f} img/s, TTA {args.tta_set} {row['tta_img_s']:.1f} img/s; peak memory "
               f"{row['peak_mem_mb']} MB ({row['peak_mem_kind']})", flush=True)
+        if args.epochs:  # the goals of issue 21, at 224 px on a GPU
+            print(f"level{level}: epoch line {row['epoch_img_s']:.1f} img/s = {100 * row['epoch_ratio']:.1f} % of the "
+                  f"level step (goal >= {95 if level <= 2 else 90} %); {row['outside_s']:.2f} s per epoch outside the "
+                  f"training steps ({args.epochs - 1} timed epochs of {args.epoch_images} images)", flush=True)
     for row in rows:
         print("benchmark: " + " ".join(f"{key}={value}" for key, value in row.items()))
     if args.json:
         evaluate.write_json(args.json, [{**row, **info, "compile": args.compile, "steps": args.steps,
                                          "workers": args.workers} for row in rows])
     if args.markdown:
+        header = ["level", "px", "batch", "bare step img/s", "level step img/s", "level / bare", "eval img/s",
+                  f"TTA ({len(common.TTA_SETS[args.tta_set])} views) img/s", "peak memory MB"]
+        if args.epochs:
+            header += ["epoch line img/s", "epoch / level step", "s per epoch outside the steps"]
         evaluate.write_table(args.markdown, f"`{info['command']}` on {info['device']}, {info['precision']}, torch "
                              f"{info['torch']}, commit {info['commit']}, {'compiled' if args.compile else 'eager'}, "
-                             f"{args.workers} workers:", ["level", "px", "batch", "bare step img/s", "level step img/s",
-                             "level / bare", "eval img/s", f"TTA ({len(common.TTA_SETS[args.tta_set])} views) img/s",
-                             "peak memory MB"], [[r["level"], r["img_size"], r["batch"], f"{r['bare_img_s']:,.0f}",
-                                                  f"{r['level_img_s']:,.0f}", f"{r['ratio']:.2f}",
-                                                  f"{r['eval_img_s']:,.0f}", f"{r['tta_img_s']:,.0f}",
-                                                  f"{r['peak_mem_mb']:,}"] for r in rows])
+                             f"{args.workers} workers:", header, [markdown_cells(row, args) for row in rows])
     return rows
+
+def markdown_cells(row, args):
+    cells = [row["level"], row["img_size"], row["batch"], f"{row['bare_img_s']:,.0f}", f"{row['level_img_s']:,.0f}",
+             f"{row['ratio']:.2f}", f"{row['eval_img_s']:,.0f}", f"{row['tta_img_s']:,.0f}", f"{row['peak_mem_mb']:,}"]
+    if args.epochs:
+        cells += [f"{row['epoch_img_s']:,.0f}", f"{row['epoch_ratio']:.2f}", f"{row['outside_s']:.2f}"]
+    return cells
 
 if __name__ == "__main__":
     common.run_main(main, get_args_parser(), validate_args)

@@ -2,6 +2,7 @@
 under its banner and tested against a library or a hand-computed answer (tests/test_techniques.py). No flag parsing,
 distributed training, plots or metrics here: each level owns its recipe, evaluate.py owns the measurement."""
 import atexit
+import concurrent.futures
 import copy
 import functools
 import io
@@ -289,6 +290,56 @@ def _alive(pid):
         return os.kill(pid, 0) is None  # signal 0 only checks that the process exists
     except OSError as error:
         return isinstance(error, PermissionError)  # another user's process
+
+class CheckpointWriter:
+    """save_checkpoint in one background thread while the next epoch trains. save({path: checkpoint}) returns once it
+    holds a CPU copy of all (from CUDA: non-blocking copies to pinned memory, one sync), so later changes to the model
+    cannot reach the files. One save in flight at most: save() and wait() wait for it first, and raise its error."""
+
+    def __init__(self):
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self.pending = None  # the Future of the save in flight
+
+    def save(self, files):
+        self.wait()
+        memo = {}  # shared by the files: the weights that best and last both hold are copied once
+        copies = {path: _cpu_copy(checkpoint, memo) for path, checkpoint in files.items()}
+        if any(tensor.is_cuda for tensor, _ in memo.values()):
+            torch.cuda.synchronize()  # the non-blocking copies have landed
+        self.pending = self.executor.submit(_write_all, copies)
+
+    def wait(self):
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()  # re-raises the writer thread's exception in this one
+
+def _write_all(copies):
+    for path, checkpoint in copies.items():
+        try:
+            save_checkpoint(path, checkpoint)
+        except OSError as error:  # a full disk, a folder that vanished: the previous file is still whole
+            raise UserError(f"writing {path} failed ({error.strerror or error}); the previous one is intact: free "
+                            f"space or restore the folder, then --resume") from None
+
+def _cpu_copy(value, memo):
+    """A checkpoint's dicts, lists and tensors copied, tensors to the CPU; memo: id -> (tensor, its copy)."""
+    if isinstance(value, dict):  # an OrderedDict stays one, and a state_dict keeps its _metadata (module versions)
+        copied = type(value)((key, _cpu_copy(item, memo)) for key, item in value.items())
+        if hasattr(value, "_metadata"):
+            copied._metadata = copy.deepcopy(value._metadata)
+        return copied
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(item, memo) for item in value)
+    if not torch.is_tensor(value):
+        return value  # numbers, strings, None: immutable
+    if id(value) not in memo:
+        if value.is_cuda:  # pinned: a DMA transfer that this thread need not wait for
+            cpu = torch.empty_like(value, device="cpu", pin_memory=True)
+            cpu.copy_(value.detach(), non_blocking=True)
+        else:
+            cpu = value.detach().to("cpu", copy=True)
+        memo[id(value)] = (value, cpu)  # the source kept too: its id cannot be reused while the memo lives
+    return memo[id(value)][1]
 
 # ---- Label smoothing and soft targets (Szegedy et al. 2016, "Rethinking the Inception Architecture", sec. 7) ------
 def smooth_one_hot(labels, smoothing=0.0, num_classes=len(CLASSES)):

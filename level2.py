@@ -79,7 +79,9 @@ def get_args_parser():
     run.add_argument("--checkpoint-dir", default="checkpoints", help="where .pth files go (default: checkpoints)")
     run.add_argument("--results-dir", default="results", help="where JSON and PNG results go (default: results)")
     run.add_argument("--print-freq", type=int, default=50, help="a step line every N steps, 0 = none (default: 50)")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
+    # Dynamo guards on requires_grad: each change of what trains compiles the forward and backward again.
+    run.add_argument("--compile", action="store_true", help="torch.compile the model, once per stage (head, full): "
+                     "ResNet-50's first compile at 224 px took about 60 s on an H100 (default: off)")
     run.add_argument("--sync-bn", action="store_true", help="torchrun, GPUs: BatchNorm over all GPUs (default: off)")
     run.add_argument("--quick", action="store_true", help="smoke run: 128 images, 32 px, in quick/ (default: off)")
     return parser
@@ -197,18 +199,20 @@ def resume(args, model, optimizer, scaler):
         scaler.load_state_dict(checkpoint["scaler"])
     return checkpoint["epoch"], checkpoint["best_acc"], checkpoint["history"]
 
-def save_checkpoints(model, optimizer, scaler, history, best_acc, args):
+def save_checkpoints(model, optimizer, scaler, history, best_acc, args, writer):
     """levelN_last.pth after every epoch, for --resume; levelN_best.pth when validation improved (with --train-on-all:
     every epoch, so the last one). Returns the best validation accuracy so far."""
     row, checkpoint_dir = history[-1], Path(args.checkpoint_dir)
+    files = {}  # path -> checkpoint
     checkpoint = {"level": LEVEL, "model": model.state_dict(), "epoch": row["epoch"], "history": history,
                   "args": vars(args)}
     if args.train_on_all or row["val_acc"] > best_acc:
         best_acc = row.get("val_acc", best_acc)
         selected_by = "last epoch (no validation)" if args.train_on_all else "validation accuracy"
-        common.save_checkpoint(checkpoint_dir / f"{LEVEL}_best.pth", {**checkpoint, "selected_by": selected_by})
-    common.save_checkpoint(checkpoint_dir / f"{LEVEL}_last.pth", {
-        **checkpoint, "best_acc": best_acc, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()})
+        files[checkpoint_dir / f"{LEVEL}_best.pth"] = {**checkpoint, "selected_by": selected_by}
+    files[checkpoint_dir / f"{LEVEL}_last.pth"] = {
+        **checkpoint, "best_acc": best_acc, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
+    writer.save(files)  # a CPU copy now; serialised and written in the background while the next epoch trains
     return best_acc
 
 def final_test(model, test_set, device, args, history, info):
@@ -249,6 +253,7 @@ def main(args):
               f"weights, epoch {start_epoch + 1} on; train images: {len(train_set)}, val {len(val_set)}, test "
               f"{len(test_set)}; Ctrl-C stops the run, {LEVEL}_last.pth keeps its last epoch", flush=True)
 
+    writer = common.CheckpointWriter()  # one save in flight at most
     total_epochs, wrapped = args.head_epochs + args.epochs, None
     for epoch in range(start_epoch, total_epochs):
         stage = "head" if epoch < args.head_epochs else "full"
@@ -258,9 +263,10 @@ def main(args):
         train_loader.sampler.set_epoch(epoch)
         epoch_start = time.time()
         train_loss = train_one_epoch(train_model, train_loader, optimizer, scaler, device, args, epoch)
+        train_seconds = time.time() - epoch_start
         lr = optimizer.param_groups[0]["lr"]
         row = {"epoch": epoch + 1, "stage": stage, "lr": lr, "train_loss": train_loss,
-               "images_per_s": len(train_loader) * args.batch_size / (time.time() - epoch_start)}
+               "images_per_s": len(train_loader) * args.batch_size / train_seconds, "train_seconds": train_seconds}
         if master and not args.train_on_all:
             row["val_loss"], row["val_acc"] = evaluate.loss_and_accuracy(model, val_set, device, args.img_size)
         bad = [loss for loss in (train_loss, row.get("val_loss", 0.0)) if not math.isfinite(loss)]
@@ -268,7 +274,8 @@ def main(args):
             raise common.UserError(f"loss became {bad[0]} in epoch {epoch + 1} (lr {lr:.0e}): lower --lr/--head-lr")
         if master:
             history.append(row)
-            best_acc = save_checkpoints(model, optimizer, scaler, history, best_acc, args)
+            best_acc = save_checkpoints(model, optimizer, scaler, history, best_acc, args, writer)
+            history[-1]["epoch_seconds"] = time.time() - epoch_start  # training, validation, the save's copy
             elapsed = time.time() - info["started"]
             val = "" if args.train_on_all else f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
             print(f"epoch {epoch + 1}/{total_epochs} [{stage}] lr {lr:.1e} train loss {train_loss:.4f}{val} | "
@@ -277,6 +284,7 @@ def main(args):
         if world_size > 1:
             torch.distributed.barrier()  # the others wait while rank 0 validates and saves
 
+    writer.wait()  # the last epoch's files are on disk before the final test reads them; its error, if any
     del train_loader  # its worker processes stop now, rather than being waited for one by one at exit
     if world_size > 1:
         torch.distributed.destroy_process_group()

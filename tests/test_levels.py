@@ -266,9 +266,11 @@ def test_the_best_candidate_is_saved_with_its_source(tmp_path):
     model, other = common.build_model("none"), common.build_model("none")
     averages = {"ema": common.ModelEma(other, 0.9)}
     history = [{"epoch": 1, "val_acc": 0.5, "val_acc_ema": 0.6}]
+    writer = common.CheckpointWriter()
     best = level4.save_checkpoints(model, {"raw": model, "ema": averages["ema"].module}, averages,
                                    level4.make_optimizer(model, args, CPU), torch.amp.GradScaler("cpu", enabled=False),
-                                   history, -1.0, args)
+                                   history, -1.0, args, writer)
+    writer.wait()
     saved = torch.load(tmp_path / "level4_best.pth", weights_only=True)
     assert best == 0.6 and saved["model_source"] == "ema"
     assert torch.equal(saved["model"]["fc.weight"], other.fc.weight)
@@ -277,7 +279,8 @@ def test_the_best_candidate_is_saved_with_its_source(tmp_path):
     assert last["model_source"] == "raw"  # last.pth holds the raw weights, whichever candidate was best
     averages["ema"].num_updates = 3  # an average enters last.pth with its first update
     level4.save_checkpoints(model, {"raw": model}, averages, level4.make_optimizer(model, args, CPU),
-                            torch.amp.GradScaler("cpu", enabled=False), history, best, args)
+                            torch.amp.GradScaler("cpu", enabled=False), history, best, args, writer)
+    writer.wait()
     last = torch.load(tmp_path / "level4_last.pth", weights_only=True)
     assert list(last["averages"]) == ["ema"] and last["averages"]["ema"]["num_updates"] == 3
 
@@ -300,6 +303,16 @@ def test_level_end_to_end_then_evaluate(module, cached_run, data_root):
     expected = results["test"] if level == "level1" else results["test_tta"]  # level 4: at the stored temperature
     assert measured["acc1"] == pytest.approx(expected["acc1"], abs=1e-4)
     assert measured["ece"] == pytest.approx(expected["ece"], abs=1e-4)
+
+
+@pytest.mark.parametrize("module", [level1, level2, level3, level4])
+def test_each_epoch_records_its_training_and_wall_seconds(module, cached_run):
+    """benchmark.py --epochs reads these: the training steps' seconds within the epoch's, 64 images trained."""
+    results, _ = cached_run(module)
+    for row in results["history"]:
+        assert 0 < row["train_seconds"] <= row["epoch_seconds"]
+        assert row["images_per_s"] * row["train_seconds"] == pytest.approx(64)
+    assert sum(row["epoch_seconds"] for row in results["history"]) <= results["seconds"]
 
 
 def test_level4_reports_calibration_tta_sets_and_errors(cached_run):
