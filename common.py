@@ -69,7 +69,7 @@ def run_main(main, parser, validate):
     except OSError as error:  # a write outside atomic_write, e.g. a plot
         if error.errno not in WRITE_ERRNOS:
             raise
-        fail(write_error(error.filename, error))
+        fail(write_error(error.filename or "a file", error))
     except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
         text = str(error).lower()
         if "dataloader worker" in text and "stopping" in _RUN:  # it ended in the same Ctrl-C or SIGTERM
@@ -342,7 +342,7 @@ def start_run(level, checkpoint_dir, results_dir, resume=None, overwrite=False):
         way = f"continue it with --resume {last}, " if last.is_file() else f"(it saved no {last.name} to resume) "
         raise UserError(f"{checkpoint_dir} holds an earlier {level} run: {way}replace it with --overwrite, or choose "
                         f"another --checkpoint-dir")
-    if results.is_file() and not overwrite and not (resume and _results_of(results, resume)):
+    if results.is_file() and not overwrite and not (resume and _results_of(results, level, resume)):
         raise UserError(f"{results} holds the results of another run: keep them with another --results-dir, or "
                         f"replace them with --overwrite")
     orphans = {p for folder in (checkpoint_dir, results_dir) for p in Path(folder).glob(f".{level}*.tmp")}
@@ -352,11 +352,27 @@ def start_run(level, checkpoint_dir, results_dir, resume=None, overwrite=False):
         for p in orphans:
             p.unlink()
 
-def _results_of(results, resume):  # whether levelN.json is of the run --resume continues: the same first epoch
+def start_ranks(level, args, rank, world_size):
+    """start_run on rank 0; under torchrun its error stops every rank: rank 0 prints it, the others exit 2 silently
+    (rather than with the traceback of a barrier whose peer is gone)."""
+    message = [None]
     try:
-        first = json.loads(json.dumps(load_checkpoint(resume)["history"][:1]))  # as it reads back from JSON
+        if rank == 0:
+            start_run(level, args.checkpoint_dir, args.results_dir, args.resume, args.overwrite)
+    except UserError as error:
+        message = [str(error)]
+    if world_size > 1:
+        torch.distributed.broadcast_object_list(message)  # from rank 0
+    if message[0] and rank == 0:
+        raise UserError(message[0])
+    if message[0]:
+        sys.exit(2)
+
+def _results_of(results, level, resume):  # whether levelN.json is of the run --resume continues: its first epoch
+    first = json.loads(json.dumps(load_checkpoint(resume, level)["history"][:1]))  # as it reads back from JSON
+    try:
         return json.loads(results.read_text())["history"][:1] == first
-    except (OSError, ValueError, KeyError, TypeError, UserError):
+    except (OSError, ValueError, KeyError, TypeError):
         return False
 
 def _take_lock(path):  # `path` holds "pid host" while a run writes to the folder; a dead process's lock is taken over

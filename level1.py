@@ -192,8 +192,7 @@ def final_test(model, test_set, device, args, history, info):
 def main(args):
     rank, world_size, device = setup_distributed(args)
     master = rank == 0  # rank 0 alone validates, writes and prints; the others wait for it at a barrier
-    if master:
-        common.start_run(LEVEL, args.checkpoint_dir, args.results_dir, args.resume, args.overwrite)
+    common.start_ranks(LEVEL, args, rank, world_size)  # rank 0 checks the folders; its error stops every rank
     if args.sync_bn and device.type != "cuda":
         raise common.UserError(f"--sync-bn needs CUDA GPUs (the device is {device.type}): leave it out")
     if args.batch_size % world_size or args.batch_size // world_size < 2:

@@ -97,7 +97,8 @@ def test_1_evaluate_names_outputs_by_checkpoint_and_keeps_another_checkpoints_fi
     assert evaluate_cli(paths[2], synthetic_root, out, "--overwrite").returncode == 0
     from PIL import Image
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "cat.png")
-    assert run_cli(evaluate, paths[1], "--images", tmp_path / "cat.png", "--out", out, "--device", "cpu").returncode == 0
+    result = run_cli(evaluate, paths[1], "--images", tmp_path / "cat.png", "--out", out, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
     assert (out / "predictions_run2-level1_best.json").is_file() and not (out / "predictions.json").exists()
 
 
@@ -198,7 +199,7 @@ def test_5_lock_content_is_parsed_robustly(content, tmp_path, capsys):
     lock.write_text(content)
     common.start_run("level1", tmp_path, tmp_path)
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "no longer runs" in warnings[0]
+    assert len(warnings) == 1 and "no longer runs" in warnings[0] and "process ," not in warnings[0]
     assert lock.read_text() == f"{os.getpid()} {socket.gethostname()}"
 
 
@@ -303,6 +304,24 @@ def test_10_summary_into_a_full_folder_is_one_line(tmp_path, monkeypatch):
 def test_11_seed_out_of_range_is_one_line(seed, tmp_path):
     result = run_cli(level1, *TINY, "--seed", seed, "--data-dir", tmp_path, "--checkpoint-dir", tmp_path)
     assert_one_line_error(result, "--seed", seed)
+
+
+# ---- 12. Under torchrun, rank 0's error stops every rank ----------------------------------------------------------
+
+def test_12_rank_zeros_error_reaches_every_rank(tmp_path, monkeypatch, capsys):
+    """Rank 0 finds an earlier run: it raises the one line and sends it to the other ranks, which exit 2 silently
+    (torch.distributed.broadcast_object_list replaced by its effect: rank 0's list arrives at every rank)."""
+    sent = []
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda objects: sent.append(list(objects)))
+    (tmp_path / "level1_last.pth").write_bytes(b"x")
+    args = argparse.Namespace(checkpoint_dir=tmp_path, results_dir=tmp_path, resume=None, overwrite=False)
+    with pytest.raises(common.UserError, match="holds an earlier level1 run"):
+        common.start_ranks("level1", args, 0, 2)
+    assert len(sent) == 1 and "holds an earlier level1 run" in sent[0][0]
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda objects: objects.__setitem__(0, sent[0][0]))
+    with pytest.raises(SystemExit) as exit_:
+        common.start_ranks("level1", args, 1, 2)
+    assert exit_.value.code == 2 and capsys.readouterr().err == ""
 
 
 # ---- 13.-15. Hand-made checkpoints, torchvision's and timm's ---------------------------------------------------------
