@@ -326,7 +326,7 @@ def check_writable(folder, flag, probe_bytes=2**20):
             f.flush()
             os.fsync(f.fileno())
     except OSError as error:
-        raise UserError(f"cannot write to {flag} {folder} ({error.strerror or error}): free space, or choose another") \
+        raise UserError(f"cannot write to {flag} {folder} ({error.strerror or error}): choose another, or free space") \
             from None
 
 def start_run(level, checkpoint_dir, results_dir, resume=None, overwrite=False):
