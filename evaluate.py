@@ -318,13 +318,15 @@ def output_path(args, tta_set):
     """--out/eval_RUN-NAME_SPLIT[_tta-SET].json or predictions_RUN-NAME.json: named by the checkpoint's folder and name,
     checked before the work; another checkpoint's file is kept unless --overwrite."""
     name = f"{Path(args.checkpoint).resolve().parent.name}-{Path(args.checkpoint).stem}"
-    tag = f"predictions_{name}" if args.images else f"eval_{name}_{args.split}" + (f"_tta-{tta_set}" if tta_set else "")
+    tag = f"eval_{name}_{args.split}" + (f"_tta-{tta_set}" if tta_set else "")
+    if args.images:
+        tag = f"predictions_{name}"
     path = Path(args.out) / f"{tag}.json"
     common.check_writable(args.out, "--out")
     try:
         earlier = json.loads(path.read_text())["checkpoint"] if path.is_file() else args.checkpoint
     except (OSError, ValueError, KeyError, TypeError):
-        earlier = "?"
+        earlier = "something else (not a JSON of evaluate.py)"
     if not args.overwrite and Path(earlier).resolve() != Path(args.checkpoint).resolve():
         raise common.UserError(f"{path} holds the results of {earlier}: keep them with another --out, or replace them "
                                f"with --overwrite")
