@@ -1,14 +1,19 @@
 """What every script needs (errors, data, model, precision, checkpoints), then the hand-written techniques, each
 under its banner and tested against a library or a hand-computed answer (tests/test_techniques.py). No flag parsing,
 distributed training, plots or metrics here: each level owns its recipe, evaluate.py owns the measurement."""
+import argparse
 import atexit
 import concurrent.futures
 import copy
+import errno
 import functools
 import io
+import json
 import math
 import os
 import pickle
+import re
+import signal
 import socket
 import sys
 import tempfile
@@ -33,26 +38,52 @@ def fail(message):
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
 
+def _on_signal(signum, frame):  # Ctrl-C, or SIGTERM (what Colab, Kaggle, Slurm, Kubernetes send at preemption)
+    _RUN["stopping"] = signum
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # a DataLoader worker that ends now is part of the stop, no error
+    raise KeyboardInterrupt
+
+def _stop(signum):
+    print(f"\n{signal.Signals(signum).name}: interrupted (a level's levelN_last.pth holds its last finished epoch: "
+          f"--resume it)", file=sys.stderr)
+    sys.exit(128 + signum)
+
+def worker_init(worker_id):
+    """DataLoader workers leave SIGINT to the main process, which stops them; SIGTERM ends them quietly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
 def run_main(main, parser, validate):
-    """Parse, validate, run: a UserError, a bad flag or running out of memory is one line and exit code 2."""
+    """Parse, validate, run: a UserError, a bad flag, a full or read-only disk or running out of memory is one line and
+    exit code 2; Ctrl-C and SIGTERM one line and 128 + the signal's number."""
     parser.error = lambda message: fail(f"{message} (see --help)")  # the parser's usage + error, as one line
     args = parser.parse_args()
+    handlers = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    _RUN.clear()
     try:
         validate(args)
         return main(args)
     except UserError as error:
         fail(error)
     except KeyboardInterrupt:
-        print("\ninterrupted (a level's levelN_last.pth holds its last finished epoch: --resume it)", file=sys.stderr)
-        sys.exit(130)
+        _stop(_RUN.get("stopping", signal.SIGINT))
+    except OSError as error:  # a write outside atomic_write, e.g. a plot
+        if error.errno not in WRITE_ERRNOS:
+            raise
+        fail(write_error(error.filename or "a file", error))
     except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
         text = str(error).lower()
+        if "dataloader worker" in text and "stopping" in _RUN:  # it ended in the same Ctrl-C or SIGTERM
+            _stop(_RUN["stopping"])
         if "overflow" in text:  # e.g. AdamW given --lr 1e38
             fail(f"a number overflowed ({text.splitlines()[0][:80]}): lower --lr/--head-lr")
         if not isinstance(error, MemoryError) and "out of memory" not in text and "allocate memory" not in text:
             raise
         fail(f"out of memory at --batch-size {getattr(args, 'batch_size', '?')} and --img-size "
              f"{getattr(args, 'img_size', '?')}: halve --batch-size, or lower --img-size")
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 def check_flags(args, positive=(), non_negative=(), fraction=()):
     """Every float flag finite (nan fails every comparison: `lr <= 0` lets it through), each named one in range."""
@@ -62,6 +93,8 @@ def check_flags(args, positive=(), non_negative=(), fraction=()):
         for name in names:
             if getattr(args, name) is not None and not test(getattr(args, name)):
                 raise UserError(f"--{name.replace('_', '-')} must be {text} (got {getattr(args, name)})")
+    if not 0 <= getattr(args, "seed", 0) < 2**32:  # numpy's generators take no other seed
+        raise UserError(f"--seed must be in [0, 2**32 - 1] (got {args.seed})")
 
 # ---- Data: CIFAR-10 (Krizhevsky 2009) from its python pickles; batches prepared on the device ---------------------
 class _ArraysOnly(pickle.Unpickler):
@@ -112,7 +145,9 @@ def cifar10_datasets(data_dir, seed, subset=None, eval_subset=None, train_on_all
     """(train, val, test): the training set split 45,000 / 5,000 by `seed` (50,000 / 0 with `train_on_all`), the first
     `subset` / `eval_subset` images; a missing folder downloaded by torchvision (offline: a one-line error)."""
     folder = Path(data_dir) / "cifar-10-batches-py"
-    if not folder.is_dir():
+    if (Path(data_dir) / "data_batch_1").is_file():  # --data-dir given as the cifar-10-batches-py folder itself
+        folder = Path(data_dir)
+    elif not folder.is_dir():
         print(f"{folder} not found: downloading CIFAR-10 (170 MB) with torchvision ...", flush=True)
         socket.setdefaulttimeout(30)  # offline, give up after 30 s instead of hanging
         try:
@@ -209,20 +244,33 @@ def load_weights(model, state_dict, source):
 
 # ---- Checkpoints and run folders: written to a temp file and renamed; loaded with weights_only=True ---------------
 os.umask(UMASK := os.umask(0o022))  # the umask can only be read by setting it: set it back at once
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}  # full, read-only, not allowed
+_RUN = {}  # this process's run: its levelN_last.pth (start_run), the signal that stops it (run_main)
+
+def write_error(path, error):  # the one line for a failed write; --resume only where a levelN_last.pth is there
+    last = _RUN.get("last", Path("-"))
+    hint = f"; then --resume {last} (a finished run measures and writes its results again)" if last.is_file() else ""
+    return UserError(f"cannot write {path} ({error.strerror or error}): free space on its disk or make it writable, "
+                     f"the earlier files there are kept{hint}")
 
 def atomic_write(path, data):
     """`data` (bytes) to a temp file beside `path`, fsync, rename: a crash leaves the old file or the new one, never
-    half of one. The mode follows the umask, as a plain open() (mkstemp would leave 0600)."""
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
+    half of one. The mode follows the umask, as a plain open() (mkstemp would leave 0600). A full or read-only disk
+    is a UserError (also from a thread)."""
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+            raise write_error(path, error) from None
         raise
 
 def save_checkpoint(path, checkpoint):
@@ -234,35 +282,70 @@ def save_checkpoint(path, checkpoint):
     atomic_write(path, buffer.getvalue())
 
 def load_checkpoint(path, level=None):
-    """torch.load(weights_only=True), each failure one line; with `level`, that level's levelN_last.pth (--resume)."""
+    """torch.load(weights_only=True), each failure one line; with `level`, that level's levelN_last.pth (--resume).
+    argparse.Namespace (plain data: the `args` of torchvision's and timm's train.py) is allowed, and made a dict."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} is {'a directory' if path.is_dir() else 'not there'}: give the path of a .pth file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        if "unsupported global" in str(error).lower():  # a class or function the file would call
-            raise UserError(f"{path} was refused: it holds pickled objects that could run code, which weights_only "
-                            f"loading does not allow; load only checkpoints you trust") from None
+        found = re.search(r"unsupported (global: )?GLOBAL (\S+)", str(error), re.IGNORECASE)  # a class or function
+        if found:
+            raise UserError(f"{path} was refused: it holds a pickled {found[2]}, which could run code; if you trust "
+                            f"the file, convert it: torch.save(torch.load(PATH, weights_only=False)['model'], "
+                            f"'weights.pth')") from None
         raise UserError(f"{path} is not a PyTorch checkpoint (empty, truncated, or another kind of file)") from None
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), argparse.Namespace):
+        checkpoint["args"] = vars(checkpoint["args"])
     if level and not (isinstance(checkpoint, dict) and checkpoint.get("level") == level and "optimizer" in checkpoint):
         raise UserError(f"{path} is not a {level}_last.pth: --resume takes the last checkpoint of the same level")
     return checkpoint
 
+def check_resume(checkpoint, args, flags):
+    """--resume: in the run's own folder, which holds its best checkpoint, with the saved value of each of `flags`."""
+    folder = Path(args.resume).resolve().parent
+    if folder != Path(args.checkpoint_dir).resolve():
+        raise UserError(f"--resume {args.resume} is not in --checkpoint-dir {args.checkpoint_dir}: resume in the "
+                        f"run's own folder")
+    for name in flags:
+        saved, given = checkpoint["args"].get(name), vars(args).get(name)
+        if saved != given:
+            raise UserError(f"--{name.replace('_', '-')} was {saved} in the saved run, {given} now: resume with the "
+                            f"saved value (it fixed the epochs already run)")
+    best = folder / f"{checkpoint['level']}_best.pth"
+    if not best.is_file():
+        raise UserError(f"{best} is missing, and the final test measures it: put it back, or start anew (--overwrite)")
+
+def check_writable(folder, flag, probe_bytes=2**20):
+    """`folder` made and a probe of a run's JSON and plots written: a full or read-only disk fails now, not later."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as f:
+            f.write(bytes(probe_bytes))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as error:
+        raise UserError(f"cannot write to {flag} {folder} ({error.strerror or error}): choose another, or free space") \
+            from None
+
 def start_run(level, checkpoint_dir, results_dir, resume=None, overwrite=False):
     """Before any data is read, so that a run fails in its first second, not after hours: both folders made and
-    test-written, `levelN.lock` taken, an earlier run kept unless --resume/--overwrite, orphaned temp files removed."""
-    for folder, flag in ((Path(checkpoint_dir), "--checkpoint-dir"), (Path(results_dir), "--results-dir")):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=folder).close()
-        except OSError as error:
-            raise UserError(f"cannot write to {flag} {folder} ({error.strerror or error}): choose another") from None
-    _take_lock(Path(checkpoint_dir) / f"{level}.lock")
-    if not (resume or overwrite) and any(Path(checkpoint_dir).glob(f"{level}_[bl][ea]st.pth")):  # _best, _last
-        raise UserError(f"{checkpoint_dir} holds an earlier {level} run: continue it with --resume "
-                        f"{Path(checkpoint_dir) / f'{level}_last.pth'}, replace it with --overwrite, or choose another "
-                        f"--checkpoint-dir")
+    test-written, `levelN.lock` taken, an earlier run and its results kept unless --resume/--overwrite, orphaned temp
+    files removed."""
+    checkpoint_dir, results = Path(checkpoint_dir), Path(results_dir) / f"{level}.json"
+    for folder, flag in ((checkpoint_dir, "--checkpoint-dir"), (Path(results_dir), "--results-dir")):
+        check_writable(folder, flag)
+    _take_lock(checkpoint_dir / f"{level}.lock")
+    last = _RUN["last"] = checkpoint_dir / f"{level}_last.pth"
+    if not (resume or overwrite) and any(checkpoint_dir.glob(f"{level}_[bl][ea]st.pth")):  # _best, _last
+        way = f"continue it with --resume {last}, " if last.is_file() else f"(it saved no {last.name} to resume) "
+        raise UserError(f"{checkpoint_dir} holds an earlier {level} run: {way}replace it with --overwrite, or choose "
+                        f"another --checkpoint-dir")
+    if results.is_file() and not overwrite and not (resume and _results_of(results, level, resume)):
+        raise UserError(f"{results} holds the results of another run: keep them with another --results-dir, or "
+                        f"replace them with --overwrite")
     orphans = {p for folder in (checkpoint_dir, results_dir) for p in Path(folder).glob(f".{level}*.tmp")}
     if orphans:
         print(f"removed {len(orphans)} temp files of interrupted saves: "
@@ -270,20 +353,61 @@ def start_run(level, checkpoint_dir, results_dir, resume=None, overwrite=False):
         for p in orphans:
             p.unlink()
 
+def start_ranks(level, args, rank, world_size):
+    """start_run on rank 0; under torchrun its error stops every rank: rank 0 prints it, the others exit 2 silently
+    (rather than with the traceback of a barrier whose peer is gone)."""
+    message = [None]
+    try:
+        if rank == 0:
+            start_run(level, args.checkpoint_dir, args.results_dir, args.resume, args.overwrite)
+    except UserError as error:
+        message = [str(error)]
+    if world_size > 1:
+        torch.distributed.broadcast_object_list(message)  # from rank 0
+    if message[0] and rank == 0:
+        raise UserError(message[0])
+    if message[0]:
+        sys.exit(2)
+
+def _results_of(results, level, resume):  # whether levelN.json is of the run --resume continues: its first epoch
+    first = json.loads(json.dumps(load_checkpoint(resume, level)["history"][:1]))  # as it reads back from JSON
+    try:
+        return json.loads(results.read_text())["history"][:1] == first
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
 def _take_lock(path):  # `path` holds "pid host" while a run writes to the folder; a dead process's lock is taken over
     me = f"{os.getpid()} {socket.gethostname()}"
     try:
         with open(path, "x") as f:  # "x": fails if it exists, so two runs starting at once cannot both succeed
             f.write(me)
     except FileExistsError:
-        pid, _, host = path.read_text().partition(" ")
-        if pid.isdigit() and int(pid) != os.getpid() and (host != socket.gethostname() or _alive(int(pid))):
-            raise UserError(f"{path} is held by process {pid} on {host}: another run writes to this folder; wait "
-                            f"for it to end, or choose another --checkpoint-dir") from None
-        if pid != str(os.getpid()):
-            print(f"warning: {path} was left by process {pid}, which no longer runs: taking it over")
-        path.write_text(me)
-    atexit.register(lambda: path.is_file() and path.read_text() == me and path.unlink())
+        _take_over(path, me)
+    except OSError as error:  # disk full: no empty lock left behind
+        path.unlink(missing_ok=True)
+        raise write_error(path, error) from None
+    atexit.register(_release_lock, path, me)
+
+def _take_over(path, me):  # a lock from a dead process on this host; parsed robustly (a newline, an empty file)
+    owner = path.read_text(errors="replace").split()
+    pid = owner[0] if owner and owner[0].isdigit() else ""
+    host = " ".join(owner[1:]) or socket.gethostname()
+    if pid and host != socket.gethostname():
+        raise UserError(f"{path} is held by process {pid} on {host}, which cannot be checked from here: if no run "
+                        f"is active there (a restarted container or VM), delete {path}")
+    if pid and int(pid) != os.getpid() and _alive(int(pid)):
+        raise UserError(f"{path} is held by process {pid} on {host}: another run writes to this folder; wait for it "
+                        f"to end, or choose another --checkpoint-dir")
+    if pid != str(os.getpid()):
+        print(f"warning: {path} was left by process {pid or '(none named)'}, which no longer runs: taking it over")
+    path.write_text(me)  # a full disk here: run_main's one line
+
+def _release_lock(path, me):
+    try:
+        if path.read_text() == me:
+            path.unlink()
+    except OSError:  # the folder became read-only: the next run here takes over a dead process's lock
+        pass
 
 def _alive(pid):
     try:

@@ -121,8 +121,11 @@ def run_info(device):
     def git(*args):
         return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True).stdout
     try:
+        top = git("rev-parse", "--show-toplevel").strip()
         commit = git("rev-parse", "--short", "HEAD").strip() + ("-dirty" if git("status", "-s", "-uno") else "")
     except OSError:  # no git
+        top, commit = "", ""
+    if not top or Path(top).resolve() != Path(__file__).resolve().parent:  # no repository, or an enclosing one's
         commit = ""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({os.cpu_count()} cores)"
     return {"command": " ".join(["python", Path(sys.argv[0]).name, *sys.argv[1:]]), "device": name,
@@ -352,6 +355,7 @@ def get_args_parser():
     parser.add_argument("--split", choices=["test", "val"], default="test", help="which split (default: test)")
     parser.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py (default: ./data)")
     parser.add_argument("--out", default="results", help="folder for the JSON and PNG (default: results)")
+    parser.add_argument("--overwrite", action="store_true", help="replace another checkpoint's results (default: off)")
     parser.add_argument("-b", "--batch-size", type=int, default=256, help="images per batch (default: 256)")
     parser.add_argument("--img-size", type=int, help="input side in px (default: the checkpoint's, else 224)")
     parser.add_argument("--subset", type=int, help="evaluate the first N images only (default: all)")
@@ -387,6 +391,8 @@ def validate_args(args):
 def load_model(path):
     """(model, checkpoint dict) from a checkpoint of this suite or a bare state_dict with a 10-class head."""
     checkpoint = common.load_checkpoint(path)
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict) and "model" not in checkpoint:
+        checkpoint = {**checkpoint, "model": checkpoint["state_dict"]}  # timm's train.py layout
     if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)):
         checkpoint = {"model": checkpoint}  # a bare state_dict
     model = common.build_model("none")
@@ -398,7 +404,7 @@ def load_model(path):
 def choose_temperature(checkpoint, args, tta_set):
     """The T fitted for the views measured: Level 4 stores one per TTA set (`temperatures`, for its --tta-average),
     older checkpoints one for a single view. T = 1 with --no-temperature, and with a warning where the checkpoint has
-    no T for these views or the fit hit its search bound (then it is no fit)."""
+    no T for these views, the stored T is not a positive number, or the fit hit its search bound (then it is no fit)."""
     if args.no_temperature:
         return 1.0
     tta_set = tta_set or "none"
@@ -415,6 +421,9 @@ def choose_temperature(checkpoint, args, tta_set):
               f"averaging: T = 1")
         return 1.0
     temperature = float(fits[tta_set]["temperature"])
+    if not (math.isfinite(temperature) and temperature > 0):
+        print(f"warning: the stored temperature {temperature} is not a positive number: not applied")
+        return 1.0
     if fits[tta_set]["at_bound"]:
         print(f"warning: the stored temperature {temperature:.3g} lies at the end of its search range, so it is no "
               f"fit (validation logits near chance level?): not applied")
@@ -444,13 +453,15 @@ def load_as_cifar(path):
     """An image file -> uint8 3 x 32 x 32, made as CIFAR-10's were: a centre square, area-averaged down to 32 px."""
     from PIL import Image  # torchvision depends on Pillow
     with Image.open(path) as image:
+        if image.mode.startswith("I"):  # 16 bits per pixel (a 16-bit PNG): scaled to 8, not clipped at 255
+            image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
         image = image.convert("RGB")
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
         square = image.crop((left, top, left + side, top + side)).resize((32, 32), Image.BOX)
         return np.asarray(square).transpose(2, 0, 1)
 
-def predict_images(args, model, device, img_size, views, temperature):
+def predict_images(args, model, device, img_size, views, temperature, json_path):
     """Top-3 classes for the user's own images: printed, and written as a JSON and a PNG sheet under --out."""
     files = [f for p in map(Path, args.images) for f in (sorted(p.iterdir()) if p.is_dir() else [p])
              if f.suffix.lower() in (".png", ".jpg", ".jpeg") or not p.is_dir()]
@@ -471,13 +482,36 @@ def predict_images(args, model, device, img_size, views, temperature):
         top = [(common.CLASSES[i], float(p[i])) for i in ranked[:3]]
         print(f"{name}: " + ", ".join(f"{c} {q:.3f}" for c, q in top))
         rows.append({"file": name, "top3": top})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "predictions.json", {"checkpoint": args.checkpoint, "temperature": temperature, "views": views,
-                                          "images": rows, **run_info(device)})
+    write_json(json_path, {"checkpoint": args.checkpoint, "temperature": temperature, "views": views, "images": rows,
+                           **run_info(device)})
     plot_images(images, [f"{Path(r['file']).name[:18]}\n{r['top3'][0][0]} {r['top3'][0][1]:.2f}" for r in rows],
-                out / "predictions.png", f"{Path(args.checkpoint).name}: top-1")
-    print(f"wrote {out / 'predictions.json'} and {out / 'predictions.png'}")
+                json_path.with_suffix(".png"), f"{Path(args.checkpoint).name}: top-1")
+    print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+
+def output_path(args, tta_set):
+    """--out/eval_RUN-NAME_SPLIT[_tta-SET][_bn-SOURCE].json, eval_RUN-NAME_corruptions[_tta-SET].json or
+    predictions_RUN-NAME.json: named by the checkpoint's folder and name, checked before the work; another
+    checkpoint's file is kept unless --overwrite."""
+    name = f"{Path(args.checkpoint).resolve().parent.name}-{Path(args.checkpoint).stem}"
+    tag = f"eval_{name}_{args.split}"
+    if args.corruptions:
+        tag = f"eval_{name}_corruptions"
+    if tta_set:
+        tag += f"_tta-{tta_set}"
+    if args.bn_stats != "checkpoint":
+        tag += f"_bn-{args.bn_stats}"
+    if args.images:
+        tag = f"predictions_{name}"
+    path = Path(args.out) / f"{tag}.json"
+    common.check_writable(args.out, "--out")
+    try:
+        earlier = json.loads(path.read_text())["checkpoint"] if path.is_file() else args.checkpoint
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier = "something else (not a JSON of evaluate.py)"
+    if not args.overwrite and Path(earlier).resolve() != Path(args.checkpoint).resolve():
+        raise common.UserError(f"{path} holds the results of {earlier}: keep them with another --out, or replace them "
+                               f"with --overwrite")
+    return path
 
 def compare(args, device):
     """A.pth --compare B.pth: both on the same images and views (plain --tta: A's set), each at its own temperature
@@ -535,7 +569,7 @@ def print_report(result, header):
         print(f"{name:<12}{100 * result['per_class_acc'][name]:>9.2f}%{result['precision'][name]:>11.4f}"
               f"{result['recall'][name]:>9.4f}{result['f1'][name]:>8.4f}")
 
-def robustness(args, model, device, img_size, views, temperature, test_set, tta_set):
+def robustness(args, model, device, img_size, views, temperature, test_set, tta_set, json_path):
     """--corruptions: the report of corruption_report (and of --baseline's checkpoint first), a JSON and a heat map."""
     source = "generated"
     if args.corruptions != "generated":
@@ -556,14 +590,11 @@ def robustness(args, model, device, img_size, views, temperature, test_set, tta_
     print(f"{args.checkpoint} ({img_size} px, TTA {tta_set or 'off'}):")
     result = corruption_report(model, test_set, device, img_size, views, temperature, args.tta_average, source,
                                args.batch_size, baseline=baseline_acc1)
-    tag = f"{Path(args.checkpoint).stem}_corruptions" + (f"_tta-{tta_set}" if tta_set else "")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"eval_{tag}.json", {**result, "checkpoint": args.checkpoint, "img_size": img_size, "tta": tta_set,
-                                          "baseline": baseline, **run_info(device)})
+    write_json(json_path, {**result, "checkpoint": args.checkpoint, "img_size": img_size, "tta": tta_set,
+                           "baseline": baseline, **run_info(device)})
     label = "generated CIFAR-10-C-style corruptions" if source == "generated" else result["source"]
-    plot_corruptions(result, out / f"eval_{tag}.png", f"{Path(args.checkpoint).name}: {label}")
-    print(f"wrote {out / f'eval_{tag}.json'} and {out / f'eval_{tag}.png'}")
+    plot_corruptions(result, json_path.with_suffix(".png"), f"{Path(args.checkpoint).name}: {label}")
+    print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
     mce = f" mce={result['mce']:.4f}" if baseline else ""
     print(f"final: acc1={result['clean_acc1']:.4f} corruption_acc1={result['mean_acc1']:.4f} relative_drop="
           f"{result['relative_drop']:.4f} ece={result['mean_ece']:.4f}{mce} images={result['images_per_severity']} "
@@ -575,36 +606,35 @@ def main(args):
         return compare(args, device)
     model, checkpoint = load_model(args.checkpoint)
     model = model.to(device, memory_format=torch.channels_last)
-    train_args = checkpoint.get("args", {})
-    img_size = args.img_size or train_args.get("img_size", 224)
+    train_args = checkpoint["args"] if isinstance(checkpoint.get("args"), dict) else {}  # hand-made: None, absent
+    img_size = args.img_size or train_args.get("img_size") or 224
     tta_set = train_args.get("tta_set", "flip") if args.tta == "default" else args.tta
+    if (tta_set or "none") not in common.TTA_SETS:
+        raise common.UserError(f"{args.checkpoint} names the TTA set {tta_set!r}, unknown here: give --tta with one of "
+                               f"{', '.join(common.TTA_SETS)}")
     views = common.TTA_SETS[tta_set or "none"]
     temperature = choose_temperature(checkpoint, args, tta_set)
+    if not args.images and args.split == "val" and train_args.get("train_on_all"):
+        raise common.UserError(f"{args.checkpoint} was trained on all 50,000 training images (--train-on-all): it has "
+                               f"no validation split; use --split test")
+    json_path = output_path(args, tta_set)
     if args.bn_stats != "checkpoint":
         recompute_statistics(model, checkpoint, args, device, img_size)
     if args.images:
-        return predict_images(args, model, device, img_size, views, temperature)
-    if args.split == "val" and train_args.get("train_on_all"):
-        raise common.UserError(f"{args.checkpoint} was trained on all 50,000 training images (--train-on-all): it has "
-                               f"no validation split; use --split test")
+        return predict_images(args, model, device, img_size, views, temperature, json_path)
     _, val_set, test_set = common.cifar10_datasets(args.data_dir, train_args.get("seed", 0), eval_subset=args.subset)
     if args.corruptions:
-        return robustness(args, model, device, img_size, views, temperature, test_set, tta_set)
+        return robustness(args, model, device, img_size, views, temperature, test_set, tta_set, json_path)
     result, _ = report(model, val_set if args.split == "val" else test_set, device, img_size, views, temperature,
                        args.tta_average, args.batch_size)
-    tag = f"{Path(args.checkpoint).stem}_{args.split}" + (f"_tta-{tta_set}" if tta_set else "")
-    if args.bn_stats != "checkpoint":
-        tag += f"_bn-{args.bn_stats}"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"eval_{tag}.json", {**result, "checkpoint": args.checkpoint, "split": args.split,
-                                          "img_size": img_size, "tta": tta_set, "bn_stats": args.bn_stats,
-                                          **run_info(device)})
-    plot_confusion(result["confusion_matrix"], out / f"eval_{tag}_confusion.png",
+    confusion_path = json_path.with_name(f"{json_path.stem}_confusion.png")
+    write_json(json_path, {**result, "checkpoint": args.checkpoint, "split": args.split, "img_size": img_size,
+                           "tta": tta_set, "bn_stats": args.bn_stats, **run_info(device)})
+    plot_confusion(result["confusion_matrix"], confusion_path,
                    f"{Path(args.checkpoint).name} on {args.split} ({result['num_images']} images)")
     print_report(result, f"{args.checkpoint} on {args.split} ({result['num_images']} images, {img_size} px, TTA "
                          f"{tta_set or 'off'}, BatchNorm statistics: {args.bn_stats}):")
-    print(f"wrote {out / f'eval_{tag}.json'} and {out / f'eval_{tag}_confusion.png'}")
+    print(f"wrote {json_path} and {confusion_path}")
     print(f"final: acc1={result['acc1']:.4f} ece={result['ece']:.4f} nll={result['nll']:.4f} "
           f"images={result['num_images']}")
 

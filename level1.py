@@ -32,6 +32,8 @@ import common
 import evaluate
 
 LEVEL = "level1"
+# --resume keeps these as saved: they fixed the data split, the optimiser's decay, the schedule of the epochs run.
+RESUME_FLAGS = ("seed", "subset", "train_on_all", "weight_decay", "head_epochs")
 # --quick: a smoke run that shows every stage working, in a minute or two on a CPU; its numbers mean nothing.
 QUICK = {"subset": 128, "eval_subset": 128, "img_size": 32, "batch_size": 32, "head_epochs": 1, "epochs": 1,
          "overwrite": True}
@@ -150,16 +152,14 @@ def load_data(args, rank, world_size, device):
     train_loader = torch.utils.data.DataLoader(
         train_set, args.batch_size // world_size, sampler=sampler, num_workers=args.workers, drop_last=True,
         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+        worker_init_fn=common.worker_init,  # Ctrl-C reaches the main process only, which stops the workers
         generator=torch.Generator().manual_seed(args.seed + rank))  # the workers' seeds, not from the global RNG
     return train_set, val_set, test_set, train_loader
 
 def resume(args, model, optimizer, scaler):
     """Continue after a levelN_last.pth, at the next epoch: weights, optimiser, loss scale, best score and history."""
     checkpoint = common.load_checkpoint(args.resume, LEVEL)
-    moved = Path(args.resume).resolve().parent != Path(args.checkpoint_dir).resolve()  # into another run's folder
-    if moved or any(checkpoint["args"][k] != vars(args)[k] for k in ("seed", "subset", "train_on_all", "weight_decay")):
-        raise common.UserError("resume in the run's own --checkpoint-dir, with its --seed, --subset, --train-on-all "
-                               "(they fix the data split) and --wd (the optimiser holds it)")
+    common.check_resume(checkpoint, args, RESUME_FLAGS)
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint["scaler"]:  # empty when it was saved by a bf16 or fp32 run
@@ -199,10 +199,11 @@ def final_test(model, test_set, device, args, history, info):
 def main(args):
     rank, world_size, device = setup_distributed(args)
     master = rank == 0  # rank 0 alone validates, writes and prints; the others wait for it at a barrier
-    if master:
-        common.start_run(LEVEL, args.checkpoint_dir, args.results_dir, args.resume, args.overwrite)
-    if args.batch_size % world_size or args.batch_size // world_size < 2 or (args.sync_bn and device.type != "cuda"):
-        raise common.UserError("--batch-size must be a multiple of the processes, 2 or more each; --sync-bn needs GPUs")
+    common.start_ranks(LEVEL, args, rank, world_size)  # rank 0 checks the folders; its error stops every rank
+    if args.sync_bn and device.type != "cuda":
+        raise common.UserError(f"--sync-bn needs CUDA GPUs (the device is {device.type}): leave it out")
+    if args.batch_size % world_size or args.batch_size // world_size < 2:
+        raise common.UserError("--batch-size must be a multiple of the processes, 2 or more each")
     torch.manual_seed(args.seed + rank)  # each process draws its own augmentation; DDP gives all rank 0's weights
     torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN times its kernels once and keeps the fastest
     train_set, val_set, test_set, train_loader = load_data(args, rank, world_size, device)

@@ -32,6 +32,9 @@ import evaluate
 import evidence
 
 LEVEL = "level4"
+# --resume keeps these as saved: they fixed the data split, the optimiser's decay, the schedule of the epochs run.
+RESUME_FLAGS = ("seed", "subset", "train_on_all", "weight_decay", "head_epochs", "epochs", "warmup_epochs",
+                "unfreeze_every", "unfreeze_warmup_epochs", "final_epochs", "swa_epochs", "swa_every")
 # --quick: a smoke run that shows every stage working, in a minute or two on a CPU; its numbers mean nothing.
 QUICK = {"subset": 128, "eval_subset": 128, "img_size": 32, "batch_size": 32, "head_epochs": 1, "epochs": 1,
          "overwrite": True, "swa_epochs": 1, "corruption_images": 16, "ablate_sizes": [48], "ablate_epochs": 1}
@@ -156,11 +159,15 @@ def validate_args(args):
                        fraction=("mix_prob", "switch_prob", "label_smoothing", "erase_prob", "lr_decay", "ema_decay"))
     if not (0 <= args.dropout < 1 and args.ema_decay < 1 and args.lr_decay > 0 and 0 <= args.randaug_m <= 30):
         raise common.UserError("need --dropout and --ema-decay in [0, 1), --lr-decay in (0, 1], --randaug-m in 0..30")
-    rows, unknown = ablation_grid(args), set(args.ablate_rows or []) - set(ablation_grid(args))
-    if (args.ablate_rows and not args.ablate) or unknown or min(args.ablate_sizes) < 32 or args.ablate and (
-            args.resume or "RANK" in os.environ):
-        raise common.UserError(f"--ablate-rows needs --ablate and rows of {' '.join(rows)}; --ablate-sizes must be "
-                               f">= 32; --ablate runs its rows itself: one process (python, not torchrun), no --resume")
+    if min(args.ablate_sizes) < 32:  # first: the rows named below are then all valid
+        raise common.UserError(f"--ablate-sizes must be >= 32 (got {min(args.ablate_sizes)})")
+    rows, unknown = " ".join(ablation_grid(args)), sorted(set(args.ablate_rows or []) - set(ablation_grid(args)))
+    if unknown:
+        raise common.UserError(f"unknown --ablate-rows {' '.join(unknown)}: choose among {rows}")
+    if args.ablate_rows and not args.ablate:
+        raise common.UserError("--ablate-rows needs --ablate")
+    if args.ablate and (args.resume or "RANK" in os.environ):
+        raise common.UserError("--ablate runs its rows itself: one process (python, not torchrun), no --resume")
     if args.ablate and args.ablate_epochs > args.epochs:
         raise common.UserError(f"--ablate-epochs scales the recipe down: at most --epochs ({args.epochs}), got "
                                f"{args.ablate_epochs}")
@@ -305,16 +312,14 @@ def load_data(args, rank, world_size, device):
     train_loader = torch.utils.data.DataLoader(
         train_set, args.batch_size // world_size, sampler=sampler, num_workers=args.workers, drop_last=True,
         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+        worker_init_fn=common.worker_init,  # Ctrl-C reaches the main process only, which stops the workers
         generator=torch.Generator().manual_seed(args.seed + rank))  # the workers' seeds, not from the global RNG
     return train_set, val_set, test_set, train_loader
 
 def resume(args, model, averages, optimizer, scaler):
     """Continue after a levelN_last.pth, at the next epoch: weights, averages, optimiser, loss scale, best, history."""
     checkpoint = common.load_checkpoint(args.resume, LEVEL)
-    moved = Path(args.resume).resolve().parent != Path(args.checkpoint_dir).resolve()  # into another run's folder
-    if moved or any(checkpoint["args"][k] != vars(args)[k] for k in ("seed", "subset", "train_on_all", "weight_decay")):
-        raise common.UserError("resume in the run's own --checkpoint-dir, with its --seed, --subset, --train-on-all "
-                               "(they fix the data split) and --wd (the optimiser holds it)")
+    common.check_resume(checkpoint, args, RESUME_FLAGS)
     model.load_state_dict(checkpoint["model"])
     for name, average in averages.items():  # an average the saved run did not have starts from its weights
         saved = checkpoint["averages"].get(name, {"module": checkpoint["model"], "num_updates": 0})
@@ -646,6 +651,7 @@ def write_summary(args):
             print(f"warning: skipped {path}: not a results file of this suite ({type(error).__name__})")
     if not runs:
         raise common.UserError(f"no readable levelN.json in {args.results_dir}: run a level first")
+    common.check_writable(args.results_dir, "--results-dir")  # one line, not a traceback between the table and plot
 
     def mean_sd_cell(values):  # "0.9512 ± 0.0011" over several runs, the bare figure for one, "-" for none
         values = [v for v in values if v is not None]
@@ -675,10 +681,11 @@ def main(args):
         return write_summary(args) if args.summary else run_ablation(args)
     rank, world_size, device = setup_distributed(args)
     master = rank == 0  # rank 0 alone validates, writes and prints; the others wait for it at a barrier
-    if master:
-        common.start_run(LEVEL, args.checkpoint_dir, args.results_dir, args.resume, args.overwrite)
-    if args.batch_size % world_size or args.batch_size // world_size < 2 or (args.sync_bn and device.type != "cuda"):
-        raise common.UserError("--batch-size must be a multiple of the processes, 2 or more each; --sync-bn needs GPUs")
+    common.start_ranks(LEVEL, args, rank, world_size)  # rank 0 checks the folders; its error stops every rank
+    if args.sync_bn and device.type != "cuda":
+        raise common.UserError(f"--sync-bn needs CUDA GPUs (the device is {device.type}): leave it out")
+    if args.batch_size % world_size or args.batch_size // world_size < 2:
+        raise common.UserError("--batch-size must be a multiple of the processes, 2 or more each")
     torch.manual_seed(args.seed + rank)  # each process draws its own augmentation; DDP gives all rank 0's weights
     torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN times its kernels once and keeps the fastest
     train_set, val_set, test_set, train_loader = load_data(args, rank, world_size, device)

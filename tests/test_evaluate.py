@@ -266,6 +266,11 @@ def cli(checkpoint_path, data_root, out, *extra):
     return run_cli(evaluate, checkpoint_path, "--data-dir", data_root, "--device", "cpu", "--out", out, *extra)
 
 
+def eval_name(checkpoint, tail, kind="eval"):
+    """evaluate.py's output name: the checkpoint's folder and name, then the split or nothing."""
+    return f"{kind}_{Path(checkpoint).resolve().parent.name}-{Path(checkpoint).stem}{tail}"
+
+
 def is_png(path):
     return Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -276,8 +281,8 @@ def test_cli_evaluates_a_state_dict(tmp_path, checkpoint, resnet, synthetic_root
     out = tmp_path / "out"
     result = cli(checkpoint, synthetic_root, out, "--subset", 40, "-b", 20, "--img-size", 32)
     assert result.returncode == 0, result.stderr
-    saved = strict_json(out / "eval_plain_test.json")
-    assert is_png(out / "eval_plain_test_confusion.png")
+    saved = strict_json(out / eval_name(checkpoint, "_test.json"))
+    assert is_png(out / eval_name(checkpoint, "_test_confusion.png"))
     assert saved["split"] == "test" and saved["img_size"] == 32 and saved["tta"] is None
     assert saved["num_images"] == 40 and saved["views"] == ["identity"] and saved["temperature"] == 1.0
     assert saved["checkpoint"] == str(checkpoint) and saved["precision"] == "fp32"
@@ -310,8 +315,8 @@ def test_cli_tta_flip_writes_its_own_files(tmp_path, checkpoint, synthetic_root,
     """--tta flip: two views, named in the JSON and in the file names (_tta-flip)."""
     result = cli(checkpoint, synthetic_root, tmp_path, "--subset", 20, "-b", 20, "--img-size", 32, "--tta", "flip")
     assert result.returncode == 0, result.stderr
-    saved = strict_json(tmp_path / "eval_plain_test_tta-flip.json")
-    assert (tmp_path / "eval_plain_test_tta-flip_confusion.png").is_file() and len(fast_plots) == 1
+    saved = strict_json(tmp_path / eval_name(checkpoint, "_test_tta-flip.json"))
+    assert (tmp_path / eval_name(checkpoint, "_test_tta-flip_confusion.png")).is_file() and len(fast_plots) == 1
     assert saved["tta"] == "flip" and saved["views"] == ["identity", "flip"] and saved["num_images"] == 20
     assert "TTA flip" in result.stdout and final_line(result.stdout)["images"] == 20
 
@@ -326,7 +331,7 @@ def test_cli_split_val_uses_the_checkpoints_seed_and_img_size(tmp_path, state_di
     torch.save({"model": state_dict, "args": {"seed": 5, "img_size": 32}}, path)
     result = cli(path, synthetic_root, tmp_path / "out", "--split", "val", "--subset", 20, "-b", 20)
     assert result.returncode == 0, result.stderr
-    saved = strict_json(tmp_path / "out" / "eval_run_val.json")
+    saved = strict_json(tmp_path / "out" / eval_name(path, "_val.json"))
     assert saved["split"] == "val" and saved["img_size"] == 32 and saved["num_images"] == 20
     assert fast_plots == ["run.pth on val (20 images)"]
     val_set = common.cifar10_datasets(synthetic_root, 5, eval_subset=20)[1]
@@ -410,7 +415,7 @@ def test_cli_applies_the_stored_temperature_unless_told_not_to(tmp_path, state_d
     applied = cli(path, synthetic_root, tmp_path / "a", "--subset", 20, "-b", 20)
     ignored = cli(path, synthetic_root, tmp_path / "b", "--subset", 20, "-b", 20, "--no-temperature")
     assert applied.returncode == ignored.returncode == 0, applied.stderr + ignored.stderr
-    with_t, without_t = (strict_json(tmp_path / d / "eval_calibrated_test.json") for d in "ab")
+    with_t, without_t = (strict_json(tmp_path / d / eval_name(path, "_test.json")) for d in "ab")
     assert with_t["temperature"] == 2.0 and "(T = 2)" in applied.stdout
     assert without_t["temperature"] == 1.0 and "(T = 1)" in ignored.stdout
     assert with_t["acc1"] == without_t["acc1"] and with_t["confusion_matrix"] == without_t["confusion_matrix"]
@@ -426,7 +431,7 @@ def test_cli_does_not_apply_a_temperature_at_its_search_bound(tmp_path, state_di
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "not applied" in warnings[0] and "100" in warnings[0]
-    assert strict_json(tmp_path / "eval_bound_test.json")["temperature"] == 1.0 and "(T = 1)" in result.stdout
+    assert strict_json(tmp_path / eval_name(path, "_test.json"))["temperature"] == 1.0 and "(T = 1)" in result.stdout
 
 
 def test_cli_applies_the_temperature_of_the_tta_set_measured(tmp_path, state_dict, synthetic_root, fast_plots):
@@ -500,8 +505,8 @@ def test_cli_images_prints_top3_and_skips_unreadable_files(tmp_path, checkpoint,
     assert result.returncode == 0, result.stderr
     skipped = [line for line in result.stdout.splitlines() if line.startswith("skipped")]
     assert len(skipped) == 1 and str(files[2]) in skipped[0]
-    saved = strict_json(tmp_path / "predictions.json")
-    assert is_png(tmp_path / "predictions.png")
+    saved = strict_json(tmp_path / eval_name(checkpoint, ".json", "predictions"))
+    assert is_png(tmp_path / eval_name(checkpoint, ".png", "predictions"))
     assert [row["file"] for row in saved["images"]] == [str(f) for f in files[:2]]
     images = np.stack([evaluate.load_as_cifar(f) for f in files[:2]])
     logits, _ = common.predict(resnet, common.CifarDataset(images, np.zeros(2, dtype=np.int64)), CPU, 32)
@@ -519,7 +524,8 @@ def test_cli_images_creates_the_out_folder(tmp_path, checkpoint):
     result = run_cli(evaluate, checkpoint, "--images", *files, "--out", tmp_path / "new", "--img-size", 32,
                      "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "new" / "predictions.json").is_file() and is_png(tmp_path / "new" / "predictions.png")
+    assert (tmp_path / "new" / eval_name(checkpoint, ".json", "predictions")).is_file()
+    assert is_png(tmp_path / "new" / eval_name(checkpoint, ".png", "predictions"))
 
 
 def test_cli_images_with_only_unreadable_files_is_a_one_line_error(tmp_path, checkpoint):
@@ -528,7 +534,7 @@ def test_cli_images_with_only_unreadable_files_is_a_one_line_error(tmp_path, che
     result = run_cli(evaluate, checkpoint, "--images", broken, tmp_path / "missing.jpg", "--out", tmp_path,
                      "--device", "cpu")
     assert_one_line_error(result, "no readable")
-    assert "skipped" in result.stdout and not (tmp_path / "predictions.json").exists()
+    assert "skipped" in result.stdout and not list(tmp_path.glob("predictions*.json"))
 
 
 def test_cli_accepts_the_prefixed_keys_of_ddp_and_torch_compile(tmp_path, state_dict, synthetic_root, fast_plots):
@@ -553,6 +559,6 @@ def test_cli_images_ranks_classes_by_the_temperature_free_average(tmp_path, chec
     image = write_images(tmp_path / "photos")[0]
     result = run_cli(evaluate, path, "--images", image, "--tta", "--out", tmp_path, "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    top3 = strict_json(tmp_path / "predictions.json")["images"][0]["top3"]
+    top3 = strict_json(tmp_path / eval_name(path, ".json", "predictions"))["images"][0]["top3"]
     assert top3[0][0] == common.CLASSES[0]
     assert top3[0][1] == pytest.approx(float(common.average_views(views, 0.5)[0, 0]))  # shown at the stored T

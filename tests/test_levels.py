@@ -402,11 +402,12 @@ def test_resume_refuses_another_levels_checkpoint_folder_split_or_decay(cached_r
     out = run_cli(level2, *TINY, "--data-dir", data_root, "--checkpoint-dir", tmp_path, "--results-dir", tmp_path,
                   "--resume", folder / "level1_last.pth")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "level2_last.pth" in out.stderr
-    for flags in (["--checkpoint-dir", tmp_path], ["--checkpoint-dir", folder, "--seed", "5"],
-                  ["--checkpoint-dir", folder, "--wd", "0.5"]):
+    for flags, fragment in ((["--checkpoint-dir", tmp_path], "--checkpoint-dir"),  # each names its flag (issue 19)
+                            (["--checkpoint-dir", folder, "--seed", "5"], "--seed was 0 in the saved run, 5 now"),
+                            (["--checkpoint-dir", folder, "--wd", "0.5"], "--weight-decay was 0.05")):
         out = run_cli(level1, *TINY, "--data-dir", data_root, "--results-dir", tmp_path, "--epochs", "2", *flags,
                       "--resume", folder / "level1_last.pth")
-        assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--checkpoint-dir" in out.stderr, flags
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and fragment in out.stderr, flags
 
 
 def test_train_on_all_keeps_the_last_epoch_without_validation(tmp_path, data_root):
