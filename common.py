@@ -48,6 +48,13 @@ def _stop(signum):
           f"--resume it)", file=sys.stderr)
     sys.exit(128 + signum)
 
+def _finish_writes():  # a stop first lets the save in flight end: levelN_last.pth then holds the last finished epoch
+    for writer in _RUN.get("writers", []):
+        try:
+            writer.wait()
+        except UserError:  # a failed write leaves the previous file whole; the stop's line is the one to print
+            pass
+
 def worker_init(worker_id):
     """DataLoader workers leave SIGINT to the main process, which stops them; SIGTERM ends them quietly."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -66,6 +73,7 @@ def run_main(main, parser, validate):
     except UserError as error:
         fail(error)
     except KeyboardInterrupt:
+        _finish_writes()
         _stop(_RUN.get("stopping", signal.SIGINT))
     except OSError as error:  # a write outside atomic_write, e.g. a plot
         if error.errno not in WRITE_ERRNOS:
@@ -423,6 +431,7 @@ class CheckpointWriter:
     def __init__(self):
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self.pending = None  # the Future of the save in flight
+        _RUN.setdefault("writers", []).append(self)  # so that Ctrl-C or SIGTERM waits for its save
 
     def save(self, files):
         self.wait()

@@ -2,6 +2,7 @@
 growing with severity on real test images; the helpers against PIL, matplotlib and torchvision; the official layout
 read a severity at a time; its bad files one-line errors; the report's figures against a hand computation."""
 import json
+from pathlib import Path
 
 import matplotlib.colors
 import numpy as np
@@ -212,11 +213,12 @@ def test_cli_generated_writes_the_json_and_heat_map(tmp_path, checkpoint, synthe
                   "--data-dir", synthetic_root, "--out", tmp_path, "--device", "cpu")
     assert out.returncode == 0, out.stderr
     assert "holds no .npy file: using generated CIFAR-10-C-style" in out.stdout
-    result = json.loads((tmp_path / "eval_model_corruptions.json").read_text())
+    json_path = tmp_path / f"eval_{Path(checkpoint).parent.name}-model_corruptions.json"  # folder-checkpoint
+    result = json.loads(json_path.read_text())
     assert result["source"] == "generated" and len(result["acc1"]) == 13 and result["images_per_severity"] == 4
     assert result["ce"] == pytest.approx(dict.fromkeys(result["acc1"], 1.0)) and result["mce"] == pytest.approx(1.0)
     assert result["baseline"]["checkpoint"] == str(checkpoint) and result["mean_ece"] >= 0
-    assert (tmp_path / "eval_model_corruptions.png").stat().st_size > 0
+    assert json_path.with_suffix(".png").stat().st_size > 0
     assert "corruption_acc1=" in out.stdout.splitlines()[-1]
 
 

@@ -18,6 +18,7 @@ import level1
 import level2
 import level3
 import level4
+import study
 
 CPU = torch.device("cpu")
 IMAGES = np.random.default_rng(0).integers(0, 256, (32, 3, 32, 32), dtype=np.uint8)
@@ -447,27 +448,27 @@ def test_summary_has_a_raw_and_a_calibrated_ece_column(tmp_path):
 
 
 def test_ablation_runs_its_rows_keeps_finished_ones_and_names_unknown_rows(tmp_path, data_root, monkeypatch):
+    """Real tiny runs: the baseline and no_ema (one seed) train, no_ema's weights are not the EMA's; another
+    --ablate-rows reuses the finished runs; unknown rows, torchrun and a malformed ablation.json are one line each."""
     ran = []
     original = level4.main
 
     def counting_main(args):
-        ran.append(args.checkpoint_dir.rsplit("/", 1)[-1])
+        ran.append(Path(args.checkpoint_dir).parent.name)
         return original(args)
     monkeypatch.setattr(level4, "main", counting_main)
-    flags = [*TINY, *TINY_LEVEL[4], "--head-epochs", "0", "--final-epochs", "0", "--data-dir", data_root,
-             "--checkpoint-dir", tmp_path / "ck", "--results-dir", tmp_path, "--ablate", "--ablate-epochs", "1",
-             "--ablate-sizes", "32"]
+    flags = [*TINY, *TINY_LEVEL[4], "--head-epochs", "0", "--data-dir", data_root, "--checkpoint-dir", tmp_path / "ck",
+             "--results-dir", tmp_path, "--ablate", "--ablate-epochs", "1", "--ablate-seeds", "1", "--ablate-sizes",
+             "32"]
     out = run_cli(level4, *flags, "--ablate-rows", "no_ema")
     assert out.returncode == 0, out.stderr
-    rows = json.loads((tmp_path / "ablation.json").read_text())["rows"]
-    assert [r["name"] for r in rows] == ["baseline", "no_ema"] and rows[1]["model_source"] != "ema"
+    runs = json.loads((tmp_path / "ablation.json").read_text())["runs"]
+    assert [(r["name"], r["seed"]) for r in runs] == [("baseline", 0), ("no_ema", 0)]
     assert "| no_ema |" in (tmp_path / "ablation.md").read_text()
-    assert ran == ["ck", "baseline", "no_ema"]
+    assert ran[1:] == ["baseline", "no_ema"]  # the first call is the --ablate command itself
     ran.clear()
     assert run_cli(level4, *flags, "--ablate-rows", "baseline").returncode == 0
-    assert ran == ["ck"]  # another --ablate-rows: the rows done with the same settings are kept, not run again
-    rows = json.loads((tmp_path / "ablation.json").read_text())["rows"]
-    assert [r["name"] for r in rows] == ["baseline", "no_ema"]
+    assert len(ran) == 1  # another --ablate-rows: the runs done with the same settings are kept, not run again
     out = run_cli(level4, *flags, "--ablate-rows", "no_such_row")
     assert out.returncode == 2 and "no_ema" in out.stderr
     monkeypatch.setenv("RANK", "0")  # under torchrun: the rows run one after another in one process
@@ -503,13 +504,13 @@ def test_scaled_recipe_keeps_the_phases_in_proportion():
     """--ablate-epochs 6 of a 30-epoch recipe: every phase at a fifth, whole epochs, a phase the recipe has keeps one
     epoch or more, a phase it does not have stays 0; warmups (fractions of an epoch) scale exactly."""
     parse = level4.get_args_parser().parse_args
-    scaled = level4.scaled_recipe(parse(["--ablate-epochs", "6"]))  # head 2, cosine 30, SWA 5, a stage per epoch
+    scaled = study.scaled_recipe(parse(["--ablate-epochs", "6"]))  # head 2, cosine 30, SWA 5, a stage per epoch
     assert scaled == {"epochs": 6, "head_epochs": 1, "swa_epochs": 1, "final_epochs": 0, "unfreeze_every": 1,
                       "warmup_epochs": pytest.approx(0.2), "unfreeze_warmup_epochs": pytest.approx(0.1)}
-    longer = level4.scaled_recipe(parse(["--ablate-epochs", "6", "--head-epochs", "10", "--swa-epochs", "10",
+    longer = study.scaled_recipe(parse(["--ablate-epochs", "6", "--head-epochs", "10", "--swa-epochs", "10",
                                          "--unfreeze-every", "5"]))
     assert [longer[k] for k in ("head_epochs", "epochs", "swa_epochs", "unfreeze_every")] == [2, 6, 2, 1]
-    half = level4.scaled_recipe(parse(["--ablate-epochs", "15", "--swa-epochs", "5", "--unfreeze-every", "3"]))
+    half = study.scaled_recipe(parse(["--ablate-epochs", "15", "--swa-epochs", "5", "--unfreeze-every", "3"]))
     assert [half[k] for k in ("head_epochs", "swa_epochs", "unfreeze_every")] == [1, 3, 2]  # 1, 2.5, 1.5: half up
 
 
@@ -527,10 +528,9 @@ def test_ablation_pairs_seeds_and_its_evaluation_rows_train_nothing(cached_run, 
         acc1 = 0.5 + 0.01 * row_args.seed + 0.02 * (row_args.mix_prob == 0)
         return {"test": {"acc1": acc1}, "test_tta": {"acc1": acc1, "ece": 0.1}, "best_val_acc": acc1,
                 "device": "cpu", "commit": "test"}
-    monkeypatch.setattr(level4, "main", fake_main)
-    args = level_args(level4, tmp_path, data_root, "--ablate", "--ablate-seeds", 2, "--seed", 3, "--ablate-rows",
-                      "no_mixup_cutmix", "no_tta", "no_temperature", "bn_clean")
-    table = level4.run_ablation(args)
+    args = level_args(level4, tmp_path, data_root, "--ablate", "--ablate-seeds", 2, "--ablate-epochs", 1, "--seed", 3,
+                      "--ablate-rows", "no_mixup_cutmix", "no_tta", "no_temperature", "bn_clean")
+    table = study.run_ablation(args, fake_main, level4.BN_IMAGES)
     assert sorted(calls) == [(3, 0.0), (3, 0.5), (4, 0.0), (4, 0.5)]  # baseline and no_mixup_cutmix, seeds 3 and 4
     assert [run["seed"] for run in table["no_tta"]] == [3, 4] and table["no_tta"][0]["evaluation_only"]
     model = common.build_model("none", args.dropout)
@@ -543,5 +543,5 @@ def test_ablation_pairs_seeds_and_its_evaluation_rows_train_nothing(cached_run, 
     assert "+0.0200 [+0.0200, +0.0200] | no spread" in line  # paired by seed: the same +0.02 on both
     assert "evaluation only" in next(row for row in markdown.splitlines() if row.startswith("| no_tta"))
     assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
-    level4.run_ablation(args)
+    study.run_ablation(args, fake_main, level4.BN_IMAGES)
     assert len(calls) == 4  # every finished (row, seed) reused

@@ -154,7 +154,8 @@ def test_3_level1_extends_with_a_longer_epochs(tmp_path, data_root):
 
 @pytest.mark.parametrize("stored", [float("nan"), -2.0, 0.0])
 def test_4_nan_or_negative_stored_temperature_is_not_applied(stored, capsys):
-    assert evaluate.choose_temperature({"temperature": stored}, argparse.Namespace(no_temperature=False)) == 1.0
+    args = argparse.Namespace(no_temperature=False, tta_average="softmax")
+    assert evaluate.choose_temperature({"temperature": stored}, args, None) == 1.0
     assert "not applied" in capsys.readouterr().out
 
 
