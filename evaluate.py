@@ -116,6 +116,20 @@ def per_image(view_logits, labels, temperature=1.0, average="softmax"):
             "nll": common.nll_per_image(view_logits, labels, temperature, average)}
 
 # ---- Results: strict JSON, naming the command, device and commit that produced each number -----------------------
+def run_sessions(history, info):
+    """Every session of a run (a resumed run has several), from the history rows, which name the session that ran
+    them: its command, epochs and seconds (the current session's until now, its final test included), and the total
+    seconds of the run: {"sessions": [...], "total_seconds": ...}."""
+    sessions = {}
+    for row in history:
+        new = {"command": row.get("command"), "epochs": 0, "seconds": 0.0}
+        session = sessions.setdefault(row.get("session_started"), new)
+        session["epochs"] += 1
+        session["seconds"] += row.get("epoch_seconds") or row.get("train_seconds") or 0.0
+    current = sessions.setdefault(info["started"], {"command": info["command"], "epochs": 0, "seconds": 0.0})
+    current["seconds"] = time.time() - info["started"]
+    return {"sessions": list(sessions.values()), "total_seconds": sum(s["seconds"] for s in sessions.values())}
+
 def run_info(device):
     """What produced a result: the command, the device, the precision, the commit and the library versions."""
     def git(*args):

@@ -189,7 +189,8 @@ def final_test(model, test_set, device, args, history, info):
     test, _ = evaluate.report(model, test_set, device, args.img_size)
     results = {"level": LEVEL, **info, "args": vars(args), "history": history, "best_epoch": best["epoch"],
                "selected_by": best["selected_by"], "best_val_acc": best["history"][-1].get("val_acc", math.nan),
-               "test": test, "seconds": time.time() - info["started"]}
+               "test": test, "seconds": time.time() - info["started"],
+               **evaluate.run_sessions(history, info)}
     evaluate.write_json(Path(args.results_dir) / f"{LEVEL}.json", results)
     evaluate.plot_curves(history, Path(args.results_dir) / f"{LEVEL}_curves.png", f"{LEVEL}, {args.img_size} px")
     print(f"final: acc1={test['acc1']:.4f} val_acc1={results['best_val_acc']:.4f} ece={test['ece']:.4f} nll="
@@ -234,7 +235,8 @@ def main(args):
         train_loss = train_one_epoch(train_model, train_loader, optimizer, scaler, device, args)
         train_seconds = time.time() - epoch_start
         row = {"epoch": epoch + 1, "stage": stage, "lr": lr, "train_loss": train_loss,
-               "images_per_s": len(train_loader) * args.batch_size / train_seconds, "train_seconds": train_seconds}
+               "images_per_s": len(train_loader) * args.batch_size / train_seconds, "train_seconds": train_seconds,
+               "session_started": info["started"], "command": info["command"]}  # a resumed run has several sessions
         if master and not args.train_on_all:
             row["val_loss"], row["val_acc"] = evaluate.loss_and_accuracy(model, val_set, device, args.img_size)
         bad = [loss for loss in (train_loss, row.get("val_loss", 0.0)) if not math.isfinite(loss)]

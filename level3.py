@@ -355,7 +355,8 @@ def final_test(model, test_set, device, args, history, info):
     best_val_acc = best["history"][-1].get(history_key("acc", best["model_source"]), math.nan)  # nan: no validation
     results = {"level": LEVEL, **info, "args": vars(args), "history": history, "best_epoch": best["epoch"],
                "selected_by": best["selected_by"], "model_source": best["model_source"], "best_val_acc": best_val_acc,
-               "test": test, "test_tta": test_tta, "seconds": time.time() - info["started"]}
+               "test": test, "test_tta": test_tta, "seconds": time.time() - info["started"],
+               **evaluate.run_sessions(history, info)}
     evaluate.write_json(Path(args.results_dir) / f"{LEVEL}.json", results)
     evaluate.plot_curves(history, Path(args.results_dir) / f"{LEVEL}_curves.png", f"{LEVEL}, {args.img_size} px")
     print(f"final: acc1={test['acc1']:.4f} tta_acc1={test_tta['acc1']:.4f} val_acc1={results['best_val_acc']:.4f} "
@@ -401,7 +402,8 @@ def main(args):
         train_seconds = time.time() - epoch_start
         lr = optimizer.param_groups[0]["lr"]  # the head's
         row = {"epoch": epoch + 1, "stage": stage, "lr": lr, "train_loss": train_loss,
-               "images_per_s": len(train_loader) * args.batch_size / train_seconds, "train_seconds": train_seconds}
+               "images_per_s": len(train_loader) * args.batch_size / train_seconds, "train_seconds": train_seconds,
+               "session_started": info["started"], "command": info["command"]}  # a resumed run has several sessions
         figures, candidates = {}, {}
         if master:
             figures, candidates = validate(model, averages, trainable, bn_set, val_set, device, args)

@@ -474,7 +474,8 @@ def final_test(model, val_set, test_set, device, args, history, info):
                "test": test, "test_calibrated": calibrated, "test_tta": tta[args.tta_set], "tta_sets": tta,
                "calibration": calibration, "most_confused": evaluate.most_confused(test["confusion_matrix"]),
                "confident_mistakes": mistakes, "corruptions_generated": robustness,
-               "seconds": time.time() - info["started"]}
+               "seconds": time.time() - info["started"],
+               **evaluate.run_sessions(history, info)}
     evaluate.write_json(results_dir / f"{LEVEL}.json", results)
     evaluate.plot_curves(history, results_dir / f"{LEVEL}_curves.png", f"{LEVEL}, {args.img_size} px")
     print("most confused, true -> predicted: " + ", ".join(f"{t} -> {p} ({n})" for t, p, n in results["most_confused"]))
@@ -526,7 +527,8 @@ def main(args):
         train_seconds = time.time() - epoch_start
         lr = optimizer.param_groups[0]["lr"]  # the head's
         row = {"epoch": epoch + 1, "stage": stage, "lr": lr, "train_loss": train_loss,
-               "images_per_s": len(train_loader) * args.batch_size / train_seconds, "train_seconds": train_seconds}
+               "images_per_s": len(train_loader) * args.batch_size / train_seconds, "train_seconds": train_seconds,
+               "session_started": info["started"], "command": info["command"]}  # a resumed run has several sessions
         figures, candidates = {}, {}
         if master:
             figures, candidates = validate(model, averages, trainable, bn_set, val_set, device, args)

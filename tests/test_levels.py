@@ -388,6 +388,11 @@ def test_interrupted_run_resumes_at_the_next_epoch_with_its_states(tmp_path, dat
     assert "epoch 2 on" in out.stdout
     resumed = json.loads((tmp_path / "level4.json").read_text())
     assert [row["lr"] for row in resumed["history"]] == [row["lr"] for row in straight["history"]]
+    sessions = resumed["sessions"]  # issue 19 point 4: every session's command, and the time of all of them
+    assert [s["epochs"] for s in sessions] == [1, len(straight["history"]) - 1]
+    assert "--resume" not in sessions[0]["command"] and "--resume" in sessions[1]["command"]
+    assert resumed["total_seconds"] == pytest.approx(sum(s["seconds"] for s in sessions))
+    assert resumed["total_seconds"] > sessions[1]["seconds"] > 0 and sessions[0]["seconds"] > 0
     a = torch.load(tmp_path / "level4_last.pth", weights_only=True)
     b = torch.load(straight_folder / "level4_last.pth", weights_only=True)
     assert a["epoch"] == b["epoch"] == len(straight["history"])
