@@ -1,6 +1,7 @@
 """Is a difference real? The statistics behind `evaluate.py --compare` (two checkpoints on the same images) and
 `level4.py --ablate` (paired runs over seeds), each tested against a hand-computed answer or a library
 (tests/test_evidence.py). No scipy: McNemar's exact test and Student's t are written out in a few lines."""
+import functools
 import math
 import statistics
 
@@ -31,17 +32,24 @@ def resampled_ece(confidence, correct, indices, n_bins=15):
     gaps = torch.bincount(cells, (correct.double() - confidence)[indices].flatten(), minlength=len(indices) * n_bins)
     return gaps.view(len(indices), n_bins).abs().sum(1) / indices.shape[1]
 
+def _measure(name, scored, indices):
+    """top-1, ECE or NLL of one checkpoint's per-image figures, for each row of R x n image indices."""
+    if name == "acc1":
+        return scored["correct"].double()[indices].mean(1)
+    if name == "ece":
+        return resampled_ece(scored["confidence"], scored["correct"], indices)
+    return scored["nll"][indices].mean(1)
+
+def _difference(name, a, b, indices):
+    return _measure(name, a, indices) - _measure(name, b, indices)
+
 def compare_figures(a, b, resamples=2000, seed=0):
     """A against B (per_image dicts of the same images): top-1, ECE and NLL of each, the difference A - B with its
     paired-bootstrap 95 % CI, and McNemar's b (A right, B wrong), c (the reverse) and p."""
-    measures = {"acc1": lambda s, idx: s["correct"].double()[idx].mean(1),
-                "ece": lambda s, idx: resampled_ece(s["confidence"], s["correct"], idx),
-                "nll": lambda s, idx: s["nll"][idx].mean(1)}
-    everyone, figures = torch.arange(len(a["correct"]))[None], {}
-    for name, measure in measures.items():
-        def difference(idx, measure=measure):
-            return measure(a, idx) - measure(b, idx)
-        figures[name] = {"a": float(measure(a, everyone)), "b": float(measure(b, everyone)),
+    everyone, figures = torch.arange(len(a["correct"]))[None], {}  # one "resample": every image once
+    for name in ("acc1", "ece", "nll"):
+        difference = functools.partial(_difference, name, a, b)  # R x n indices -> R differences A - B
+        figures[name] = {"a": float(_measure(name, a, everyone)), "b": float(_measure(name, b, everyone)),
                          "difference": float(difference(everyone)),
                          "ci95": paired_bootstrap(difference, len(a["correct"]), resamples, seed)}
     only_a, only_b = int((a["correct"] & ~b["correct"]).sum()), int((b["correct"] & ~a["correct"]).sum())

@@ -188,26 +188,27 @@ def write_summary(args):
         try:
             r = json.loads(path.read_text())
             corruption = r.get("corruptions_generated") or {}  # {}: not measured
-            run = [float(r["test"]["acc1"]), r.get("test_tta", {}).get("acc1"), float(r["test"]["ece"]),
-                   r.get("test_calibrated", {}).get("ece"), corruption.get("mean_acc1"), len(r["history"]),
-                   float(r["seconds"]), r["device"], r["commit"]]
+            run = {"test acc1": float(r["test"]["acc1"]), "with TTA": r.get("test_tta", {}).get("acc1"),
+                   "ECE": float(r["test"]["ece"]), "ECE (T)": r.get("test_calibrated", {}).get("ece"),
+                   "corruption acc": corruption.get("mean_acc1"), "epochs": len(r["history"]),
+                   "seconds": float(r["seconds"]), "device": r["device"], "commit": r["commit"]}
             runs.setdefault(path.stem, []).append(run)  # after the reads: a malformed file adds nothing
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             print(f"warning: skipped {path}: not a results file of this suite ({type(error).__name__})")
     if not runs:
         raise common.UserError(f"no readable levelN.json in {args.results_dir}: run a level first")
     common.check_writable(args.results_dir, "--results-dir")  # one line, not a traceback between the table and plot
-
+    figures = ["test acc1", "with TTA", "ECE", "ECE (T)", "corruption acc"]
     rows, mean_acc1 = [], []
     for level, level_runs in sorted(runs.items()):
-        acc1, tta_acc1, ece, ece_t, corruption_acc1, epochs, seconds, devices, commits = zip(*level_runs)
-        mean_acc1.append(evidence.mean_sd(acc1)[0])
-        rows.append([level, *map(mean_sd_cell, (acc1, tta_acc1, ece, ece_t, corruption_acc1)), len(level_runs),
-                     ", ".join(map(str, sorted(set(epochs)))), f"{evidence.mean_sd(seconds)[0]:.0f}",
-                     ", ".join(sorted(set(devices))), ", ".join(sorted(set(commits)))])
+        values = {key: [run[key] for run in level_runs] for key in level_runs[0]}  # each figure over the runs
+        mean_acc1.append(evidence.mean_sd(values["test acc1"])[0])
+        epochs = ", ".join(map(str, sorted(set(values["epochs"]))))
+        rows.append([level, *[mean_sd_cell(values[key]) for key in figures], len(level_runs), epochs,
+                     f"{evidence.mean_sd(values['seconds'])[0]:.0f}", ", ".join(sorted(set(values["device"]))),
+                     ", ".join(sorted(set(values["commit"])))])
     print(evaluate.write_table(results_dir / "summary.md", "Summary (`python level4.py --summary`): mean ± SD over "
                                "n runs (results/levelN.json and results/seed*/levelN.json)",
-                               ["level", "test acc1", "with TTA", "ECE", "ECE (T)", "corruption acc", "n", "epochs",
-                                "seconds", "device", "commit"], rows))
+                               ["level", *figures, "n", "epochs", "seconds", "device", "commit"], rows))
     evaluate.plot_bars([r[0] for r in rows], mean_acc1, results_dir / "summary.png", "", "top-1 (mean over runs)")
     return rows
