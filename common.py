@@ -83,6 +83,8 @@ def run_main(main, parser, validate):
         text = str(error).lower()
         if "dataloader worker" in text and "stopping" in _RUN:  # it ended in the same Ctrl-C or SIGTERM
             _stop(_RUN["stopping"])
+        if os.environ.get("RANK", "0") != "0" and isinstance(error, torch.distributed.DistBackendError):
+            sys.exit(2)  # torchrun: rank 0 stopped (with its own one line) while this rank waited for it
         if "overflow" in text:  # e.g. AdamW given --lr 1e38
             fail(f"a number overflowed ({text.splitlines()[0][:80]}): lower --lr/--head-lr")
         if not isinstance(error, MemoryError) and "out of memory" not in text and "allocate memory" not in text:

@@ -415,3 +415,19 @@ def test_19_commit_of_an_enclosing_repository_is_not_recorded(tmp_path, monkeypa
     assert evaluate.run_info(torch.device("cpu"))["commit"] == "unknown"
     monkeypatch.setattr(evaluate, "__file__", str(outer / "evaluate.py"))  # the repository's own folder: its commit
     assert evaluate.run_info(torch.device("cpu"))["commit"] not in ("", "unknown")
+
+
+def test_12_a_rank_whose_rank_zero_stopped_mid_run_exits_2_without_a_traceback(monkeypatch, capsys):
+    """Later in a run (a nan loss on rank 0's validation, say): rank 0 prints its line and exits; the others, waiting
+    at a barrier, get a DistBackendError from gloo/NCCL: they exit 2 silently. Rank 0's own such error is not hidden."""
+    def main(args):
+        raise torch.distributed.DistBackendError("Connection closed by peer [127.0.0.1]:29500")
+    parser = argparse.ArgumentParser()
+    monkeypatch.setattr(sys, "argv", ["level1.py"])
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exit_:
+        common.run_main(main, parser, lambda args: None)
+    assert exit_.value.code == 2 and capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(torch.distributed.DistBackendError):
+        common.run_main(main, parser, lambda args: None)
