@@ -126,7 +126,7 @@ def run_sessions(history, info):
         session = sessions.setdefault(row.get("session_started"), new)
         session["epochs"] += 1
         session["seconds"] += row.get("epoch_seconds") or row.get("train_seconds") or 0.0
-    current = sessions.setdefault(info["started"], {"command": info["command"], "epochs": 0, "seconds": 0.0})
+    current = sessions.setdefault(info["started"], {"command": info.get("command"), "epochs": 0, "seconds": 0.0})
     current["seconds"] = time.time() - info["started"]
     return {"sessions": list(sessions.values()), "total_seconds": sum(s["seconds"] for s in sessions.values())}
 
