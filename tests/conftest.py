@@ -112,6 +112,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def summary_table(folder):
+    """results/summary.md read back: (the header's cells, {level: its row's cells})."""
+    lines = (Path(folder) / "summary.md").read_text().splitlines()
+    header = [cell.strip() for cell in lines[2].split("|")]
+    rows = {cells[1]: cells for cells in ([c.strip() for c in line.split("|")] for line in lines[4:])}
+    return header, rows
+
+
 def final_line(stdout):
     """The `final: key=value ...` line every script ends with, as a dict of floats."""
     line = [line for line in stdout.splitlines() if line.startswith("final:")][-1]

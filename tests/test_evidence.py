@@ -10,7 +10,7 @@ import common
 import evaluate
 import evidence
 import level4
-from conftest import assert_one_line_error, final_line, run_cli
+from conftest import assert_one_line_error, final_line, run_cli, summary_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -212,9 +212,7 @@ def test_summary_pools_seed_folders_as_mean_sd_and_n(tmp_path):
     write(tmp_path / "example-quick" / "level1.json", 0.1)
     out = run_cli(level4, "--summary", "--results-dir", tmp_path)
     assert out.returncode == 0, out.stderr
-    lines = (tmp_path / "summary.md").read_text().splitlines()
-    header = [cell.strip() for cell in lines[2].split("|")]
-    rows = {cells[1]: cells for cells in ([c.strip() for c in line.split("|")] for line in lines[4:])}
+    header, rows = summary_table(tmp_path)
     acc1, n = header.index("test acc1"), header.index("n")
     assert rows["level2"][acc1] == f"0.9300 ± {math.sqrt((0.03**2 + 0.01**2 + 0.04**2) / 2):.4f}"
     assert rows["level2"][n] == "3"

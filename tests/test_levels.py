@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, TINY_LEVEL, final_line, level_args, run_cli, run_level
+from conftest import TINY, TINY_LEVEL, final_line, level_args, run_cli, run_level, summary_table
 
 import common
 import evaluate
@@ -442,9 +442,7 @@ def test_summary_has_a_raw_and_a_calibrated_ece_column(tmp_path):
         "ece": 0.01}, "corruptions_generated": {"mean_acc1": 0.7}}))
     out = run_cli(level4, "--summary", "--results-dir", tmp_path)
     assert out.returncode == 0, out.stderr
-    lines = (tmp_path / "summary.md").read_text().splitlines()
-    header = [cell.strip() for cell in lines[2].split("|")]
-    rows = {cells[1]: cells for cells in ([c.strip() for c in line.split("|")] for line in lines[4:])}
+    header, rows = summary_table(tmp_path)
     ece, ece_t = header.index("ECE"), header.index("ECE (T)")
     assert rows["level1"][ece] == "0.0500" and rows["level1"][ece_t] == "-"
     assert rows["level4"][ece] == "0.0500" and rows["level4"][ece_t] == "0.0100"
