@@ -265,7 +265,8 @@ def plot_differences(names, means, lows, highs, evaluation_only, path, title):
         if low is None:
             axis.text(mean, i, "  n = 1, no interval", va="center", fontsize=8)
     axis.axvline(0.0, color="black", linewidth=1)
-    axis.legend(handles.values(), handles.keys(), loc="lower right")
+    axis.legend(handles.values(), handles.keys(), loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2,
+                frameon=False)  # above the axes: clear of every error bar
     axis.set(yticks=range(len(names)), yticklabels=names, xlabel="difference from the baseline (95 % CI)")
     axis.invert_yaxis()
     axis.grid(axis="x", alpha=0.3)
