@@ -15,8 +15,6 @@ import importlib
 import json
 import math
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 import common
-import corruptions
-import evidence
+from support import records, run
+from support.errors import UserError
+from support.files import check_writable, load_checkpoint
 
 # ---- Metrics, on CPU tensors (each checked against a hand-computed answer in tests/test_evaluate.py) -------------
 def confusion_matrix(preds, labels, num_classes=len(common.CLASSES)):
@@ -107,62 +106,13 @@ def loss_and_accuracy(model, dataset, device, img_size):
     logits, labels = common.predict(model, dataset, device, img_size)
     return float(F.cross_entropy(logits[0], labels)), float((logits[0].argmax(-1) == labels).double().mean())
 
-# ---- Per image, for --compare (the statistics are in evidence.py) --------------------------------------------
+# ---- Per image, for --compare (the statistics are in support/evidence.py) --------------------------------------------
 def per_image(view_logits, labels, temperature=1.0, average="softmax"):
     """Per image: the T = 1 prediction, right or not, its confidence at `temperature`, the exact NLL there."""
     preds = common.average_views(view_logits, 1.0, average).argmax(-1)
     probs = common.average_views(view_logits, temperature, average).double()
     return {"preds": preds, "correct": preds == labels, "confidence": probs.gather(1, preds[:, None]).squeeze(1),
             "nll": common.nll_per_image(view_logits, labels, temperature, average)}
-
-# ---- Results: strict JSON, naming the command, device and commit that produced each number -----------------------
-def run_sessions(history, info):
-    """Every session of a run (a resumed run has several), from the history rows, which name the session that ran
-    them: its command, epochs and seconds (the current session's until now, its final test included), and the total
-    seconds of the run: {"sessions": [...], "total_seconds": ...}."""
-    sessions = {}
-    for row in history:
-        new = {"command": row.get("command"), "epochs": 0, "seconds": 0.0}
-        session = sessions.setdefault(row.get("session_started"), new)
-        session["epochs"] += 1
-        session["seconds"] += row.get("epoch_seconds") or row.get("train_seconds") or 0.0
-    current = sessions.setdefault(info["started"], {"command": info.get("command"), "epochs": 0, "seconds": 0.0})
-    current["seconds"] = time.time() - info["started"]
-    return {"sessions": list(sessions.values()), "total_seconds": sum(s["seconds"] for s in sessions.values())}
-
-def run_info(device):
-    """What produced a result: the command, the device, the precision, the commit and the library versions."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True).stdout
-    try:
-        top = git("rev-parse", "--show-toplevel").strip()
-        commit = git("rev-parse", "--short", "HEAD").strip() + ("-dirty" if git("status", "-s", "-uno") else "")
-    except OSError:  # no git
-        top, commit = "", ""
-    if not top or Path(top).resolve() != Path(__file__).resolve().parent:  # no repository, or an enclosing one's
-        commit = ""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({os.cpu_count()} cores)"
-    return {"command": " ".join(["python", Path(sys.argv[0]).name, *sys.argv[1:]]), "device": name,
-            "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[common.amp_dtype(device)],
-            "commit": commit or "unknown", "torch": torch.__version__}
-
-def _finite(obj):
-    """nan and inf -> None (JSON's null): json.dumps would write the bare NaN that strict JSON readers reject."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, (list, tuple, dict)):
-        return {k: _finite(v) for k, v in obj.items()} if isinstance(obj, dict) else [_finite(v) for v in obj]
-    return obj
-
-def write_json(path, obj):
-    common.atomic_write(path, (json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n").encode())
-
-def write_table(path, heading, columns, rows):
-    """A Markdown table under `heading` (which names the command, device and commit), each row a list of cells."""
-    lines = [heading, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
-    lines += ["| " + " | ".join(f"{c:.4f}" if isinstance(c, float) else str(c) for c in row) + " |" for row in rows]
-    common.atomic_write(path, ("\n".join(lines) + "\n").encode())
-    return "\n".join(lines)
 
 # ---- Plots -------------------------------------------------------------------------------------------------------
 def _pyplot():
@@ -239,39 +189,6 @@ def plot_mistakes(dataset, probs, path, k=24):
                                            f"p={confidence[i]:.2f}" for i in mistakes], path, "most confident mistakes")
     return mistakes
 
-def plot_bars(names, values, path, title, xlabel, reference=None):
-    """Horizontal bars (ablation rows, levels); `reference` draws the baseline as a dashed line."""
-    fig, axis = _pyplot().subplots(figsize=(8, 0.45 * len(names) + 1.5))
-    axis.barh(range(len(names)), values)
-    for i, value in enumerate(values):
-        axis.text(value, i, f" {value:.4f}", va="center", fontsize=8)
-    if reference is not None:
-        axis.axvline(reference, color="red", linestyle="--", label="baseline")
-        axis.legend(loc="lower right")
-    axis.set(yticks=range(len(names)), yticklabels=names, xlabel=xlabel)
-    axis.set_xlim(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.05))
-    axis.invert_yaxis()
-    _save(fig, path, title)
-
-def plot_differences(names, means, lows, highs, evaluation_only, path, title):
-    """Each row's mean paired difference from the baseline with its 95 % CI as an error bar (none where a low is
-    None: n = 1), a zero line; evaluation-only rows (no retraining) in another colour."""
-    fig, axis = _pyplot().subplots(figsize=(8, 0.45 * len(names) + 1.5))
-    handles = {}  # one legend entry per colour
-    for i, (mean, low, high, eval_only) in enumerate(zip(means, lows, highs, evaluation_only)):
-        error = None if low is None else [[mean - low], [high - mean]]
-        colour, label = ("tab:orange", "evaluation only") if eval_only else ("tab:blue", "trained")
-        handles.setdefault(label, axis.errorbar(mean, i, xerr=error, fmt="o", color=colour, capsize=4))
-        if low is None:
-            axis.text(mean, i, "  n = 1, no interval", va="center", fontsize=8)
-    axis.axvline(0.0, color="black", linewidth=1)
-    axis.legend(handles.values(), handles.keys(), loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2,
-                frameon=False)  # above the axes: clear of every error bar
-    axis.set(yticks=range(len(names)), yticklabels=names, xlabel="difference from the baseline (95 % CI)")
-    axis.invert_yaxis()
-    axis.grid(axis="x", alpha=0.3)
-    _save(fig, path, title)
-
 def plot_disagreements(dataset, a, b, path, title, k=8):
     """Up to k images A gets right and B wrong, then k the other way (per_image dicts), most confident error first."""
     images, captions = [], []
@@ -282,82 +199,6 @@ def plot_disagreements(dataset, a, b, path, title, k=8):
         captions += [f"{label}\n{common.CLASSES[dataset.labels[i]]}, not {common.CLASSES[wrong['preds'][i]]}"
                      for i in chosen]
     plot_images(images, captions, path, title)
-
-# ---- Robustness: CIFAR-10-C (Hendrycks & Dietterich 2019) ------------------------------------------------------
-def corruption_summary(accuracy, clean_acc1, baseline=None):
-    """From {corruption: top-1 at severities 1-5}: the mean corruption accuracy over every cell, the mean per severity,
-    the relative drop (clean - mean) / clean; with `baseline` (model B's, in the same form), each corruption's error
-    of A relative to B, CE_c = sum_s E_A / sum_s E_B, and their mean: the paper's mCE (eq. 1) with B as AlexNet."""
-    table = torch.tensor(list(accuracy.values()), dtype=torch.float64)  # corruptions x severities
-    mean = float(table.mean())
-    summary = {"mean_acc1": mean, "mean_acc1_per_severity": table.mean(0).tolist(),
-               "relative_drop": (clean_acc1 - mean) / clean_acc1 if clean_acc1 > 0 else math.nan}
-    if baseline is not None:
-        errors = {name: (sum(1 - a for a in accuracy[name]), sum(1 - b for b in baseline[name])) for name in accuracy}
-        summary["ce"] = {name: a / b if b > 0 else math.nan for name, (a, b) in errors.items()}
-        summary["mce"] = sum(summary["ce"].values()) / len(errors)
-    return summary
-
-def corruption_report(model, test_set, device, img_size, views=("identity",), temperature=1.0, average="softmax",
-                      source="generated", batch_size=256, seed=0, baseline=None):
-    """Top-1 and ECE on each corruption and severity of `test_set` (`source`: "generated", corruptions.py's
-    CIFAR-10-C-style set, or corruptions.read_official's arrays), a (corruption, severity) cell at a time through
-    common.predict, cells sharing batches when the test set is smaller than one; clean top-1; corruption_summary
-    (`baseline`: model B's top-1 per cell, for the CE). Prints the table and the images per second."""
-    started, n = time.time(), len(test_set)
-    clean = report(model, test_set, device, img_size, views, temperature, average, batch_size)[0]
-    cells = [(name, severity) for name in (corruptions.CORRUPTIONS if isinstance(source, str) else source)
-             for severity in range(1, 6)]
-    accuracy, ece, group, images = {}, {}, [], []
-    for index, (name, severity) in enumerate(cells):
-        group.append(name)
-        images.append(corruptions.severity_images(source, name, severity, test_set.images, seed, device, batch_size))
-        if len(group) * n < batch_size and index < len(cells) - 1:
-            continue  # a small test set: several (corruption, severity) cells share batches, not one each
-        dataset = common.CifarDataset(torch.cat(images), test_set.labels.repeat(len(group)))
-        view_logits, _ = common.predict(model, dataset, device, img_size, views, batch_size)
-        for cell_name, logits in zip(group, view_logits.split(n, dim=1)):  # severities in order
-            cell, _ = from_logits(logits, test_set.labels, temperature, average)
-            accuracy.setdefault(cell_name, []).append(cell["acc1"])
-            ece.setdefault(cell_name, []).append(cell["ece"])
-        group, images = [], []
-    seconds = time.time() - started
-    result = {"source": source if isinstance(source, str) else "CIFAR-10-C (official files)", "seed": seed,
-              "clean_acc1": clean["acc1"], "clean_ece": clean["ece"], "acc1": accuracy, "ece": ece,
-              "mean_ece": float(np.mean(list(ece.values()))), **corruption_summary(accuracy, clean["acc1"], baseline),
-              "images_per_severity": n, "views": list(views), "temperature": temperature, "seconds": seconds,
-              "images_per_s": (5 * len(accuracy) + 1) * n / seconds}
-    print_corruption_table(result)
-    return result
-
-def print_corruption_table(result):
-    label = "generated, CIFAR-10-C-style" if result["source"] == "generated" else result["source"]
-    print(f"corruptions ({label}): top-1 % at severities 1-5, {result['images_per_severity']} images each, "
-          f"{len(result['views'])} view(s), ECE at T = {result['temperature']:.3g}")
-    print(f"{'corruption':<18}" + "".join(f"{s:>7}" for s in range(1, 6)) + f"{'mean':>7}{'ECE':>7}"
-          + (f"{'CE':>7}" if "ce" in result else ""))
-    for name, accs in result["acc1"].items():
-        ce = f"{result['ce'][name]:>7.3f}" if "ce" in result else ""
-        print(f"{name:<18}" + "".join(f"{100 * a:>7.2f}" for a in accs) + f"{100 * np.mean(accs):>7.2f}"
-              f"{np.mean(result['ece'][name]):>7.3f}{ce}")
-    print(f"{'mean':<18}" + "".join(f"{100 * a:>7.2f}" for a in result["mean_acc1_per_severity"])
-          + f"{100 * result['mean_acc1']:>7.2f}{result['mean_ece']:>7.3f}"
-          + (f"{result['mce']:>7.3f}  (mCE)" if "ce" in result else ""))
-    print(f"clean top-1 {100 * result['clean_acc1']:.2f} %, mean corruption accuracy {100 * result['mean_acc1']:.2f} "
-          f"% (relative drop {100 * result['relative_drop']:.1f} %); {result['seconds']:.1f} s, "
-          f"{result['images_per_s']:.0f} img/s")
-
-def plot_corruptions(result, path, title):
-    """Heat map: corruption x severity, the top-1 in each cell, and the clean top-1 in the title."""
-    table = np.array(list(result["acc1"].values()))
-    fig, axis = _pyplot().subplots(figsize=(6.5, 0.42 * len(table) + 1.6))
-    axis.imshow(table, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-    for (i, j), value in np.ndenumerate(table):
-        axis.text(j, i, f"{100 * value:.1f}", ha="center", va="center", fontsize=8)
-    axis.set(xticks=range(5), xticklabels=range(1, 6), yticks=range(len(table)), yticklabels=list(result["acc1"]),
-             xlabel="severity", title=f"top-1 %, clean {100 * result['clean_acc1']:.1f} %, mean corrupted "
-                                      f"{100 * result['mean_acc1']:.1f} %")
-    _save(fig, path, title)
 
 # ---- Command line ------------------------------------------------------------------------------------------------
 def get_args_parser():
@@ -371,9 +212,9 @@ def get_args_parser():
     parser.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py (default: ./data)")
     parser.add_argument("--out", default="results", help="folder for the JSON and PNG (default: results)")
     parser.add_argument("--overwrite", action="store_true", help="replace another checkpoint's results (default: off)")
-    parser.add_argument("-b", "--batch-size", type=int, default=256, help="images per batch (default: 256)")
-    parser.add_argument("--img-size", type=int, help="input side in px (default: the checkpoint's, else 224)")
-    parser.add_argument("--subset", type=int, help="evaluate the first N images only (default: all)")
+    parser.add_argument("-b", "--batch-size", type=run.positive_int, default=256, help="images per batch (default: 256)")
+    parser.add_argument("--img-size", type=run.number(int, at_least=32), help="input side in px (default: the checkpoint's, else 224)")
+    parser.add_argument("--subset", type=run.positive_int, help="evaluate the first N images only (default: all)")
     parser.add_argument("--no-temperature", action="store_true",
                         help="ignore a calibration temperature stored in the checkpoint (default: apply it)")
     parser.add_argument("--bn-stats", choices=["checkpoint", "train", "clean"], default="checkpoint",
@@ -383,7 +224,7 @@ def get_args_parser():
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: auto)")
     parser.add_argument("--compare", metavar="B.pth", help="compare the checkpoint with B.pth on the same images: "
                         "paired bootstrap CIs, McNemar's exact test (default: off)")
-    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of --compare (default: 2000)")
+    parser.add_argument("--resamples", type=run.positive_int, default=2000, help="bootstrap resamples of --compare (default: 2000)")
     parser.add_argument("--images", nargs="+", metavar="PATH",
                         help="predict your own JPEG/PNG files, or folders of them, instead of a split (default: off)")
     parser.add_argument("--corruptions", metavar="DIR|generated",
@@ -394,18 +235,15 @@ def get_args_parser():
     return parser
 
 def validate_args(args):
-    common.check_flags(args, positive=("batch_size", "subset", "resamples"))
     if args.compare and (args.images or args.corruptions or args.bn_stats != "checkpoint"):
-        raise common.UserError("--compare measures two checkpoints as they are, on a split: not with --images, "
+        raise UserError("--compare measures two checkpoints as they are, on a split: not with --images, "
                                "--corruptions or --bn-stats")
     if args.baseline and not args.corruptions:
-        raise common.UserError("--baseline needs --corruptions DIR|generated")
-    if args.img_size is not None and args.img_size < 32:
-        raise common.UserError(f"--img-size must be at least 32, CIFAR-10's own size (got {args.img_size})")
+        raise UserError("--baseline needs --corruptions DIR|generated")
 
 def load_model(path):
     """(model, checkpoint dict) from a checkpoint of this suite or a bare state_dict with a 10-class head."""
-    checkpoint = common.load_checkpoint(path)
+    checkpoint = load_checkpoint(path)
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict) and "model" not in checkpoint:
         checkpoint = {**checkpoint, "model": checkpoint["state_dict"]}  # timm's train.py layout
     if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)):
@@ -413,7 +251,7 @@ def load_model(path):
     model = common.build_model("none")
     common.load_weights(model, checkpoint, path)  # anything but a ResNet-50 is a one-line error there
     if not any(k.endswith("fc.weight") and v.shape[0] == len(common.CLASSES) for k, v in checkpoint["model"].items()):
-        raise common.UserError(f"{path} has no 10-class head: it is not a CIFAR-10 model of this suite")
+        raise UserError(f"{path} has no 10-class head: it is not a CIFAR-10 model of this suite")
     return model, checkpoint
 
 def choose_temperature(checkpoint, args, tta_set):
@@ -435,24 +273,23 @@ def choose_temperature(checkpoint, args, tta_set):
         print(f"warning: the checkpoint holds no temperature fitted for TTA set {tta_set} with {args.tta_average} "
               f"averaging: T = 1")
         return 1.0
-    temperature = float(fits[tta_set]["temperature"])
-    if not (math.isfinite(temperature) and temperature > 0):
-        print(f"warning: the stored temperature {temperature} is not a positive number: not applied")
+    fit = {"temperature": float(fits[tta_set]["temperature"]), "at_bound": fits[tta_set]["at_bound"]}
+    if not (math.isfinite(fit["temperature"]) and fit["temperature"] > 0):
+        print(f"warning: the stored temperature {fit['temperature']} is not a positive number: not applied")
         return 1.0
-    if fits[tta_set]["at_bound"]:
-        print(f"warning: the stored temperature {temperature:.3g} lies at the end of its search range, so it is no "
-              f"fit (validation logits near chance level?): not applied")
-        return 1.0
-    return temperature
+    if fit["at_bound"]:
+        print(f"warning: the stored temperature {fit['temperature']:.3g} lies at the end of its search range, so it is "
+              f"no fit (validation logits near chance level?): not applied")
+    return common.applied_temperature(fit)
 
 def recompute_statistics(model, checkpoint, args, device, img_size):
     """--bn-stats train|clean: the model's BatchNorm statistics recomputed as the levels recompute an average's
-    (common.bn_images, common.recompute_bn): on the run's own first BN_IMAGES training images (its --seed split),
+    (common.bn_images, common.recompute_bn): on the run's own first common.BN_IMAGES training images (its --seed split),
     through the training augmentation of the checkpoint's level (train), or clean (clean), in batches of its
     --batch-size."""
     train_args = checkpoint.get("args") or {}
     if checkpoint.get("level") not in ("level1", "level2", "level3", "level4") or "seed" not in train_args:
-        raise common.UserError(f"--bn-stats {args.bn_stats} needs a levelN_best.pth of this suite (its level and args "
+        raise UserError(f"--bn-stats {args.bn_stats} needs a levelN_best.pth of this suite (its level and args "
                                f"give the training images and augmentation): use --bn-stats checkpoint")
     train_args = argparse.Namespace(**train_args)
     level = importlib.import_module(checkpoint["level"])  # one of the four level scripts, for its train_transform
@@ -461,7 +298,7 @@ def recompute_statistics(model, checkpoint, args, device, img_size):
     transform = None
     if args.bn_stats == "train":
         transform = level.train_transform(train_args)
-    bn_set = common.bn_images(train_set, getattr(level, "BN_IMAGES", 2560), transform, train_args.seed)
+    bn_set = common.bn_images(train_set, common.BN_IMAGES, transform, train_args.seed)
     common.recompute_bn(model, bn_set, device, img_size, train_args.batch_size)
 
 def load_as_cifar(path):
@@ -488,7 +325,7 @@ def predict_images(args, model, device, img_size, views, temperature, json_path)
         except Exception as error:  # unreadable or not an image: say which, go on
             print(f"skipped {path}: not a readable image ({type(error).__name__})")
     if not images:
-        raise common.UserError("no readable JPEG/PNG image among --images: give image files or folders of them")
+        raise UserError("no readable JPEG/PNG image among --images: give image files or folders of them")
     dataset = common.CifarDataset(np.stack(images), np.zeros(len(images), dtype=np.int64))
     view_logits, _ = common.predict(model, dataset, device, img_size, views, args.batch_size)
     probs = common.average_views(view_logits, temperature, args.tta_average)
@@ -497,8 +334,8 @@ def predict_images(args, model, device, img_size, views, temperature, json_path)
         top = [(common.CLASSES[i], float(p[i])) for i in ranked[:3]]
         print(f"{name}: " + ", ".join(f"{c} {q:.3f}" for c, q in top))
         rows.append({"file": name, "top3": top})
-    write_json(json_path, {"checkpoint": args.checkpoint, "temperature": temperature, "views": views, "images": rows,
-                           **run_info(device)})
+    records.write_json(json_path, {"checkpoint": args.checkpoint, "temperature": temperature, "views": views, "images": rows,
+                           **records.run_info(device)})
     plot_images(images, [f"{Path(r['file']).name[:18]}\n{r['top3'][0][0]} {r['top3'][0][1]:.2f}" for r in rows],
                 json_path.with_suffix(".png"), f"{Path(args.checkpoint).name}: top-1")
     print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
@@ -518,13 +355,13 @@ def output_path(args, tta_set):
     if args.images:
         tag = f"predictions_{name}"
     path = Path(args.out) / f"{tag}.json"
-    common.check_writable(args.out, "--out")
+    check_writable(args.out, "--out")
     try:
         earlier = json.loads(path.read_text())["checkpoint"] if path.is_file() else args.checkpoint
     except (OSError, ValueError, KeyError, TypeError):
         earlier = "something else (not a JSON of evaluate.py)"
     if not args.overwrite and Path(earlier).resolve() != Path(args.checkpoint).resolve():
-        raise common.UserError(f"{path} holds the results of {earlier}: keep them with another --out, or replace them "
+        raise UserError(f"{path} holds the results of {earlier}: keep them with another --out, or replace them "
                                f"with --overwrite")
     return path
 
@@ -536,7 +373,7 @@ def compare(args, device):
     tta_set = train_args[0].get("tta_set", "flip") if args.tta == "default" else args.tta
     seeds = {a.get("seed", 0) for a in train_args}
     if args.split == "val" and (len(seeds) > 1 or any(a.get("train_on_all") for a in train_args)):
-        raise common.UserError("--split val needs two checkpoints trained with the same --seed and not "
+        raise UserError("--split val needs two checkpoints trained with the same --seed and not "
                                "--train-on-all (the same validation images): use --split test")
     _, val_set, test_set = common.cifar10_datasets(args.data_dir, seeds.pop(), eval_subset=args.subset)
     dataset = val_set if args.split == "val" else test_set
@@ -548,6 +385,7 @@ def compare(args, device):
         view_logits, labels = common.predict(model, dataset, device, img_sizes[-1], common.TTA_SETS[tta_set or "none"],
                                              args.batch_size)
         scored.append(per_image(view_logits, labels, temperatures[-1], args.tta_average))
+    from support import evidence  # the statistics of a comparison: loaded only by --compare
     figures = evidence.compare_figures(*scored, args.resamples, seed=0)
     resolved = [Path(p).resolve().with_suffix("") for p in (args.checkpoint, args.compare)]
     names = [p.name for p in resolved]
@@ -558,7 +396,7 @@ def compare(args, device):
     out.mkdir(parents=True, exist_ok=True)
     setup = {"a": args.checkpoint, "b": args.compare, "split": args.split, "tta": tta_set, "img_sizes": img_sizes,
              "temperatures": temperatures, "num_images": len(dataset), "resamples": args.resamples, "bootstrap_seed": 0}
-    write_json(out / f"{tag}.json", {**setup, **figures, **run_info(device)})
+    records.write_json(out / f"{tag}.json", {**setup, **figures, **records.run_info(device)})
     plot_disagreements(dataset, *scored, out / f"{tag}.png", f"A = {names[0]}, B = {names[1]}")
     print(f"A = {args.checkpoint} (T = {temperatures[0]:.3g}), B = {args.compare} (T = {temperatures[1]:.3g}): "
           f"{args.split}, {len(dataset)} images, TTA {tta_set or 'off'}")
@@ -585,7 +423,8 @@ def print_report(result, header):
               f"{result['recall'][name]:>9.4f}{result['f1'][name]:>8.4f}")
 
 def robustness(args, model, device, img_size, views, temperature, test_set, tta_set, json_path):
-    """--corruptions: the report of corruption_report (and of --baseline's checkpoint first), a JSON and a heat map."""
+    """--corruptions: support.corruptions' report (and --baseline's checkpoint's first), a JSON and a heat map."""
+    from support import corruptions  # the corruptions and their report: loaded only by --corruptions
     source = "generated"
     if args.corruptions != "generated":
         source = corruptions.read_official(args.corruptions, test_set.labels)
@@ -597,18 +436,18 @@ def robustness(args, model, device, img_size, views, temperature, test_set, tta_
         baseline_model, baseline_checkpoint = load_model(args.baseline)
         baseline_size = args.img_size or baseline_checkpoint.get("args", {}).get("img_size", 224)
         print(f"baseline {args.baseline} ({baseline_size} px):")
-        baseline = corruption_report(baseline_model.to(device, memory_format=torch.channels_last), test_set, device,
+        baseline = corruptions.corruption_report(baseline_model.to(device, memory_format=torch.channels_last), test_set, device,
                                      baseline_size, views, choose_temperature(baseline_checkpoint, args, tta_set),
                                      args.tta_average, source, args.batch_size)
         baseline = {"checkpoint": args.baseline, **baseline}
         baseline_acc1 = baseline["acc1"]
     print(f"{args.checkpoint} ({img_size} px, TTA {tta_set or 'off'}):")
-    result = corruption_report(model, test_set, device, img_size, views, temperature, args.tta_average, source,
+    result = corruptions.corruption_report(model, test_set, device, img_size, views, temperature, args.tta_average, source,
                                args.batch_size, baseline=baseline_acc1)
-    write_json(json_path, {**result, "checkpoint": args.checkpoint, "img_size": img_size, "tta": tta_set,
-                           "baseline": baseline, **run_info(device)})
+    records.write_json(json_path, {**result, "checkpoint": args.checkpoint, "img_size": img_size, "tta": tta_set,
+                           "baseline": baseline, **records.run_info(device)})
     label = "generated CIFAR-10-C-style corruptions" if source == "generated" else result["source"]
-    plot_corruptions(result, json_path.with_suffix(".png"), f"{Path(args.checkpoint).name}: {label}")
+    corruptions.plot_corruptions(result, json_path.with_suffix(".png"), f"{Path(args.checkpoint).name}: {label}")
     print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
     mce = f" mce={result['mce']:.4f}" if baseline else ""
     print(f"final: acc1={result['clean_acc1']:.4f} corruption_acc1={result['mean_acc1']:.4f} relative_drop="
@@ -616,7 +455,7 @@ def robustness(args, model, device, img_size, views, temperature, test_set, tta_
           f"seconds={result['seconds']:.1f}")
 
 def main(args):
-    device = common.resolve_device(args.device)
+    device = run.resolve_device(args.device)
     if args.compare:
         return compare(args, device)
     model, checkpoint = load_model(args.checkpoint)
@@ -625,12 +464,12 @@ def main(args):
     img_size = args.img_size or train_args.get("img_size") or 224
     tta_set = train_args.get("tta_set", "flip") if args.tta == "default" else args.tta
     if (tta_set or "none") not in common.TTA_SETS:
-        raise common.UserError(f"{args.checkpoint} names the TTA set {tta_set!r}, unknown here: give --tta with one of "
+        raise UserError(f"{args.checkpoint} names the TTA set {tta_set!r}, unknown here: give --tta with one of "
                                f"{', '.join(common.TTA_SETS)}")
     views = common.TTA_SETS[tta_set or "none"]
     temperature = choose_temperature(checkpoint, args, tta_set)
     if not args.images and args.split == "val" and train_args.get("train_on_all"):
-        raise common.UserError(f"{args.checkpoint} was trained on all 50,000 training images (--train-on-all): it has "
+        raise UserError(f"{args.checkpoint} was trained on all 50,000 training images (--train-on-all): it has "
                                f"no validation split; use --split test")
     json_path = output_path(args, tta_set)
     if args.bn_stats != "checkpoint":
@@ -643,8 +482,8 @@ def main(args):
     result, _ = report(model, val_set if args.split == "val" else test_set, device, img_size, views, temperature,
                        args.tta_average, args.batch_size)
     confusion_path = json_path.with_name(f"{json_path.stem}_confusion.png")
-    write_json(json_path, {**result, "checkpoint": args.checkpoint, "split": args.split, "img_size": img_size,
-                           "tta": tta_set, "bn_stats": args.bn_stats, **run_info(device)})
+    records.write_json(json_path, {**result, "checkpoint": args.checkpoint, "split": args.split, "img_size": img_size,
+                           "tta": tta_set, "bn_stats": args.bn_stats, **records.run_info(device)})
     plot_confusion(result["confusion_matrix"], confusion_path,
                    f"{Path(args.checkpoint).name} on {args.split} ({result['num_images']} images)")
     print_report(result, f"{args.checkpoint} on {args.split} ({result['num_images']} images, {img_size} px, TTA "
@@ -654,4 +493,4 @@ def main(args):
           f"images={result['num_images']}")
 
 if __name__ == "__main__":
-    common.run_main(main, get_args_parser(), validate_args)
+    run.run_main(main, get_args_parser(), validate_args)

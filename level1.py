@@ -11,7 +11,8 @@ the GPU upsamples them to --img-size and normalises them. 5,000 held-out trainin
 10,000 test images are measured once, at the end, by evaluate.py.
 
 Each level is one self-contained script, as airbench's are: the next level repeats these lines on purpose, so that
-`diff level1.py level2.py` shows exactly what Level 2 adds.
+`diff level1.py level2.py` shows exactly what Level 2 adds. The run machinery (one-line errors, Ctrl-C, the run
+folder, background checkpoint writes, torchrun) is called from support/ in one line each: skip it on a first read.
 
     python level1.py                                        # ImageNet weights, 224 px, 2 + 10 epochs
     python level1.py --quick                                # a smoke run of a minute or two, on any machine
@@ -30,10 +31,13 @@ from torchvision.transforms import v2
 
 import common
 import evaluate
+from support import records, run
+from support.files import CheckpointWriter, load_checkpoint, resume
 
 LEVEL = "level1"
-# --resume keeps these as saved: they fixed the data split, the optimiser's decay, the schedule of the epochs run.
-RESUME_FLAGS = ("seed", "subset", "train_on_all", "weight_decay", "head_epochs")
+# A resume with another value of one of these is refused: they fixed the data split, the optimiser's decay and the
+# learning rate of the epochs already run.
+RESUME_FLAGS = ("seed", "subset", "train_on_all", "weight_decay", "head_epochs", "head_lr", "lr")
 # --quick: a smoke run that shows every stage working, in a minute or two on a CPU; its numbers mean nothing.
 QUICK = {"subset": 128, "eval_subset": 128, "img_size": 32, "batch_size": 32, "head_epochs": 1, "epochs": 1,
          "overwrite": True}
@@ -42,57 +46,32 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py (default: ./data)")
-    data.add_argument("--img-size", type=int, default=224, help="side the images are upsampled to (default: 224)")
-    data.add_argument("--subset", type=int, help="train on the first N training images (default: all)")
-    data.add_argument("--eval-subset", type=int, help="validate and test on the first N images only (default: all)")
+    data.add_argument("--img-size", type=run.number(int, at_least=32), default=224,
+                      help="side the 32-px images are upsampled to (default: 224)")
+    data.add_argument("--subset", type=run.positive_int, help="train on the first N training images (default: all)")
+    data.add_argument("--eval-subset", type=run.positive_int, help="validate, and measure the final test, "
+                      "on the first N images only (default: all)")
     data.add_argument("--train-on-all", action="store_true", help="all 50,000 images, no validation (default: off)")
-    data.add_argument("-j", "--workers", type=int, default=min(8, max(1, os.cpu_count() - 1)),
+    data.add_argument("-j", "--workers", type=run.non_negative_int, default=min(8, max(1, os.cpu_count() - 1)),
                       help="DataLoader worker processes (default: CPU cores - 1, at most 8)")
     model = parser.add_argument_group("model")
     model.add_argument("--weights", default="imagenet", help="imagenet, none, or a checkpoint PATH (default: imagenet)")
     optim = parser.add_argument_group("optimisation")
     # Common fine-tuning values, not tuned here: a linear probe takes a high LR; fine-tuning a pretrained network
     # wants ~10x less, so the ImageNet features are adapted, not overwritten; AdamW's usual decay for fine-tuning.
-    optim.add_argument("--head-epochs", type=int, default=2, help="stage 1: epochs training the head only (default: 2)")
-    optim.add_argument("--head-lr", type=float, default=1e-3, help="stage 1 learning rate (default: 0.001)")
-    optim.add_argument("--epochs", type=int, default=10, help="stage 2: epochs fine-tuning everything (default: 10)")
-    optim.add_argument("--lr", type=float, default=1e-4, help="stage 2 learning rate (default: 0.0001)")
-    optim.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=0.05,
+    optim.add_argument("--head-epochs", type=run.non_negative_int, default=2,
+                       help="stage 1: epochs training the head only (default: 2)")
+    optim.add_argument("--head-lr", type=run.positive_float, default=1e-3,
+                       help="stage 1 learning rate (default: 0.001)")
+    optim.add_argument("--epochs", type=run.positive_int, default=10,
+                       help="stage 2: epochs fine-tuning everything (default: 10)")
+    optim.add_argument("--lr", type=run.positive_float, default=1e-4, help="stage 2 learning rate (default: 0.0001)")
+    optim.add_argument("--wd", "--weight-decay", dest="weight_decay", type=run.non_negative_float, default=0.05,
                        help="AdamW weight decay, none on BatchNorm and biases (default: 0.05)")
-    optim.add_argument("-b", "--batch-size", type=int, default=128, help="images per step, all GPUs (default: 128)")
-    run = parser.add_argument_group("run")
-    run.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cpu (default: auto)")
-    run.add_argument("--seed", type=int, default=0, help="seeds the split, the augmentation and the head (default: 0)")
-    run.add_argument("--resume", help="continue from a levelN_last.pth, at the epoch after it (default: off)")
-    run.add_argument("--overwrite", action="store_true", help="replace an earlier run's checkpoints (default: off)")
-    run.add_argument("--checkpoint-dir", default="checkpoints", help="where .pth files go (default: checkpoints)")
-    run.add_argument("--results-dir", default="results", help="where JSON and PNG results go (default: results)")
-    run.add_argument("--print-freq", type=int, default=50, help="a step line every N steps, 0 = none (default: 50)")
-    # Dynamo guards on requires_grad: each change of what trains compiles the forward and backward again.
-    run.add_argument("--compile", action="store_true", help="torch.compile the model, once per stage (head, full): "
-                     "ResNet-50's first compile at 224 px took about 60 s on an H100 (default: off)")
-    run.add_argument("--sync-bn", action="store_true", help="torchrun, GPUs: BatchNorm over all GPUs (default: off)")
-    run.add_argument("--quick", action="store_true", help="smoke run: 128 images, 32 px, in quick/ (default: off)")
+    optim.add_argument("-b", "--batch-size", type=run.number(int, at_least=2), default=128,  # 2: for BatchNorm
+                       help="images per step, all GPUs (default: 128)")
+    run.add_arguments(parser)  # --device --seed --resume --overwrite, the folders, --print-freq --compile --quick
     return parser
-
-def validate_args(args):
-    if args.quick:  # shrink first, then check what will run; quick/ folders keep real runs' files apart
-        vars(args).update(QUICK, checkpoint_dir=f"{args.checkpoint_dir}/quick", results_dir=f"{args.results_dir}/quick")
-    common.check_flags(args, positive=("epochs", "batch_size", "head_lr", "lr", "subset", "eval_subset"),
-                       non_negative=("head_epochs", "weight_decay", "workers", "print_freq"))
-    if args.img_size < 32 or args.batch_size < 2 or (args.subset or 45000) < args.batch_size:
-        raise common.UserError("need --img-size >= 32, --batch-size >= 2 (for BatchNorm), --subset >= --batch-size")
-
-def setup_distributed(args):
-    """torchrun starts one process per GPU and sets RANK, LOCAL_RANK and WORLD_SIZE; without it, one process."""
-    if "RANK" not in os.environ:
-        return 0, 1, common.resolve_device(args.device)
-    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # first: else every process opens a context on GPU 0
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world_size, device
 
 def train_transform(args):
     """CIFAR's standard augmentation, on the 32-px uint8 image: a random crop with 4-px zero padding, a random flip."""
@@ -107,7 +86,8 @@ def set_stage(model, stage):
 
 def make_optimizer(model, args, device):
     """AdamW over every parameter (those without a gradient, the frozen ones, it skips); weight decay on conv and linear
-    weights, none on BatchNorm weights and biases (Goyal et al. 2017, sec. 3). Fused: one kernel launch on CUDA."""
+    weights, none on BatchNorm's weights and biases (Goyal et al. 2017, sec. 5.1) nor on any bias ("no bias decay",
+    He et al. 2019, "Bag of Tricks", sec. 3.1). Fused: one kernel launch on CUDA."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -117,7 +97,9 @@ def wrap(model, world_size, device, args):
     """DistributedDataParallel (built again when what trains changes: it registers those parameters), torch.compile."""
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None)
-    return torch.compile(model) if args.compile else model
+    if args.compile:
+        model = torch.compile(model)
+    return model
 
 def train_one_epoch(model, loader, optimizer, scaler, device, args):
     """One pass over the training data. The loss is summed on the device and read once, at the end: `loss.item()` in
@@ -140,71 +122,52 @@ def train_one_epoch(model, loader, optimizer, scaler, device, args):
 
 def load_data(args, rank, world_size, device):
     """Training, validation and test sets, and the training loader (augmentation at 32 px in its workers)."""
-    if world_size > 1 and rank > 0:
-        torch.distributed.barrier()  # rank 0 first: it downloads CIFAR-10 if it is missing
-    train_set, val_set, test_set = common.cifar10_datasets(args.data_dir, args.seed, args.subset, args.eval_subset,
-                                                           args.train_on_all, train_transform(args))
-    if world_size > 1 and rank == 0:
-        torch.distributed.barrier()
+    with run.rank_zero_first(rank, world_size):  # under torchrun, rank 0 downloads CIFAR-10 if it is missing
+        train_set, val_set, test_set = common.cifar10_datasets(args.data_dir, args.seed, args.subset, args.eval_subset,
+                                                               args.train_on_all, train_transform(args))
     # DistributedSampler also with one process: its shuffle is a function of (seed, epoch) through set_epoch; under
     # torchrun each process takes every world_size-th image of it. drop_last: a batch of one would break BatchNorm.
     sampler = torch.utils.data.DistributedSampler(train_set, world_size, rank, seed=args.seed, drop_last=True)
     train_loader = torch.utils.data.DataLoader(
         train_set, args.batch_size // world_size, sampler=sampler, num_workers=args.workers, drop_last=True,
         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
-        worker_init_fn=common.worker_init,  # Ctrl-C reaches the main process only, which stops the workers
+        worker_init_fn=run.worker_init,  # Ctrl-C reaches the main process only, which stops the workers
         generator=torch.Generator().manual_seed(args.seed + rank))  # the workers' seeds, not from the global RNG
     return train_set, val_set, test_set, train_loader
-
-def resume(args, model, optimizer, scaler):
-    """Continue after a levelN_last.pth, at the next epoch: weights, optimiser, loss scale, best score and history."""
-    checkpoint = common.load_checkpoint(args.resume, LEVEL)
-    common.check_resume(checkpoint, args, RESUME_FLAGS)
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    if checkpoint["scaler"]:  # empty when it was saved by a bf16 or fp32 run
-        scaler.load_state_dict(checkpoint["scaler"])
-    return checkpoint["epoch"], checkpoint["best_acc"], checkpoint["history"]
 
 def save_checkpoints(model, optimizer, scaler, history, best_acc, args, writer):
     """levelN_last.pth after every epoch, for --resume; levelN_best.pth when validation improved (with --train-on-all:
     every epoch, so the last one). Returns the best validation accuracy so far."""
     row, checkpoint_dir = history[-1], Path(args.checkpoint_dir)
-    files = {}  # path -> checkpoint
+    to_save = {}  # path -> checkpoint
     checkpoint = {"level": LEVEL, "model": model.state_dict(), "epoch": row["epoch"], "history": history,
                   "args": vars(args)}
-    if args.train_on_all or row["val_acc"] > best_acc:
-        best_acc = row.get("val_acc", best_acc)
-        selected_by = "last epoch (no validation)" if args.train_on_all else "validation accuracy"
-        files[checkpoint_dir / f"{LEVEL}_best.pth"] = {**checkpoint, "selected_by": selected_by}
-    files[checkpoint_dir / f"{LEVEL}_last.pth"] = {
+    if args.train_on_all:
+        to_save[checkpoint_dir / f"{LEVEL}_best.pth"] = {**checkpoint, "selected_by": "last epoch (no validation)"}
+    elif row["val_acc"] > best_acc:
+        best_acc = row["val_acc"]
+        to_save[checkpoint_dir / f"{LEVEL}_best.pth"] = {**checkpoint, "selected_by": "validation accuracy"}
+    to_save[checkpoint_dir / f"{LEVEL}_last.pth"] = {
         **checkpoint, "best_acc": best_acc, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
-    writer.save(files)  # a CPU copy now; serialised and written in the background while the next epoch trains
+    writer.save(to_save)  # a CPU copy now; serialised and written in the background while the next epoch trains
     return best_acc
 
 def final_test(model, test_set, device, args, history, info):
     """The selected checkpoint, measured once on the test set by evaluate.py; results/levelN.json and the curves."""
-    best = common.load_checkpoint(Path(args.checkpoint_dir) / f"{LEVEL}_best.pth")
+    best = load_checkpoint(Path(args.checkpoint_dir) / f"{LEVEL}_best.pth")
     model.load_state_dict(best["model"])
     test, _ = evaluate.report(model, test_set, device, args.img_size)
-    results = {"level": LEVEL, **info, "args": vars(args), "history": history, "best_epoch": best["epoch"],
-               "selected_by": best["selected_by"], "best_val_acc": best["history"][-1].get("val_acc", math.nan),
-               "test": test, "seconds": time.time() - info["started"],
-               **evaluate.run_sessions(history, info)}
-    evaluate.write_json(Path(args.results_dir) / f"{LEVEL}.json", results)
+    figures = {"best_epoch": best["epoch"], "selected_by": best["selected_by"],
+               "best_val_acc": best["history"][-1].get("val_acc", math.nan), "test": test}
+    results = records.write_results(Path(args.results_dir) / f"{LEVEL}.json", LEVEL, args, history, info, figures)
     evaluate.plot_curves(history, Path(args.results_dir) / f"{LEVEL}_curves.png", f"{LEVEL}, {args.img_size} px")
     print(f"final: acc1={test['acc1']:.4f} val_acc1={results['best_val_acc']:.4f} ece={test['ece']:.4f} nll="
           f"{test['nll']:.4f} epoch={best['epoch']} test_images={test['num_images']} seconds={results['seconds']:.0f}")
     return results
 
 def main(args):
-    rank, world_size, device = setup_distributed(args)
+    rank, world_size, device = run.start(LEVEL, args)  # torchrun's processes, the device, the run folder and lock
     master = rank == 0  # rank 0 alone validates, writes and prints; the others wait for it at a barrier
-    common.start_ranks(LEVEL, args, rank, world_size)  # rank 0 checks the folders; its error stops every rank
-    if args.sync_bn and device.type != "cuda":
-        raise common.UserError(f"--sync-bn needs CUDA GPUs (the device is {device.type}): leave it out")
-    if args.batch_size % world_size or args.batch_size // world_size < 2:
-        raise common.UserError("--batch-size must be a multiple of the processes, 2 or more each")
     torch.manual_seed(args.seed + rank)  # each process draws its own augmentation; DDP gives all rank 0's weights
     torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN times its kernels once and keeps the fastest
     train_set, val_set, test_set, train_loader = load_data(args, rank, world_size, device)
@@ -213,20 +176,19 @@ def main(args):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = make_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=common.amp_dtype(device) == torch.float16)  # fp16 only
-    start_epoch, best_acc, history = resume(args, model, optimizer, scaler) if args.resume else (0, -1.0, [])
-    info = {**evaluate.run_info(device), "train_images": len(train_set), "started": time.time()}
-    if master:
-        print(f"{LEVEL}: {info['device']} x {world_size}, {info['precision']}, {args.img_size} px, {args.weights} "
-              f"weights, epoch {start_epoch + 1} on; train images: {len(train_set)}, val {len(val_set)}, test "
-              f"{len(test_set)}; Ctrl-C stops the run, {LEVEL}_last.pth keeps its last epoch", flush=True)
+    # --resume: every state of levelN_last.pth restored (a changed flag of RESUME_FLAGS is refused); else epoch 0
+    start_epoch, best_acc, history = resume(args, LEVEL, RESUME_FLAGS, model, optimizer, scaler)
+    info = records.start(LEVEL, args, device, world_size, start_epoch, (train_set, val_set, test_set), master)
 
-    writer = common.CheckpointWriter()  # one save in flight at most
-    total_epochs, wrapped = args.head_epochs + args.epochs, None
+    writer = CheckpointWriter()  # one save in flight at most
+    total_epochs = args.head_epochs + args.epochs
+    wrapped_stage = None  # the stage train_model was wrapped for
     for epoch in range(start_epoch, total_epochs):
         stage = "head" if epoch < args.head_epochs else "full"
         set_stage(model, stage)  # every epoch: validation leaves the model in eval mode
-        if stage != wrapped:  # what trains changed: wrap again
-            train_model, wrapped = wrap(model, world_size, device, args), stage
+        if stage != wrapped_stage:  # what trains changed: wrap again
+            train_model = wrap(model, world_size, device, args)
+            wrapped_stage = stage
         lr = args.head_lr if stage == "head" else args.lr
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -239,26 +201,23 @@ def main(args):
                "session_started": info["started"], "command": info["command"]}  # a resumed run has several sessions
         if master and not args.train_on_all:
             row["val_loss"], row["val_acc"] = evaluate.loss_and_accuracy(model, val_set, device, args.img_size)
-        bad = [loss for loss in (train_loss, row.get("val_loss", 0.0)) if not math.isfinite(loss)]
-        if bad:  # checked once per epoch: a check in every step would make the CPU wait for the GPU
-            raise common.UserError(f"loss became {bad[0]} in epoch {epoch + 1} (lr {lr:.0e}): lower --lr/--head-lr")
+        run.check_finite(epoch, lr, train_loss, row.get("val_loss", 0.0))  # nan or inf: one line, nothing saved
         if master:
             history.append(row)
             best_acc = save_checkpoints(model, optimizer, scaler, history, best_acc, args, writer)
             history[-1]["epoch_seconds"] = time.time() - epoch_start  # training, validation, the save's copy
-            elapsed = time.time() - info["started"]
-            val = "" if args.train_on_all else f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
-            print(f"epoch {epoch + 1}/{total_epochs} [{stage}] lr {lr:.1e} train loss {train_loss:.4f}{val} | "
-                  f"{row['images_per_s']:.0f} img/s | {elapsed:.0f} s, ETA "
-                  f"{elapsed / (epoch + 1 - start_epoch) * (total_epochs - epoch - 1):.0f} s", flush=True)
-        if world_size > 1:
-            torch.distributed.barrier()  # the others wait while rank 0 validates and saves
+            records.print_epoch(history[-1], total_epochs, start_epoch, info)
+        run.barrier(world_size)  # under torchrun, the others wait while rank 0 validates and saves
 
-    writer.wait()  # the last epoch's files are on disk before the final test reads them; its error, if any
+    run.finish(writer, world_size)  # the last epoch's files on disk before the final test reads them
     del train_loader  # its worker processes stop now, rather than being waited for one by one at exit
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
-    return final_test(model, test_set, device, args, history, info) if master else None
+    if master:
+        return final_test(model, test_set, device, args, history, info)
+    return None
+
+# ---- Run plumbing: not part of the lesson ----------------------------------------------------------------------
+def validate_args(args):
+    run.check_args(args, QUICK)  # --quick's sizes; at least one batch of training images
 
 if __name__ == "__main__":
-    common.run_main(main, get_args_parser(), validate_args)
+    run.run_main(main, get_args_parser(), validate_args)

@@ -7,11 +7,12 @@ What this level adds to level2.py:
   - discriminative learning rates (ULMFiT, sec. 3.2): each stage learns at --lr-decay times the LR of the one above;
   - an exponential moving average of the weights (EMA), validated beside the raw weights every epoch, with BatchNorm
     statistics of its own from training images through this level's augmentation (--avg-bn); the better is kept;
-  - regularisation control: dropout before the head, beside Level 2's weight decay, smoothing and mixing flags;
+  - regularisation control: dropout before the head, beside Level 1's weight decay and Level 2's smoothing and mixing;
   - long low-LR fine-tuning: --final-epochs at a small constant LR after the cosine.
 
 Each level is one self-contained script, as airbench's are: it repeats the previous level's lines on purpose, so that
-`diff level2.py level3.py` shows exactly what this level adds.
+`diff level2.py level3.py` shows exactly what this level adds. The run machinery (one-line errors, Ctrl-C, the run
+folder, background checkpoint writes, torchrun) is called from support/ in one line each: skip it on a first read.
 
     python level3.py --epochs 30
     python level3.py --unfreeze-every 0 --ema-decay 0       # switch two of the new techniques off
@@ -28,62 +29,82 @@ from torchvision.transforms import v2
 
 import common
 import evaluate
+from support import records, run
+from support.files import CheckpointWriter, load_checkpoint, resume
 
 LEVEL = "level3"
-# --resume keeps these as saved: they fixed the data split, the optimiser's decay, the schedule of the epochs run.
-RESUME_FLAGS = ("seed", "subset", "train_on_all", "weight_decay", "head_epochs", "epochs", "warmup_epochs",
-                "unfreeze_every", "unfreeze_warmup_epochs", "final_epochs")
+# A resume with another value of one of these is refused: they fixed the data split, the optimiser's decay and the
+# learning rate of the epochs already run.
+RESUME_FLAGS = ("seed", "subset", "train_on_all", "weight_decay", "head_epochs", "head_lr", "lr", "epochs",
+                "warmup_epochs", "min_lr", "unfreeze_every", "unfreeze_warmup_epochs", "lr_decay", "final_epochs",
+                "final_lr")
 # --quick: a smoke run that shows every stage working, in a minute or two on a CPU; its numbers mean nothing.
 QUICK = {"subset": 128, "eval_subset": 128, "img_size": 32, "batch_size": 32, "head_epochs": 1, "epochs": 1,
          "overwrite": True, "final_epochs": 1}
 # Progressive unfreezing walks ResNet-50's stages from the output back to the input.
 GROUPS = ("fc", "layer4", "layer3", "layer2", "layer1", "stem")
-# The averages' BatchNorm statistics come from this many training images (0.3 s at 224 px on an H100).
-BN_IMAGES = 2560
+# The stage of each of torchvision's top-level modules; the others (layer1 ... layer4, fc) are stages themselves.
+# avgpool goes with the head: with --dropout it holds the dropout, which must train (and be on) with the head.
+STAGE_OF = {"conv1": "stem", "bn1": "stem", "relu": "stem", "maxpool": "stem", "avgpool": "fc"}
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py (default: ./data)")
-    data.add_argument("--img-size", type=int, default=224, help="side the images are upsampled to (default: 224)")
-    data.add_argument("--subset", type=int, help="train on the first N training images (default: all)")
-    data.add_argument("--eval-subset", type=int, help="validate and test on the first N images only (default: all)")
+    data.add_argument("--img-size", type=run.number(int, at_least=32), default=224,
+                      help="side the 32-px images are upsampled to (default: 224)")
+    data.add_argument("--subset", type=run.positive_int, help="train on the first N training images (default: all)")
+    data.add_argument("--eval-subset", type=run.positive_int, help="validate, and measure the final test, "
+                      "on the first N images only (default: all)")
     data.add_argument("--train-on-all", action="store_true", help="all 50,000 images, no validation (default: off)")
-    data.add_argument("-j", "--workers", type=int, default=min(8, max(1, os.cpu_count() - 1)),
+    data.add_argument("-j", "--workers", type=run.non_negative_int, default=min(8, max(1, os.cpu_count() - 1)),
                       help="DataLoader worker processes (default: CPU cores - 1, at most 8)")
     model = parser.add_argument_group("model")
     model.add_argument("--weights", default="imagenet", help="imagenet, none, or a checkpoint PATH (default: imagenet)")
     # Mild: RandAugment, mixing, smoothing and erasing already regularise strongly.
-    model.add_argument("--dropout", type=float, default=0.1, help="dropout before the head (default: 0.1)")
+    model.add_argument("--dropout", type=run.number(float, at_least=0, below=1), default=0.1,
+                       help="dropout before the head (default: 0.1)")
     optim = parser.add_argument_group("optimisation")
     # Common fine-tuning values, not tuned here: a linear probe takes a high LR; fine-tuning a pretrained network
     # wants ~10x less, so the ImageNet features are adapted, not overwritten; AdamW's usual decay for fine-tuning.
-    optim.add_argument("--head-epochs", type=int, default=2, help="stage 1: epochs training the head only (default: 2)")
-    optim.add_argument("--head-lr", type=float, default=1e-3, help="stage 1 learning rate (default: 0.001)")
-    optim.add_argument("--epochs", type=int, default=30, help="stage 2: epochs of the cosine (default: 30)")
-    optim.add_argument("--lr", type=float, default=1e-4, help="stage 2 learning rate (default: 0.0001)")
-    optim.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=0.05,
+    optim.add_argument("--head-epochs", type=run.non_negative_int, default=2,
+                       help="stage 1: epochs training the head only (default: 2)")
+    optim.add_argument("--head-lr", type=run.positive_float, default=1e-3,
+                       help="stage 1 learning rate (default: 0.001)")
+    optim.add_argument("--epochs", type=run.positive_int, default=30, help="stage 2: epochs of the cosine (default: 30)")
+    optim.add_argument("--lr", type=run.positive_float, default=1e-4, help="stage 2 learning rate (default: 0.0001)")
+    optim.add_argument("--wd", "--weight-decay", dest="weight_decay", type=run.non_negative_float, default=0.05,
                        help="AdamW weight decay, none on BatchNorm and biases (default: 0.05)")
-    optim.add_argument("-b", "--batch-size", type=int, default=128, help="images per step, all GPUs (default: 128)")
+    optim.add_argument("-b", "--batch-size", type=run.number(int, at_least=2), default=128,  # 2: for BatchNorm
+                       help="images per step, all GPUs (default: 128)")
     # Warmup keeps the first large updates, driven by a still poor head, from wrecking the pretrained features; the
     # head stage trains on frozen features and needs none: its schedule is the cosine alone.
-    optim.add_argument("--warmup-epochs", type=float, default=1.0, help="stage 2 LR warmup, in epochs (default: 1.0)")
-    optim.add_argument("--min-lr", type=float, default=1e-6, help="LR at the end of each cosine (default: 1e-06)")
+    optim.add_argument("--warmup-epochs", type=run.non_negative_float, default=1.0,
+                       help="stage 2 LR warmup, in epochs (default: 1.0)")
+    optim.add_argument("--min-lr", type=run.non_negative_float, default=1e-6,
+                       help="LR at the end of each cosine (default: 1e-06)")
     stages = parser.add_argument_group("progressive unfreezing, discriminative LRs, long low-LR fine-tuning")
-    stages.add_argument("--unfreeze-every", type=int, default=1, help="epochs per new stage, 0 = all (default: 1)")
-    stages.add_argument("--unfreeze-warmup-epochs", type=float, default=0.5, help="a stage's warmup (default: 0.5)")
+    stages.add_argument("--unfreeze-every", type=run.non_negative_int, default=1,
+                        help="epochs per new stage, 0 = all at once (default: 1)")
+    stages.add_argument("--unfreeze-warmup-epochs", type=run.non_negative_float, default=0.5,
+                        help="each stage's LR warmup after its unfreezing, in epochs (default: 0.5)")
     # 0.7 per stage: the stem learns at 0.7^5 = 17 % of the head's LR. ULMFiT's reason: lower layers hold generic
     # features (edges, textures) that transfer as they are (Yosinski et al. 2014). For an input-level shift such as
     # 32-px images upsampled, that is contested: Lee et al. (2023, "Surgical Fine-Tuning") find tuning the *first*
     # layers best under input-level shifts. So 0.7 is a default to test (--lr-decay 1: one LR), not a finding.
-    stages.add_argument("--lr-decay", type=float, default=0.7, help="LR factor per stage below the head (default: 0.7)")
+    stages.add_argument("--lr-decay", type=run.number(float, above=0, at_most=1), default=0.7,
+                        help="discriminative LRs, not a schedule: each stage below the head learns at this factor "
+                             "times the LR of the stage above (default: 0.7)")
     # After the cosine, a few epochs at a small constant LR (above --min-lr, so the weights still move) give the EMA a
     # stable stretch to average.
-    stages.add_argument("--final-epochs", type=int, default=5, help="epochs at --final-lr at the end (default: 5)")
-    stages.add_argument("--final-lr", type=float, default=5e-6, help="LR of the final epochs (default: 5e-06)")
+    stages.add_argument("--final-epochs", type=run.non_negative_int, default=5,
+                        help="epochs at --final-lr at the end (default: 5)")
+    stages.add_argument("--final-lr", type=run.non_negative_float, default=5e-6,
+                        help="LR of the final epochs (default: 5e-06)")
     ema = parser.add_argument_group("EMA of weights")
     # 0.999 averages over about the last 1,000 steps: about 3 epochs of 45,000 images at batch 128.
-    ema.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay per step, 0 = no EMA (default: 0.999)")
+    ema.add_argument("--ema-decay", type=run.number(float, at_least=0, below=1), default=0.999,
+                     help="EMA decay per step, 0 = no EMA (default: 0.999)")
     # An average of weights needs BatchNorm statistics of its own, from the distribution its layers trained on: the
     # training images, augmented (torch.optim.swa_utils.update_bn runs over the training loader). "clean" is the
     # lesson that clean images are another distribution; "copy" takes the raw model's running statistics.
@@ -91,73 +112,45 @@ def get_args_parser():
                      help="the averages' BatchNorm statistics: training images through the training augmentation, the "
                           "same images clean, or the raw model's (default: train)")
     aug = parser.add_argument_group("augmentation and regularisation")
-    aug.add_argument("--randaug-n", type=int, default=2, help="RandAugment: ops per image, 0 = off (default: 2)")
-    aug.add_argument("--randaug-m", type=int, default=9, help="RandAugment: magnitude, 0..30 (default: 9)")
+    aug.add_argument("--randaug-n", type=run.non_negative_int, default=2,
+                     help="RandAugment: ops per image, 0 = off (default: 2)")
+    aug.add_argument("--randaug-m", type=run.number(int, at_least=0, at_most=30), default=9,
+                     help="RandAugment: magnitude, 0..30 (default: 9)")
     # timm's and DeiT's MixUp/CutMix values, on half the batches as the original notebooks did: with a short
     # fine-tuning schedule, mixing every batch slows convergence.
-    aug.add_argument("--mix-prob", type=float, default=0.5, help="probability that a batch is mixed (default: 0.5)")
-    aug.add_argument("--switch-prob", type=float, default=0.5, help="CutMix rather than MixUp (default: 0.5)")
-    aug.add_argument("--mixup-alpha", type=float, default=0.8, help="MixUp lam ~ Beta(a, a), 0 = off (default: 0.8)")
-    aug.add_argument("--cutmix-alpha", type=float, default=1.0, help="CutMix lam ~ Beta(a, a), 0 = off (default: 1.0)")
-    aug.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing epsilon (default: 0.1)")
-    aug.add_argument("--erase-prob", type=float, default=0.25, help="random erasing probability (default: 0.25)")
+    aug.add_argument("--mix-prob", type=run.fraction, default=0.5,
+                     help="probability that a batch is mixed (default: 0.5)")
+    aug.add_argument("--switch-prob", type=run.fraction, default=0.5, help="CutMix rather than MixUp (default: 0.5)")
+    aug.add_argument("--mixup-alpha", type=run.non_negative_float, default=0.8,
+                     help="MixUp lam ~ Beta(a, a), 0 = off (default: 0.8)")
+    aug.add_argument("--cutmix-alpha", type=run.non_negative_float, default=1.0,
+                     help="CutMix lam ~ Beta(a, a), 0 = off (default: 1.0)")
+    aug.add_argument("--label-smoothing", type=run.fraction, default=0.1, help="label smoothing epsilon (default: 0.1)")
+    aug.add_argument("--erase-prob", type=run.fraction, default=0.25, help="random erasing probability (default: 0.25)")
     aug.add_argument("--tta-set", default="flip+translate", choices=list(common.TTA_SETS),
                      help="test-time augmentation views of the final test (default: flip+translate)")
-    run = parser.add_argument_group("run")
-    run.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cpu (default: auto)")
-    run.add_argument("--seed", type=int, default=0, help="seeds the split, the augmentation and the head (default: 0)")
-    run.add_argument("--resume", help="continue from a levelN_last.pth, at the epoch after it (default: off)")
-    run.add_argument("--overwrite", action="store_true", help="replace an earlier run's checkpoints (default: off)")
-    run.add_argument("--checkpoint-dir", default="checkpoints", help="where .pth files go (default: checkpoints)")
-    run.add_argument("--results-dir", default="results", help="where JSON and PNG results go (default: results)")
-    run.add_argument("--print-freq", type=int, default=50, help="a step line every N steps, 0 = none (default: 50)")
-    # Dynamo guards on requires_grad: each unfreezing stage compiles the forward and backward again.
-    run.add_argument("--compile", action="store_true", help="torch.compile the model, once per unfreezing stage: 6 "
-                     "compiles (2 with --unfreeze-every 0); ResNet-50's first at 224 px took about 60 s on an H100 "
-                     "(default: off)")
-    run.add_argument("--sync-bn", action="store_true", help="torchrun, GPUs: BatchNorm over all GPUs (default: off)")
-    run.add_argument("--quick", action="store_true", help="smoke run: 128 images, 32 px, in quick/ (default: off)")
+    run.add_arguments(parser)  # --device --seed --resume --overwrite, the folders, --print-freq --compile --quick
     return parser
-
-def validate_args(args):
-    if args.quick:  # shrink first, then check what will run; quick/ folders keep real runs' files apart
-        vars(args).update(QUICK, checkpoint_dir=f"{args.checkpoint_dir}/quick", results_dir=f"{args.results_dir}/quick")
-    common.check_flags(args, positive=("epochs", "batch_size", "head_lr", "lr", "subset", "eval_subset"),
-                       non_negative=("head_epochs", "weight_decay", "workers", "print_freq", "warmup_epochs", "min_lr",
-                                     "randaug_n", "mixup_alpha", "cutmix_alpha", "unfreeze_every",
-                                     "unfreeze_warmup_epochs", "final_epochs", "final_lr"),
-                       fraction=("mix_prob", "switch_prob", "label_smoothing", "erase_prob", "lr_decay", "ema_decay"))
-    if not (0 <= args.dropout < 1 and args.ema_decay < 1 and args.lr_decay > 0 and 0 <= args.randaug_m <= 30):
-        raise common.UserError("need --dropout and --ema-decay in [0, 1), --lr-decay in (0, 1], --randaug-m in 0..30")
-    if args.img_size < 32 or args.batch_size < 2 or (args.subset or 45000) < args.batch_size:
-        raise common.UserError("need --img-size >= 32, --batch-size >= 2 (for BatchNorm), --subset >= --batch-size")
-
-def setup_distributed(args):
-    """torchrun starts one process per GPU and sets RANK, LOCAL_RANK and WORLD_SIZE; without it, one process."""
-    if "RANK" not in os.environ:
-        return 0, 1, common.resolve_device(args.device)
-    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # first: else every process opens a context on GPU 0
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world_size, device
 
 def train_transform(args):
     """CIFAR's standard augmentation, on the 32-px uint8 image: a random crop with 4-px zero padding, a random flip;
     then RandAugment: n random operations at magnitude m (of torchvision's 31 bins)."""
     steps = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]
-    return v2.Compose(steps + ([v2.RandAugment(args.randaug_n, args.randaug_m)] if args.randaug_n else []))
+    if args.randaug_n:
+        steps.append(v2.RandAugment(args.randaug_n, args.randaug_m))
+    return v2.Compose(steps)
 
 def group_of(name):
-    """The stage of a ResNet-50 parameter or module: stem, layer1 ... layer4, or fc (with the pooling and dropout)."""
+    """The stage of a ResNet-50 parameter, buffer or module by its name: stem, layer1 ... layer4, or fc."""
     top = name.split(".")[0]
-    return {"conv1": "stem", "bn1": "stem", "relu": "stem", "maxpool": "stem", "avgpool": "fc"}.get(top, top)
+    return STAGE_OF.get(top, top)
 
 def unfreeze_epoch(group, args):
     """The epoch (0-based) from which `group` trains: the head from the start, layer4 when stage 2 starts, then one
     more stage every --unfreeze-every epochs (0: all at once, as in Level 2)."""
-    return 0 if group == "fc" else args.head_epochs + (GROUPS.index(group) - 1) * args.unfreeze_every
+    if group == "fc":
+        return 0
+    return args.head_epochs + (GROUPS.index(group) - 1) * args.unfreeze_every
 
 def set_trainable(model, epoch, args):
     """Gradients and train mode for the stages unfrozen by `epoch`; the frozen ones keep BatchNorm in eval mode: their
@@ -172,7 +165,8 @@ def set_trainable(model, epoch, args):
 
 def make_optimizer(model, args, device):
     """AdamW over every parameter (those without a gradient, the frozen ones, it skips); weight decay on conv and linear
-    weights, none on BatchNorm weights and biases (Goyal et al. 2017, sec. 3). Fused: one kernel launch on CUDA.
+    weights, none on BatchNorm's weights and biases (Goyal et al. 2017, sec. 5.1) nor on any bias ("no bias decay",
+    He et al. 2019, "Bag of Tricks", sec. 3.1). Fused: one kernel launch on CUDA.
     Two parameter groups per stage, tagged with it, so that each stage gets its own LR."""
     param_groups = []
     for group in GROUPS:
@@ -186,13 +180,16 @@ def wrap(model, world_size, device, args):
     """DistributedDataParallel (built again when what trains changes: it registers those parameters), torch.compile."""
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None)
-    return torch.compile(model) if args.compile else model
+    if args.compile:
+        model = torch.compile(model)
+    return model
 
 def lr_at(step, group, steps_per_epoch, args):
     """The LR of stage `group` at optimiser `step` of the run: the base schedule (head cosine, stage-2 warmup and
     cosine, --final-lr), times --lr-decay per stage below the head, times the stage's warmup since its unfreezing (0
     before it). A pure function of the step, so that resume and tests need no scheduler state."""
-    head_steps, main_steps = args.head_epochs * steps_per_epoch, args.epochs * steps_per_epoch
+    head_steps = args.head_epochs * steps_per_epoch
+    main_steps = args.epochs * steps_per_epoch
     if step < head_steps:
         base = common.warmup_cosine_lr(step, head_steps, 0, args.head_lr, args.min_lr)
     elif step < head_steps + main_steps:
@@ -208,7 +205,8 @@ def lr_at(step, group, steps_per_epoch, args):
         warmup = 1.0  # the head trains from the first step; no warmup asked
     else:
         warmup = min(1.0, (steps_unfrozen + 1) / warmup_steps)
-    return base * args.lr_decay ** GROUPS.index(group) * warmup
+    depth = GROUPS.index(group)  # stages below the head: 0 for fc, 5 for the stem
+    return base * args.lr_decay ** depth * warmup
 
 def train_one_epoch(model, loader, optimizer, scaler, device, args, epoch, averages):
     """One pass over the training data. The loss is summed on the device and read once, at the end: `loss.item()` in
@@ -238,35 +236,18 @@ def train_one_epoch(model, loader, optimizer, scaler, device, args, epoch, avera
 
 def load_data(args, rank, world_size, device):
     """Training, validation and test sets, and the training loader (augmentation at 32 px in its workers)."""
-    if world_size > 1 and rank > 0:
-        torch.distributed.barrier()  # rank 0 first: it downloads CIFAR-10 if it is missing
-    train_set, val_set, test_set = common.cifar10_datasets(args.data_dir, args.seed, args.subset, args.eval_subset,
-                                                           args.train_on_all, train_transform(args))
-    if world_size > 1 and rank == 0:
-        torch.distributed.barrier()
+    with run.rank_zero_first(rank, world_size):  # under torchrun, rank 0 downloads CIFAR-10 if it is missing
+        train_set, val_set, test_set = common.cifar10_datasets(args.data_dir, args.seed, args.subset, args.eval_subset,
+                                                               args.train_on_all, train_transform(args))
     # DistributedSampler also with one process: its shuffle is a function of (seed, epoch) through set_epoch; under
     # torchrun each process takes every world_size-th image of it. drop_last: a batch of one would break BatchNorm.
     sampler = torch.utils.data.DistributedSampler(train_set, world_size, rank, seed=args.seed, drop_last=True)
     train_loader = torch.utils.data.DataLoader(
         train_set, args.batch_size // world_size, sampler=sampler, num_workers=args.workers, drop_last=True,
         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
-        worker_init_fn=common.worker_init,  # Ctrl-C reaches the main process only, which stops the workers
+        worker_init_fn=run.worker_init,  # Ctrl-C reaches the main process only, which stops the workers
         generator=torch.Generator().manual_seed(args.seed + rank))  # the workers' seeds, not from the global RNG
     return train_set, val_set, test_set, train_loader
-
-def resume(args, model, averages, optimizer, scaler):
-    """Continue after a levelN_last.pth, at the next epoch: weights, averages, optimiser, loss scale, best, history."""
-    checkpoint = common.load_checkpoint(args.resume, LEVEL)
-    common.check_resume(checkpoint, args, RESUME_FLAGS)
-    model.load_state_dict(checkpoint["model"])
-    for name, average in averages.items():  # an average the saved run did not have starts from its weights
-        saved = checkpoint["averages"].get(name, {"module": checkpoint["model"], "num_updates": 0})
-        average.module.load_state_dict(saved["module"])
-        average.num_updates = saved["num_updates"]
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    if checkpoint["scaler"]:  # empty when it was saved by a bf16 or fp32 run
-        scaler.load_state_dict(checkpoint["scaler"])
-    return checkpoint["epoch"], checkpoint["best_acc"], checkpoint["history"]
 
 def history_key(figure, candidate):
     """The history column of a candidate's validation figure: val_acc for the raw weights, val_acc_ema for the EMA."""
@@ -279,8 +260,8 @@ def bn_dataset(train_set, args):
     this level's training augmentation (crop, flip, RandAugment; MixUp/CutMix and erasing act later, on the batch),
     drawn once with --seed so that every validation sees the same ones; or the same images clean."""
     if args.avg_bn == "train":
-        return common.bn_images(train_set, BN_IMAGES, train_transform(args), args.seed)
-    return common.bn_images(train_set, BN_IMAGES)
+        return common.bn_images(train_set, common.BN_IMAGES, train_transform(args), args.seed)
+    return common.bn_images(train_set, common.BN_IMAGES)
 
 def set_average_bn(average_model, model, trainable, bn_set, device, args):
     """BatchNorm statistics of the average's own, recomputed on `bn_set`, or the raw model's (--avg-bn copy). The
@@ -296,9 +277,10 @@ def set_average_bn(average_model, model, trainable, bn_set, device, args):
         common.recompute_bn(average_model, bn_set, device, args.img_size, args.batch_size, norms)
 
 def validate(model, averages, trainable, bn_set, val_set, device, args):
-    """Validation loss and accuracy of the raw weights and of each average that has averaged something, after the
-    average gets BatchNorm statistics of its own (set_average_bn), so that all are judged alike. Returns (figures,
-    candidate models); with --train-on-all, no figures."""
+    """Validation loss and accuracy of the raw weights and of each average that has averaged something, all on the
+    same validation images. They are not judged alike in one respect: the raw model keeps the running statistics it
+    trained with (of MixUp/CutMix and erased batches), each average gets its own, recomputed from unmixed images
+    (set_average_bn). Returns (figures, candidate models); with --train-on-all, no figures."""
     candidates = {"raw": model}
     for name, average in averages.items():
         if average.num_updates > 0:
@@ -326,38 +308,35 @@ def save_checkpoints(model, candidates, averages, optimizer, scaler, history, be
     """levelN_last.pth after every epoch, for --resume; levelN_best.pth when validation improved (with --train-on-all:
     every epoch, so the last one), holding the chosen candidate. Returns the best accuracy so far."""
     row, checkpoint_dir = history[-1], Path(args.checkpoint_dir)
-    files = {}  # path -> checkpoint
+    to_save = {}  # path -> checkpoint
     source = choose_candidate(candidates, row, args)
     checkpoint = {"level": LEVEL, "model": candidates[source].state_dict(), "model_source": source,
                   "epoch": row["epoch"], "history": history, "args": vars(args)}
-    best_path = checkpoint_dir / f"{LEVEL}_best.pth"
     if args.train_on_all:
-        files[best_path] = {**checkpoint, "selected_by": "last epoch (no validation)"}
+        to_save[checkpoint_dir / f"{LEVEL}_best.pth"] = {**checkpoint, "selected_by": "last epoch (no validation)"}
     elif row[history_key("acc", source)] > best_acc:
         best_acc = row[history_key("acc", source)]
-        files[best_path] = {**checkpoint, "selected_by": "validation accuracy"}
+        to_save[checkpoint_dir / f"{LEVEL}_best.pth"] = {**checkpoint, "selected_by": "validation accuracy"}
     saved_averages = {}
     for name, average in averages.items():
         if average.num_updates > 0:  # an average enters last.pth with its first update: no dead weight before
             saved_averages[name] = {"module": average.module.state_dict(), "num_updates": average.num_updates}
-    files[checkpoint_dir / f"{LEVEL}_last.pth"] = {
+    to_save[checkpoint_dir / f"{LEVEL}_last.pth"] = {
         **checkpoint, "model": model.state_dict(), "model_source": "raw", "best_acc": best_acc,
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "averages": saved_averages}
-    writer.save(files)  # a CPU copy now; serialised and written in the background while the next epoch trains
+    writer.save(to_save)  # a CPU copy now; serialised and written in the background while the next epoch trains
     return best_acc
 
 def final_test(model, test_set, device, args, history, info):
     """The selected checkpoint, measured once on the test set by evaluate.py; results/levelN.json and the curves."""
-    best = common.load_checkpoint(Path(args.checkpoint_dir) / f"{LEVEL}_best.pth")
+    best = load_checkpoint(Path(args.checkpoint_dir) / f"{LEVEL}_best.pth")
     model.load_state_dict(best["model"])  # raw or EMA weights, as chosen on validation
     test, _ = evaluate.report(model, test_set, device, args.img_size)
     test_tta, _ = evaluate.report(model, test_set, device, args.img_size, common.TTA_SETS[args.tta_set])
     best_val_acc = best["history"][-1].get(history_key("acc", best["model_source"]), math.nan)  # nan: no validation
-    results = {"level": LEVEL, **info, "args": vars(args), "history": history, "best_epoch": best["epoch"],
-               "selected_by": best["selected_by"], "model_source": best["model_source"], "best_val_acc": best_val_acc,
-               "test": test, "test_tta": test_tta, "seconds": time.time() - info["started"],
-               **evaluate.run_sessions(history, info)}
-    evaluate.write_json(Path(args.results_dir) / f"{LEVEL}.json", results)
+    figures = {"best_epoch": best["epoch"], "selected_by": best["selected_by"], "model_source": best["model_source"],
+               "best_val_acc": best_val_acc, "test": test, "test_tta": test_tta}
+    results = records.write_results(Path(args.results_dir) / f"{LEVEL}.json", LEVEL, args, history, info, figures)
     evaluate.plot_curves(history, Path(args.results_dir) / f"{LEVEL}_curves.png", f"{LEVEL}, {args.img_size} px")
     print(f"final: acc1={test['acc1']:.4f} tta_acc1={test_tta['acc1']:.4f} val_acc1={results['best_val_acc']:.4f} "
           f"ece={test['ece']:.4f} tta_images_per_s={test_tta['images_per_s']:.0f} nll="
@@ -365,36 +344,33 @@ def final_test(model, test_set, device, args, history, info):
     return results
 
 def main(args):
-    rank, world_size, device = setup_distributed(args)
+    rank, world_size, device = run.start(LEVEL, args)  # torchrun's processes, the device, the run folder and lock
     master = rank == 0  # rank 0 alone validates, writes and prints; the others wait for it at a barrier
-    common.start_ranks(LEVEL, args, rank, world_size)  # rank 0 checks the folders; its error stops every rank
-    if args.sync_bn and device.type != "cuda":
-        raise common.UserError(f"--sync-bn needs CUDA GPUs (the device is {device.type}): leave it out")
-    if args.batch_size % world_size or args.batch_size // world_size < 2:
-        raise common.UserError("--batch-size must be a multiple of the processes, 2 or more each")
     torch.manual_seed(args.seed + rank)  # each process draws its own augmentation; DDP gives all rank 0's weights
     torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN times its kernels once and keeps the fastest
     train_set, val_set, test_set, train_loader = load_data(args, rank, world_size, device)
     model = common.build_model(args.weights, args.dropout).to(device, memory_format=torch.channels_last)
-    averages = {"ema": common.ModelEma(model, args.ema_decay)} if args.ema_decay > 0 else {}  # plain BatchNorm copies
+    # The averages are copied before --sync-bn converts the model: recompute_bn looks for nn.BatchNorm2d layers.
+    averages = {}
+    if args.ema_decay > 0:
+        averages["ema"] = common.ModelEma(model, args.ema_decay)
     bn_set = bn_dataset(train_set, args)
     if args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = make_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=common.amp_dtype(device) == torch.float16)  # fp16 only
-    start_epoch, best_acc, history = resume(args, model, averages, optimizer, scaler) if args.resume else (0, -1.0, [])
-    info = {**evaluate.run_info(device), "train_images": len(train_set), "started": time.time()}
-    if master:
-        print(f"{LEVEL}: {info['device']} x {world_size}, {info['precision']}, {args.img_size} px, {args.weights} "
-              f"weights, epoch {start_epoch + 1} on; train images: {len(train_set)}, val {len(val_set)}, test "
-              f"{len(test_set)}; Ctrl-C stops the run, {LEVEL}_last.pth keeps its last epoch", flush=True)
+    # --resume: every state of levelN_last.pth restored (a changed flag of RESUME_FLAGS is refused); else epoch 0
+    start_epoch, best_acc, history = resume(args, LEVEL, RESUME_FLAGS, model, optimizer, scaler, averages)
+    info = records.start(LEVEL, args, device, world_size, start_epoch, (train_set, val_set, test_set), master)
 
-    writer = common.CheckpointWriter()  # one save in flight at most
-    total_epochs, wrapped = args.head_epochs + args.epochs + args.final_epochs, None
+    writer = CheckpointWriter()  # one save in flight at most
+    total_epochs = args.head_epochs + args.epochs + args.final_epochs
+    wrapped_for = None  # the stages that trained when train_model was wrapped
     for epoch in range(start_epoch, total_epochs):
         trainable = set_trainable(model, epoch, args)  # every epoch: validation leaves the model in eval mode
-        if trainable != wrapped:  # what trains changed: wrap again
-            train_model, wrapped = wrap(model, world_size, device, args), trainable
+        if trainable != wrapped_for:  # what trains changed: wrap again
+            train_model = wrap(model, world_size, device, args)
+            wrapped_for = trainable
         stage = "+".join(trainable)
         train_loader.sampler.set_epoch(epoch)
         epoch_start = time.time()
@@ -407,29 +383,24 @@ def main(args):
         figures, candidates = {}, {}
         if master:
             figures, candidates = validate(model, averages, trainable, bn_set, val_set, device, args)
-        bad = [loss for loss in (train_loss, *figures.values()) if not math.isfinite(loss)]
-        if bad:  # checked once per epoch: a check in every step would make the CPU wait for the GPU
-            raise common.UserError(f"loss became {bad[0]} in epoch {epoch + 1} (lr {lr:.0e}): lower --lr/--head-lr")
+        run.check_finite(epoch, lr, train_loss, *figures.values())  # nan or inf: one line, nothing saved
         if master:
             history.append({**row, **figures})
             best_acc = save_checkpoints(model, candidates, averages, optimizer, scaler, history, best_acc, args,
                                         writer)
             history[-1]["epoch_seconds"] = time.time() - epoch_start  # training, validation, the save's copy
-            elapsed = time.time() - info["started"]
-            val_text = ""
-            if figures:  # "val loss 0.51 acc 0.83 loss_ema 0.49 acc_ema 0.84"
-                val_text = " | val " + " ".join(f"{key[4:]} {value:.4f}" for key, value in figures.items())
-            print(f"epoch {epoch + 1}/{total_epochs} [{stage}] lr {lr:.1e} train loss {train_loss:.4f}{val_text} | "
-                  f"{row['images_per_s']:.0f} img/s | {elapsed:.0f} s, ETA "
-                  f"{elapsed / (epoch + 1 - start_epoch) * (total_epochs - epoch - 1):.0f} s", flush=True)
-        if world_size > 1:
-            torch.distributed.barrier()  # the others wait while rank 0 validates and saves
+            records.print_epoch(history[-1], total_epochs, start_epoch, info)
+        run.barrier(world_size)  # under torchrun, the others wait while rank 0 validates and saves
 
-    writer.wait()  # the last epoch's files are on disk before the final test reads them; its error, if any
+    run.finish(writer, world_size)  # the last epoch's files on disk before the final test reads them
     del train_loader  # its worker processes stop now, rather than being waited for one by one at exit
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
-    return final_test(model, test_set, device, args, history, info) if master else None
+    if master:
+        return final_test(model, test_set, device, args, history, info)
+    return None
+
+# ---- Run plumbing: not part of the lesson ----------------------------------------------------------------------
+def validate_args(args):
+    run.check_args(args, QUICK)  # --quick's sizes; at least one batch of training images
 
 if __name__ == "__main__":
-    common.run_main(main, get_args_parser(), validate_args)
+    run.run_main(main, get_args_parser(), validate_args)

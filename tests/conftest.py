@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
+from support import run  # noqa: E402
 
 # A level run small enough for 2 CPU cores: 64 training images at 32 px, every stage one epoch.
 TINY = ["--weights", "none", "--img-size", "32", "--subset", "64", "--eval-subset", "32", "-b", "16", "-j", "0",
@@ -76,14 +77,14 @@ def run_script(*args, env=None, timeout=600):
 
 
 def run_cli(module, *args):
-    """A script's command line run in this process (sys.argv, common.run_main, exit code, captured output): the same
+    """A script's command line run in this process (sys.argv, run.run_main, exit code, captured output): the same
     path as `python script.py ...` without an interpreter start, for the many bad-input checks."""
     stdout, stderr = io.StringIO(), io.StringIO()
     old_argv, sys.argv = sys.argv, [module.__file__, *map(str, args)]
     returncode = 0
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            common.run_main(module.main, module.get_args_parser(), module.validate_args)
+            run.run_main(module.main, module.get_args_parser(), module.validate_args)
     except SystemExit as exit_:
         returncode = exit_.code if isinstance(exit_.code, int) else 1
     finally:

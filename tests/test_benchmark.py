@@ -1,4 +1,4 @@
-"""benchmark.py: a CPU smoke run times each level's own step (and, with --epochs, Level 1's epoch loop); a new
+"""support/benchmark.py: a CPU smoke run times each level's own step (and, with --epochs, Level 1's epoch loop); a new
 train_one_epoch parameter fails by name."""
 import json
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
 
-import benchmark
 import level1
+from support import benchmark
 
 
 def test_smoke_run_prints_parseable_lines_json_and_markdown(tmp_path, data_root):
@@ -25,7 +25,7 @@ def test_smoke_run_prints_parseable_lines_json_and_markdown(tmp_path, data_root)
     rows = json.loads((tmp_path / "b.json").read_text())
     assert [row["level"] for row in rows] == [1, 4] and all(row["commit"] and row["device"] for row in rows)
     table = (tmp_path / "b.md").read_text()
-    assert "python benchmark.py --level 1 4" in table and table.count("\n| ") == 3
+    assert "python -m support.benchmark --level 1 4" in table and table.count("\n| ") == 3
 
 
 def test_a_train_one_epoch_parameter_the_benchmark_cannot_supply_is_named(monkeypatch, data_root):

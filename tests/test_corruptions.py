@@ -13,8 +13,9 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 import common
-import corruptions
 import evaluate
+from support import corruptions
+from support.errors import UserError
 from conftest import assert_one_line_error, real_cifar_dir, run_cli
 
 CPU = torch.device("cpu")
@@ -147,12 +148,12 @@ def test_corruption_summary_by_hand():
     drop 0.2 / 0.95. B: a = 0.8, b = 0.5 at each severity. Errors summed: A 1.5 and 1.0, B 1.0 and 2.5: CE 1.5, 0.4,
     mCE 0.95."""
     accuracy = {"a": [0.9, 0.8, 0.7, 0.6, 0.5], "b": [1.0, 0.9, 0.8, 0.7, 0.6]}
-    summary = evaluate.corruption_summary(accuracy, 0.95, {"a": [0.8] * 5, "b": [0.5] * 5})
+    summary = corruptions.corruption_summary(accuracy, 0.95, {"a": [0.8] * 5, "b": [0.5] * 5})
     assert summary["mean_acc1"] == pytest.approx(0.75)
     assert summary["mean_acc1_per_severity"] == pytest.approx([0.95, 0.85, 0.75, 0.65, 0.55])
     assert summary["relative_drop"] == pytest.approx(0.2 / 0.95)
     assert summary["ce"] == pytest.approx({"a": 1.5, "b": 0.4}) and summary["mce"] == pytest.approx(0.95)
-    assert "ce" not in evaluate.corruption_summary(accuracy, 0.95)
+    assert "ce" not in corruptions.corruption_summary(accuracy, 0.95)
 
 
 class PixelModel(nn.Module):
@@ -187,14 +188,14 @@ def test_official_layout_severity_slices_and_mean_accuracy_by_hand(tmp_path):
     clean = np.zeros((20, 3, 32, 32), dtype=np.uint8)
     clean[:, 0, 0, 0] = labels
     test_set = common.CifarDataset(clean, labels)
-    result = evaluate.corruption_report(PixelModel(), test_set, CPU, 32, source=source, batch_size=8)
+    result = corruptions.corruption_report(PixelModel(), test_set, CPU, 32, source=source, batch_size=8)
     assert result["acc1"]["fog"] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
     assert result["acc1"]["blur"] == pytest.approx([0.5] * 5)
     assert result["mean_acc1"] == pytest.approx(0.55) and result["clean_acc1"] == 1.0
     assert result["mean_acc1_per_severity"] == pytest.approx([0.35, 0.45, 0.55, 0.65, 0.75])
     assert result["relative_drop"] == pytest.approx(0.45) and result["images_per_severity"] == 20
     first_10 = common.CifarDataset(clean[:10], labels[:10])  # --subset 10: the first 10 of each severity
-    result = evaluate.corruption_report(PixelModel(), first_10, CPU, 32, source=source)
+    result = corruptions.corruption_report(PixelModel(), first_10, CPU, 32, source=source)
     assert result["acc1"]["fog"] == pytest.approx([0.4, 0.8, 1.0, 1.0, 1.0])
 
 
@@ -236,9 +237,9 @@ def test_cli_truncated_npy_and_mismatched_labels_are_one_line_errors(tmp_path, c
                           "labels.npy", "not the test set's")
     assert_one_line_error(run_cli(evaluate, checkpoint, "--baseline", checkpoint, *flags), "--baseline needs")
     np.save(tmp_path / "ok" / "fog.npy", np.zeros((100, 32, 32), dtype=np.uint8))  # a wrong shape
-    with pytest.raises(common.UserError, match=r"fog.npy must be a uint8 array of shape \(100, 32, 32, 3\)"):
+    with pytest.raises(UserError, match=r"fog.npy must be a uint8 array of shape \(100, 32, 32, 3\)"):
         corruptions.read_official(tmp_path / "ok", torch.as_tensor(test_labels))
-    with pytest.raises(common.UserError, match="is not a folder"):
+    with pytest.raises(UserError, match="is not a folder"):
         corruptions.read_official(tmp_path / "nowhere", torch.as_tensor(test_labels))
-    with pytest.raises(common.UserError, match="holds 20 images per severity, fewer than the 21"):
+    with pytest.raises(UserError, match="holds 20 images per severity, fewer than the 21"):
         corruptions.read_official(tmp_path / "mismatch", torch.arange(21) % 10)

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 import common
 import evaluate
+from support import records
 from conftest import assert_one_line_error, final_line, run_cli, write_synthetic_cifar
 
 CPU = torch.device("cpu")
@@ -176,7 +177,7 @@ def test_write_json_turns_nan_and_inf_into_null(tmp_path):
            "tuple": (math.nan, 3), "numpy": np.float64("nan"), "text": "x", "none": None}
     with pytest.raises(ValueError):  # what a plain json.dumps would write is refused by a strict reader
         json.loads(json.dumps(obj), parse_constant=refuse)
-    evaluate.write_json(tmp_path / "r.json", obj)
+    records.write_json(tmp_path / "r.json", obj)
     assert strict_json(tmp_path / "r.json") == {
         "acc": 0.5, "nan": None, "nested": {"list": [1.0, None, {"deep": None, "ok": 2}]}, "tuple": [None, 3],
         "numpy": None, "text": "x", "none": None}
@@ -186,7 +187,7 @@ def test_write_json_turns_nan_and_inf_into_null(tmp_path):
 
 def test_write_table_writes_markdown(tmp_path):
     """Heading, blank line, header row, separator, rows with floats to 4 decimals; the text is also returned."""
-    text = evaluate.write_table(tmp_path / "t.md", "# python x.py on cpu", ["row", "acc1", "epochs"],
+    text = records.write_table(tmp_path / "t.md", "# python x.py on cpu", ["row", "acc1", "epochs"],
                                 [["baseline", 0.876543, 3], ["mixup", 0.9, 10]])
     expected = ["# python x.py on cpu", "", "| row | acc1 | epochs |", "|---|---|---|",
                 "| baseline | 0.8765 | 3 |", "| mixup | 0.9000 | 10 |"]
@@ -475,7 +476,7 @@ def test_cli_bn_stats_recomputes_the_statistics_as_the_levels_do(tmp_path, synth
     train_set, _, _ = common.cifar10_datasets(synthetic_root, 3, 48)
     expected = common.build_model("none", 0.1)
     expected.load_state_dict(model.state_dict())
-    bn_set = common.bn_images(train_set, level3.BN_IMAGES, level3.train_transform(train_args), 3)
+    bn_set = common.bn_images(train_set, common.BN_IMAGES, level3.train_transform(train_args), 3)
     common.recompute_bn(expected, bn_set, CPU, 32, 16)
     ours, _ = evaluate.load_model(path)
     args = evaluate.get_args_parser().parse_args([str(path), "--data-dir", str(synthetic_root), "--bn-stats", "train"])

@@ -8,8 +8,8 @@ import torch
 
 import common
 import evaluate
-import evidence
 import level4
+from support import evidence, study
 from conftest import assert_one_line_error, final_line, run_cli, summary_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -192,7 +192,7 @@ def test_mean_sd():
 
 
 def test_plot_differences_writes_a_png(tmp_path):
-    evaluate.plot_differences(["no_mixup", "no_tta", "img_size_128"], [-0.004, -0.002, 0.001], [-0.007, None, -0.002],
+    study.plot_differences(["no_mixup", "no_tta", "img_size_128"], [-0.004, -0.002, 0.001], [-0.007, None, -0.002],
                               [-0.001, None, 0.004], [False, True, False], tmp_path / "ablation.png", "ablation")
     assert is_png(tmp_path / "ablation.png")
 

@@ -18,7 +18,7 @@ import level1
 import level2
 import level3
 import level4
-import study
+from support import files, study
 
 CPU = torch.device("cpu")
 IMAGES = np.random.default_rng(0).integers(0, 256, (32, 3, 32, 32), dtype=np.uint8)
@@ -204,7 +204,7 @@ def test_avg_bn_flag_chooses_where_the_averages_statistics_come_from(module):
         module.validate(model, averages, list(module.GROUPS), bn_set, train_set, CPU, args)
         transform = module.train_transform(args) if source == "train" else None
         expected = copy.deepcopy(averages["ema"].module)
-        common.recompute_bn(expected, common.bn_images(train_set, module.BN_IMAGES, transform, args.seed), CPU,
+        common.recompute_bn(expected, common.bn_images(train_set, common.BN_IMAGES, transform, args.seed), CPU,
                             args.img_size, args.batch_size)
         for average in averages.values():
             assert torch.equal(average.module.layer1[0].bn1.running_mean, expected.layer1[0].bn1.running_mean)
@@ -267,7 +267,7 @@ def test_the_best_candidate_is_saved_with_its_source(tmp_path):
     model, other = common.build_model("none"), common.build_model("none")
     averages = {"ema": common.ModelEma(other, 0.9)}
     history = [{"epoch": 1, "val_acc": 0.5, "val_acc_ema": 0.6}]
-    writer = common.CheckpointWriter()
+    writer = files.CheckpointWriter()
     best = level4.save_checkpoints(model, {"raw": model, "ema": averages["ema"].module}, averages,
                                    level4.make_optimizer(model, args, CPU), torch.amp.GradScaler("cpu", enabled=False),
                                    history, -1.0, args, writer)
@@ -308,7 +308,7 @@ def test_level_end_to_end_then_evaluate(module, cached_run, data_root):
 
 @pytest.mark.parametrize("module", [level1, level2, level3, level4])
 def test_each_epoch_records_its_training_and_wall_seconds(module, cached_run):
-    """benchmark.py --epochs reads these: the training steps' seconds within the epoch's, 64 images trained."""
+    """support.benchmark --epochs reads these: the training steps' seconds within the epoch's, 64 images trained."""
     results, _ = cached_run(module)
     for row in results["history"]:
         assert 0 < row["train_seconds"] <= row["epoch_seconds"]
@@ -494,8 +494,8 @@ def test_an_average_the_saved_run_did_not_have_starts_from_its_weights(tmp_path,
     args = level_args(level3, tmp_path, data_root, "--resume", tmp_path / "level3_last.pth", "--final-epochs", "0")
     model = common.build_model("none", args.dropout)
     averages = {"ema": common.ModelEma(common.build_model("none", args.dropout))}
-    level3.resume(args, model, averages, level3.make_optimizer(model, args, CPU),
-                  torch.amp.GradScaler("cpu", enabled=False))
+    files.resume(args, level3.LEVEL, level3.RESUME_FLAGS, model, level3.make_optimizer(model, args, CPU),
+                 torch.amp.GradScaler("cpu", enabled=False), averages)
     assert all(torch.equal(a, b) for a, b in zip(averages["ema"].module.state_dict().values(),
                                                   model.state_dict().values()))
     assert averages["ema"].num_updates == 0
@@ -533,7 +533,7 @@ def test_ablation_pairs_seeds_and_its_evaluation_rows_train_nothing(cached_run, 
                 "device": "cpu", "commit": "test"}
     args = level_args(level4, tmp_path, data_root, "--ablate", "--ablate-seeds", 2, "--ablate-epochs", 1, "--seed", 3,
                       "--ablate-rows", "no_mixup_cutmix", "no_tta", "no_temperature", "bn_clean")
-    table = study.run_ablation(args, fake_main, level4.BN_IMAGES)
+    table = study.run_ablation(args, fake_main)
     assert sorted(calls) == [(3, 0.0), (3, 0.5), (4, 0.0), (4, 0.5)]  # baseline and no_mixup_cutmix, seeds 3 and 4
     assert [run["seed"] for run in table["no_tta"]] == [3, 4] and table["no_tta"][0]["evaluation_only"]
     model = common.build_model("none", args.dropout)
@@ -546,5 +546,5 @@ def test_ablation_pairs_seeds_and_its_evaluation_rows_train_nothing(cached_run, 
     assert "+0.0200 [+0.0200, +0.0200] | no spread" in line  # paired by seed: the same +0.02 on both
     assert "evaluation only" in next(row for row in markdown.splitlines() if row.startswith("| no_tta"))
     assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
-    study.run_ablation(args, fake_main, level4.BN_IMAGES)
+    study.run_ablation(args, fake_main)
     assert len(calls) == 4  # every finished (row, seed) reused

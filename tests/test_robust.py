@@ -25,6 +25,8 @@ import evaluate
 import level1
 import level3
 import level4
+from support import files, records, run
+from support.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,12 +71,12 @@ def test_1_results_of_another_run_are_kept_unless_overwrite(tmp_path):
         history = [{"epoch": 1, "train_loss": 2.0 if name == "A" else 2.5}]
         torch.save({"level": "level1", "optimizer": {}, "history": history}, folder / "level1_last.pth")
     (results / "level1.json").write_text(json.dumps({"history": [{"epoch": 1, "train_loss": 2.0}]}))
-    with pytest.raises(common.UserError, match="level1.json holds the results of another run.*--overwrite"):
-        common.start_run("level1", tmp_path / "C", results)
-    with pytest.raises(common.UserError, match="level1.json holds the results of another run"):
-        common.start_run("level1", runs["B"], results, resume=str(runs["B"] / "level1_last.pth"))
-    common.start_run("level1", runs["A"], results, resume=str(runs["A"] / "level1_last.pth"))
-    common.start_run("level1", tmp_path / "D", results, overwrite=True)
+    with pytest.raises(UserError, match="level1.json holds the results of another run.*--overwrite"):
+        files.start_run("level1", tmp_path / "C", results)
+    with pytest.raises(UserError, match="level1.json holds the results of another run"):
+        files.start_run("level1", runs["B"], results, resume=str(runs["B"] / "level1_last.pth"))
+    files.start_run("level1", runs["A"], results, resume=str(runs["A"] / "level1_last.pth"))
+    files.start_run("level1", tmp_path / "D", results, overwrite=True)
 
 
 def test_1_evaluate_names_outputs_by_checkpoint_and_keeps_another_checkpoints_file(tmp_path, state_dict,
@@ -133,21 +135,21 @@ def saved_run(module, folder, data_root, *changed):
     (level1, ["--wd", "0.1"], "--weight-decay was 0.05 in the saved run, 0.1 now")])
 def test_3_16_resume_with_another_schedule_or_split_names_the_flag(module, changed, fragment, tmp_path, data_root):
     args = saved_run(module, tmp_path, data_root, *changed)
-    with pytest.raises(common.UserError, match=fragment):
-        common.check_resume(common.load_checkpoint(args.resume, module.LEVEL), args, module.RESUME_FLAGS)
+    with pytest.raises(UserError, match=fragment):
+        files.check_resume(files.load_checkpoint(args.resume, module.LEVEL), args, module.RESUME_FLAGS)
 
 
 def test_3_16_level_resume_refuses_a_longer_schedule_before_loading_weights(tmp_path, data_root):
-    """level3.resume itself (model and optimiser not needed: the check comes first)."""
+    """files.resume itself (model and optimiser not needed: the check comes first)."""
     args = saved_run(level3, tmp_path, data_root, "--epochs", "2")
-    with pytest.raises(common.UserError, match="--epochs was 1"):
-        level3.resume(args, None, {}, None, None)
+    with pytest.raises(UserError, match="--epochs was 1"):
+        files.resume(args, level3.LEVEL, level3.RESUME_FLAGS, None, None, None, {})
 
 
 def test_3_level1_extends_with_a_longer_epochs(tmp_path, data_root):
     """Level 1's LR is constant per stage: a longer --epochs extends the run, as the README says."""
     args = saved_run(level1, tmp_path, data_root, "--epochs", "3")
-    common.check_resume(common.load_checkpoint(args.resume, "level1"), args, level1.RESUME_FLAGS)
+    files.check_resume(files.load_checkpoint(args.resume, "level1"), args, level1.RESUME_FLAGS)
 
 
 # ---- 4. A stored temperature that is no temperature ----------------------------------------------------------------
@@ -182,14 +184,14 @@ def test_5_6_sigterm_and_ctrl_c_stop_cleanly(sig, workers, group, tmp_path, synt
     err = [line for line in stderr.splitlines() if line.strip()]
     assert len(err) == 1 and signal.Signals(sig).name in err[0] and "interrupted" in err[0], stderr
     assert not (tmp_path / "level1.lock").exists()
-    assert common.load_checkpoint(tmp_path / "level1_last.pth", "level1")["epoch"] >= 1
+    assert files.load_checkpoint(tmp_path / "level1_last.pth", "level1")["epoch"] >= 1
 
 
 def test_5_lock_of_another_host_says_to_delete_it(tmp_path):
     lock = tmp_path / "level1.lock"
     lock.write_text("4242 some-other-host\n")
-    with pytest.raises(common.UserError, match=f"held by process 4242 on some-other-host.*delete {lock}"):
-        common.start_run("level1", tmp_path, tmp_path)
+    with pytest.raises(UserError, match=f"held by process 4242 on some-other-host.*delete {lock}"):
+        files.start_run("level1", tmp_path, tmp_path)
     assert lock.read_text() == "4242 some-other-host\n"
 
 
@@ -198,7 +200,7 @@ def test_5_lock_content_is_parsed_robustly(content, tmp_path, capsys):
     """A dead process's lock with a trailing newline, an empty lock, a damaged one: taken over with one warning."""
     lock = tmp_path / "level1.lock"
     lock.write_text(content)
-    common.start_run("level1", tmp_path, tmp_path)
+    files.start_run("level1", tmp_path, tmp_path)
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "no longer runs" in warnings[0] and "process ," not in warnings[0]
     assert lock.read_text() == f"{os.getpid()} {socket.gethostname()}"
@@ -207,7 +209,7 @@ def test_5_lock_content_is_parsed_robustly(content, tmp_path, capsys):
 def test_6_dataloader_workers_ignore_sigint():
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
-        common.worker_init(0)
+        run.worker_init(0)
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     finally:
@@ -218,7 +220,7 @@ def test_6_dataloader_workers_ignore_sigint():
 def test_6_a_worker_ending_during_an_interrupt_is_part_of_it():
     """DataLoader's "worker exited unexpectedly" after a Ctrl-C: the interrupt's line and exit code 130."""
     def main(args):
-        common._RUN["stopping"] = signal.SIGINT
+        run._STOP["signal"] = signal.SIGINT
         raise RuntimeError("DataLoader worker (pid(s) 1234) exited unexpectedly")
     result = run_cli(fake_script(main))
     assert result.returncode == 130 and "SIGINT: interrupted" in result.stderr and "Traceback" not in result.stderr
@@ -228,10 +230,10 @@ def test_6_a_worker_ending_during_an_interrupt_is_part_of_it():
 
 def test_7_disk_full_while_saving_is_one_line_and_keeps_the_file(tmp_path, monkeypatch):
     path = tmp_path / "level1_last.pth"
-    common.save_checkpoint(path, {"model": {"w": torch.ones(3)}})
+    files.save_checkpoint(path, {"model": {"w": torch.ones(3)}})
     before = path.read_bytes()
-    monkeypatch.setattr(common.os, "fsync", enospc)
-    result = run_cli(fake_script(lambda args: common.save_checkpoint(path, {"model": {"w": torch.zeros(3)}})))
+    monkeypatch.setattr(files.os, "fsync", enospc)
+    result = run_cli(fake_script(lambda args: files.save_checkpoint(path, {"model": {"w": torch.zeros(3)}})))
     assert_one_line_error(result, f"cannot write {path}", "No space left on device")
     assert path.read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
 
@@ -239,14 +241,14 @@ def test_7_disk_full_while_saving_is_one_line_and_keeps_the_file(tmp_path, monke
 def test_7_earlier_run_message_names_only_files_that_are_there(tmp_path):
     """A run that saved level1_best.pth but no level1_last.pth (disk full): no --resume of a missing file."""
     (tmp_path / "level1_best.pth").write_bytes(b"x")
-    with pytest.raises(common.UserError, match="holds an earlier level1 run") as error:
-        common.start_run("level1", tmp_path, tmp_path)
+    with pytest.raises(UserError, match="holds an earlier level1 run") as error:
+        files.start_run("level1", tmp_path, tmp_path)
     assert "--resume" not in str(error.value) and "--overwrite" in str(error.value)
 
 
 def test_8_full_disk_is_found_at_start(tmp_path, monkeypatch):
     """start_run writes a probe: a full disk is one line before any data is read, and no lock is left."""
-    monkeypatch.setattr(common.os, "fsync", enospc)
+    monkeypatch.setattr(files.os, "fsync", enospc)
     result = run_cli(level1, *TINY, "--data-dir", tmp_path / "nodata", "--checkpoint-dir", tmp_path / "ck",
                      "--results-dir", tmp_path / "res")
     assert_one_line_error(result, "--checkpoint-dir", "No space left on device")
@@ -255,11 +257,11 @@ def test_8_full_disk_is_found_at_start(tmp_path, monkeypatch):
 
 def test_8_results_that_cannot_be_written_say_how_to_get_them_back(tmp_path, monkeypatch):
     """At the end of a run: the line names --resume of the run's levelN_last.pth, which measures again."""
-    common.start_run("level1", tmp_path, tmp_path)
+    files.start_run("level1", tmp_path, tmp_path)
     (tmp_path / "level1_last.pth").write_bytes(b"x")
-    monkeypatch.setattr(common.os, "fsync", enospc)
-    with pytest.raises(common.UserError, match=f"cannot write .*level1.json.*--resume {tmp_path / 'level1_last.pth'}"):
-        evaluate.write_json(tmp_path / "level1.json", {"test": 1})
+    monkeypatch.setattr(files.os, "fsync", enospc)
+    with pytest.raises(UserError, match=f"cannot write .*level1.json.*--resume {tmp_path / 'level1_last.pth'}"):
+        records.write_json(tmp_path / "level1.json", {"test": 1})
 
 
 def test_9_full_disk_while_taking_the_lock_leaves_no_empty_lock(tmp_path, monkeypatch):
@@ -268,9 +270,9 @@ def test_9_full_disk_while_taking_the_lock_leaves_no_empty_lock(tmp_path, monkey
     def open_then_full(path, mode="r", *args, **kwargs):  # the file is made, writing it fails
         real_open(path, mode, *args, **kwargs).close()
         enospc()
-    monkeypatch.setattr(common, "open", open_then_full, raising=False)
-    with pytest.raises(common.UserError, match="No space left"):
-        common._take_lock(tmp_path / "level1.lock")
+    monkeypatch.setattr(files, "open", open_then_full, raising=False)
+    with pytest.raises(UserError, match="No space left"):
+        files._take_lock(tmp_path / "level1.lock")
     assert not (tmp_path / "level1.lock").exists()
 
 
@@ -279,7 +281,7 @@ def test_9_lock_removal_on_a_read_only_folder_is_silent(tmp_path, monkeypatch):
     lock = tmp_path / "level1.lock"
     lock.write_text("1 host")
     monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: enospc())
-    common._release_lock(lock, "1 host")
+    files._release_lock(lock, "1 host")
 
 
 def test_10_evaluate_out_that_is_a_file_fails_before_the_work(tmp_path, state_dict, synthetic_root, monkeypatch):
@@ -294,7 +296,7 @@ def test_10_evaluate_out_that_is_a_file_fails_before_the_work(tmp_path, state_di
 def test_10_summary_into_a_full_folder_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "level1.json").write_text(json.dumps({"test": {"acc1": 0.5, "ece": 0.1}, "history": [{}],
                                                       "seconds": 1.0, "device": "cpu", "commit": "abc"}))
-    monkeypatch.setattr(common.os, "fsync", enospc)
+    monkeypatch.setattr(files.os, "fsync", enospc)
     assert_one_line_error(run_cli(level4, "--summary", "--results-dir", tmp_path), "--results-dir", "No space left")
     assert not (tmp_path / "summary.md").exists()
 
@@ -316,12 +318,12 @@ def test_12_rank_zeros_error_reaches_every_rank(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda objects: sent.append(list(objects)))
     (tmp_path / "level1_last.pth").write_bytes(b"x")
     args = argparse.Namespace(checkpoint_dir=tmp_path, results_dir=tmp_path, resume=None, overwrite=False)
-    with pytest.raises(common.UserError, match="holds an earlier level1 run"):
-        common.start_ranks("level1", args, 0, 2)
+    with pytest.raises(UserError, match="holds an earlier level1 run"):
+        run._start_ranks("level1", args, 0, 2)
     assert len(sent) == 1 and "holds an earlier level1 run" in sent[0][0]
     monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda objects: objects.__setitem__(0, sent[0][0]))
     with pytest.raises(SystemExit) as exit_:
-        common.start_ranks("level1", args, 1, 2)
+        run._start_ranks("level1", args, 1, 2)
     assert exit_.value.code == 2 and capsys.readouterr().err == ""
 
 
@@ -343,7 +345,7 @@ def test_14_torchvision_train_py_checkpoint_loads(tmp_path, state_dict, syntheti
     path.parent.mkdir()
     torch.save({"model": state_dict, "optimizer": {}, "lr_scheduler": {}, "epoch": 3,
                 "args": argparse.Namespace(lr=0.1, epochs=90, output_dir="out")}, path)
-    assert common.load_checkpoint(path)["args"] == {"lr": 0.1, "epochs": 90, "output_dir": "out"}
+    assert files.load_checkpoint(path)["args"] == {"lr": 0.1, "epochs": 90, "output_dir": "out"}
     result = evaluate_cli(path, synthetic_root, tmp_path / "out")
     assert result.returncode == 0, result.stderr
 
@@ -355,8 +357,8 @@ class _Trusted:
 def test_14_other_globals_are_named_with_how_to_convert(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"model": {}, "extra": _Trusted()}, path)
-    with pytest.raises(common.UserError, match="_Trusted.*could run code.*weights_only=False"):
-        common.load_checkpoint(path)
+    with pytest.raises(UserError, match="_Trusted.*could run code.*weights_only=False"):
+        files.load_checkpoint(path)
 
 
 def test_15_timm_state_dict_layout_evaluates(tmp_path, state_dict, synthetic_root, fast_plots):
@@ -391,8 +393,8 @@ def test_16_sync_bn_on_the_cpu_names_only_sync_bn(tmp_path):
 def test_17_resume_without_the_best_checkpoint_fails_at_once(tmp_path, data_root):
     args = saved_run(level1, tmp_path, data_root)
     (tmp_path / "level1_best.pth").unlink()
-    with pytest.raises(common.UserError, match="level1_best.pth is missing"):
-        level1.resume(args, None, None, None)
+    with pytest.raises(UserError, match="level1_best.pth is missing"):
+        files.resume(args, level1.LEVEL, level1.RESUME_FLAGS, None, None, None)
 
 
 # ---- 18. --data-dir given as the cifar-10-batches-py folder --------------------------------------------------------
@@ -411,10 +413,10 @@ def test_19_commit_of_an_enclosing_repository_is_not_recorded(tmp_path, monkeypa
     git = ["git", "-C", str(outer), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "outer"], check=True)
-    monkeypatch.setattr(evaluate, "__file__", str(outer / "project" / "evaluate.py"))
-    assert evaluate.run_info(torch.device("cpu"))["commit"] == "unknown"
-    monkeypatch.setattr(evaluate, "__file__", str(outer / "evaluate.py"))  # the repository's own folder: its commit
-    assert evaluate.run_info(torch.device("cpu"))["commit"] not in ("", "unknown")
+    monkeypatch.setattr(records, "ROOT", outer / "project")
+    assert records.run_info(torch.device("cpu"))["commit"] == "unknown"
+    monkeypatch.setattr(records, "ROOT", outer)  # the repository's own folder: its commit
+    assert records.run_info(torch.device("cpu"))["commit"] not in ("", "unknown")
 
 
 def test_12_a_rank_whose_rank_zero_stopped_mid_run_exits_2_without_a_traceback(monkeypatch, capsys):
@@ -426,8 +428,8 @@ def test_12_a_rank_whose_rank_zero_stopped_mid_run_exits_2_without_a_traceback(m
     monkeypatch.setattr(sys, "argv", ["level1.py"])
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(SystemExit) as exit_:
-        common.run_main(main, parser, lambda args: None)
+        run.run_main(main, parser, lambda args: None)
     assert exit_.value.code == 2 and capsys.readouterr().err == ""
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(torch.distributed.DistBackendError):
-        common.run_main(main, parser, lambda args: None)
+        run.run_main(main, parser, lambda args: None)

@@ -24,6 +24,8 @@ import evaluate
 import level1
 import level2
 import level4
+from support import files
+from support.errors import UserError
 
 T = list(TINY)  # 64 training images at 32 px, batch 16, one head epoch and one full epoch, no workers
 QUICK_FLAGS = ["--quick", "--weights", "none", "-j", "0"]
@@ -137,12 +139,12 @@ def test_1_absurd_finite_learning_rate_is_one_line_error(tmp_path, synthetic_roo
 
 def test_1_save_checkpoint_refuses_nan_weights_and_writes_nothing(tmp_path):
     path = tmp_path / "level1_last.pth"
-    common.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "epoch": 1})
+    files.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "epoch": 1})
     before = fingerprint(path)
-    with pytest.raises(common.UserError, match="nan or inf"):
-        common.save_checkpoint(path, {"model": {"w": torch.tensor([1.0, math.nan, 2.0])}, "epoch": 2})
-    with pytest.raises(common.UserError, match="nan or inf"):
-        common.save_checkpoint(tmp_path / "new.pth", {"model": {"w": torch.tensor([math.inf])}, "epoch": 2})
+    with pytest.raises(UserError, match="nan or inf"):
+        files.save_checkpoint(path, {"model": {"w": torch.tensor([1.0, math.nan, 2.0])}, "epoch": 2})
+    with pytest.raises(UserError, match="nan or inf"):
+        files.save_checkpoint(tmp_path / "new.pth", {"model": {"w": torch.tensor([math.inf])}, "epoch": 2})
     assert fingerprint(path) == before and sorted(os.listdir(tmp_path)) == ["level1_last.pth"]
 
 
@@ -163,7 +165,7 @@ def test_1_evaluate_refuses_a_checkpoint_with_nan_weights(tmp_path, synthetic_ro
     (level1, "--lr=-inf", None, ("--lr must be a finite number (got -inf)",)),
     (level1, "--wd", "nan", ("--weight-decay must be a finite number (got nan)",)),
     (level2, "--mix-prob", "nan", ("--mix-prob must be a finite number (got nan)",)),
-    (level1, "-b", "1", ("--batch-size >= 2",)),
+    (level1, "-b", "1", ("--batch-size must be >= 2 (got 1)",)),
     (level1, "--epochs", "abc", ("--epochs", "invalid int value: 'abc'"))])
 def test_2_bad_flag_values_are_one_line_errors_before_anything_runs(module, flag, value, fragments, tmp_path,
                                                                     synthetic_root):
@@ -225,7 +227,7 @@ def test_4_overwrite_lets_the_new_run_in(finished, synthetic_root, monkeypatch):
     """With --overwrite the same command passes the folder checks and goes on to read the data (stopped there); the
     earlier files stay until the new run saves (a whole --overwrite run: the second --quick run below)."""
     def stop(*args, **kwargs):
-        raise common.UserError("data loading reached")
+        raise UserError("data loading reached")
 
     monkeypatch.setattr(common, "cifar10_datasets", stop)
     before = fingerprint(finished / "level1_best.pth")
@@ -236,7 +238,7 @@ def test_4_overwrite_lets_the_new_run_in(finished, synthetic_root, monkeypatch):
 def test_4_resume_continues_the_earlier_run(finished, synthetic_root):
     """--resume F/level1_last.pth (the saved run's own flags) is let in: it starts after the saved epoch and keeps the
     saved history."""
-    saved = common.load_checkpoint(finished / "level1_last.pth", "level1")
+    saved = files.load_checkpoint(finished / "level1_last.pth", "level1")
     same = [f"--{name.replace('_', '-')}={saved['args'][name]}" for name in level1.QUICK if name != "overwrite"]
     result = run_cli(level1, *same, "--weights", "none", "-j", "0", "--data-dir", synthetic_root, "--checkpoint-dir",
                      finished, "--results-dir", finished, "--resume", finished / "level1_last.pth")
@@ -424,7 +426,7 @@ def test_11_run_outputs_follow_the_umask(quick_runs):
 def test_11_atomic_write_gives_the_mode_open_gives(tmp_path):
     """In this process: the same mode as a file made by a plain open(), and the bytes written."""
     (tmp_path / "plain").write_bytes(b"x")
-    common.atomic_write(tmp_path / "atomic", b"hello")
+    files.atomic_write(tmp_path / "atomic", b"hello")
     assert (tmp_path / "atomic").read_bytes() == b"hello"
     assert (tmp_path / "atomic").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
     assert sorted(os.listdir(tmp_path)) == ["atomic", "plain"]
@@ -437,7 +439,7 @@ def test_crash_while_saving_keeps_the_previous_file(where, tmp_path, monkeypatch
     """The new checkpoint is written to a temp file and renamed over the old one: a crash before the rename (a full
     disk at fsync, a failing rename) leaves the old file intact and no temp file behind."""
     path = tmp_path / "level1_last.pth"
-    common.save_checkpoint(path, {"model": {"w": torch.ones(1000)}, "epoch": 1})
+    files.save_checkpoint(path, {"model": {"w": torch.ones(1000)}, "epoch": 1})
     before = fingerprint(path)
     written = []
 
@@ -446,9 +448,9 @@ def test_crash_while_saving_keeps_the_previous_file(where, tmp_path, monkeypatch
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, where, crash)
-    with pytest.raises(common.UserError, match="No space left"):  # one line, not a traceback (issue 19)
-        common.save_checkpoint(path, {"model": {"w": torch.zeros(1000)}, "epoch": 2})
+    with pytest.raises(UserError, match="No space left"):  # one line, not a traceback (issue 19)
+        files.save_checkpoint(path, {"model": {"w": torch.zeros(1000)}, "epoch": 2})
     monkeypatch.undo()
     assert written and fingerprint(path) == before
     assert sorted(os.listdir(tmp_path)) == ["level1_last.pth"]
-    assert common.load_checkpoint(path)["epoch"] == 1
+    assert files.load_checkpoint(path)["epoch"] == 1

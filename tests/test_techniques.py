@@ -16,8 +16,13 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 from torchvision.transforms import v2
 
+from conftest import assert_one_line_error, run_cli
+
 import common
 import evaluate
+import level1
+import level2
+from support import run
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -665,29 +670,36 @@ def test_amp_dtype_is_none_on_cpu():
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
 
 
-# ---- 13. check_flags -------------------------------------------------------------------------------------------------
+# ---- 13. Flag ranges: run.number, the argparse type beside each flag ------------------------------------------
 
-@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-def test_check_flags_refuses_non_finite_floats(value):
-    """nan / inf in any float flag, even one no range names (nan passes `lr <= 0`), is a UserError naming it."""
-    args = argparse.Namespace(lr=0.1, label_smoothing=value, epochs=3, name="x", flag=None)
-    with pytest.raises(common.UserError, match=r"--label-smoothing must be a finite number"):
-        common.check_flags(args, positive=("lr",))
-    with pytest.raises(common.UserError, match=r"--label-smoothing"):
-        common.check_flags(args, fraction=("label_smoothing",))
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf"])
+def test_number_refuses_non_finite_values(text):
+    """nan / inf are refused whatever the bounds (nan passes `lr <= 0`); through a level's parser, one line naming
+    the flag."""
+    for parse in (run.positive_float, run.fraction, run.number(float)):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"must be a finite number"):
+            parse(text)
+    result = run_cli(level2, f"--label-smoothing={text}")
+    assert_one_line_error(result, "--label-smoothing must be a finite number")
 
 
-@pytest.mark.parametrize("kind, name, bad, good", [
-    ("positive", "batch_size", 0, 1), ("positive", "lr", -1e-3, 1e-3), ("non_negative", "weight_decay", -0.1, 0.0),
-    ("non_negative", "workers", -1, 0), ("fraction", "mix_prob", 1.5, 1.0), ("fraction", "mix_prob", -0.1, 0.0)])
-def test_check_flags_ranges_name_the_flag(kind, name, bad, good):
-    """Out of range: a UserError naming --the-flag, its rule and the value; in range (its edge): accepted."""
-    rule = {"positive": "> 0", "non_negative": ">= 0", "fraction": "in [0, 1]"}[kind]
-    flag = "--" + name.replace("_", "-")
-    with pytest.raises(common.UserError) as error:
-        common.check_flags(argparse.Namespace(**{name: bad, "subset": None}), **{kind: (name, "subset")})
-    assert str(error.value) == f"{flag} must be {rule} (got {bad})"
-    common.check_flags(argparse.Namespace(**{name: good, "subset": None}), **{kind: (name, "subset")})
+@pytest.mark.parametrize("parse, rule, bad, good", [
+    (run.positive_int, "> 0", "0", 1), (run.positive_float, "> 0", "-0.001", 1e-3),
+    (run.non_negative_float, ">= 0", "-0.1", 0.0), (run.non_negative_int, ">= 0", "-1", 0),
+    (run.fraction, ">= 0 and <= 1", "1.5", 1.0), (run.fraction, ">= 0 and <= 1", "-0.1", 0.0),
+    (run.number(float, at_least=0, below=1), ">= 0 and < 1", "1", 0.0)])
+def test_number_ranges_say_the_rule_and_the_value(parse, rule, bad, good):
+    """Out of range: the rule and the value; in range (its edge): the parsed number, of the kind asked for."""
+    with pytest.raises(argparse.ArgumentTypeError) as error:
+        parse(bad)
+    assert str(error.value) == f"must be {rule} (got {type(good)(bad)})"
+    assert parse(str(good)) == good and type(parse(str(good))) is type(good)
+
+
+def test_a_range_error_names_the_flag_by_its_long_name_in_one_line(tmp_path):
+    result = run_cli(level1, "--wd", "-1", "--checkpoint-dir", tmp_path)
+    assert assert_one_line_error(result, "--weight-decay must be >= 0 (got -1.0)").endswith("(see --help)")
+    assert not list(tmp_path.iterdir())  # refused before any folder is made
 
 
 # ---- Review fixes ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""common.CheckpointWriter (issue 21): checkpoints written in one background thread. What it writes equals what
+"""files.CheckpointWriter (issue 21): checkpoints written in one background thread. What it writes equals what
 save_checkpoint writes, taken when save() returns; its errors come back as one line at the next wait; a process
 killed while it writes leaves the previous file whole."""
 import argparse
@@ -14,7 +14,8 @@ import pytest
 import torch
 from conftest import ROOT, assert_one_line_error, run_cli
 
-import common
+from support import files
+from support.errors import UserError
 
 
 def fingerprint(path):
@@ -40,15 +41,15 @@ def test_the_background_file_equals_the_synchronous_one_whatever_changes_after_s
     """The writer is held back until the model, the optimiser and the history have all changed: the file must still
     be byte for byte the one save_checkpoint writes from the state at save()."""
     model, optimizer, checkpoint = small_checkpoint()
-    common.save_checkpoint(tmp_path / "sync.pth", checkpoint)
-    release, save_checkpoint = threading.Event(), common.save_checkpoint
+    files.save_checkpoint(tmp_path / "sync.pth", checkpoint)
+    release, save_checkpoint = threading.Event(), files.save_checkpoint
 
     def held_back(path, checkpoint):
         assert release.wait(30)
         save_checkpoint(path, checkpoint)
 
-    monkeypatch.setattr(common, "save_checkpoint", held_back)
-    writer = common.CheckpointWriter()
+    monkeypatch.setattr(files, "save_checkpoint", held_back)
+    writer = files.CheckpointWriter()
     writer.save({tmp_path / "background.pth": checkpoint, tmp_path / "again.pth": checkpoint})
     with torch.no_grad():
         for parameter in model.parameters():
@@ -67,7 +68,7 @@ def test_the_background_file_equals_the_synchronous_one_whatever_changes_after_s
 def test_a_writer_error_comes_back_at_the_next_wait_and_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "level1_last.pth"
     _, _, checkpoint = small_checkpoint()
-    writer = common.CheckpointWriter()
+    writer = files.CheckpointWriter()
     writer.save({path: checkpoint})
     writer.wait()
     before = fingerprint(path)
@@ -77,18 +78,18 @@ def test_a_writer_error_comes_back_at_the_next_wait_and_keeps_the_previous_file(
 
     monkeypatch.setattr(os, "fsync", full_disk)
     writer.save({path: {**checkpoint, "epoch": 2}})  # returns: the error is raised in the writer thread
-    with pytest.raises(common.UserError, match=f"cannot write {path} .No space left on device.*earlier files .* kept"):
+    with pytest.raises(UserError, match=f"cannot write {path} .No space left on device.*earlier files .* kept"):
         writer.wait()
     assert fingerprint(path) == before and sorted(os.listdir(tmp_path)) == ["level1_last.pth"]
     writer.save({tmp_path / "gone" / "level1_last.pth": checkpoint})  # a folder that vanished
-    with pytest.raises(common.UserError, match="No such file or directory"):
+    with pytest.raises(UserError, match="No such file or directory"):
         writer.save({path: checkpoint})  # the next save waits first, so it raises the error as well
     writer.wait()  # reported once
 
 
 def test_a_writer_error_is_one_line_and_exit_code_2(tmp_path):
     def main(args):
-        writer = common.CheckpointWriter()
+        writer = files.CheckpointWriter()
         writer.save({tmp_path / "gone" / "level1_last.pth": {"model": {"w": torch.ones(3)}}})
         writer.wait()
 
@@ -100,14 +101,14 @@ def test_a_writer_error_is_one_line_and_exit_code_2(tmp_path):
 CHILD = """
 import os, sys, time
 import torch
-import common
+from support import files
 path = sys.argv[1]
-common.save_checkpoint(path, {"model": {"w": torch.ones(1000)}, "epoch": 1})
+files.save_checkpoint(path, {"model": {"w": torch.ones(1000)}, "epoch": 1})
 def stuck_fsync(fd):  # the temp file is written; the rename has not happened yet
     print("writing", flush=True)
     time.sleep(120)
 os.fsync = stuck_fsync
-writer = common.CheckpointWriter()
+writer = files.CheckpointWriter()
 writer.save({path: {"model": {"w": torch.zeros(1000)}, "epoch": 2}})
 print("save returned", flush=True)
 writer.wait()
@@ -125,5 +126,5 @@ def test_a_process_killed_while_its_writer_writes_leaves_the_previous_checkpoint
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(30)
-    checkpoint = common.load_checkpoint(path)
+    checkpoint = files.load_checkpoint(path)
     assert checkpoint["epoch"] == 1 and torch.equal(checkpoint["model"]["w"], torch.ones(1000))

@@ -1,17 +1,80 @@
 """Level 4's studies, run through `python level4.py --ablate` and `--summary`: the ablation grid (the recipe scaled
 down, each row switching one technique off, over paired seeds, with a 95 % interval and a verdict per row; rows
-that change only the measurement reuse the baseline's checkpoints) and the summary across levels and seeds. They
-train nothing themselves: `run_ablation` calls the level's own `main` for every trained (row, seed)."""
+that change only the measurement reuse the baseline's checkpoints) and the summary across levels and seeds; and
+the robustness report of Level 4's final test. They train nothing themselves: `run_ablation` calls the level's own
+`main` for every trained (row, seed). Called by level4.py: add_arguments, check_arguments, run, robustness."""
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
 
 import common
 import evaluate
-import evidence
+from support import evidence, records, run as runner
+from support.errors import UserError
+from support.files import check_writable, load_checkpoint
+
+# --quick: the study's part of Level 4's smoke run
+QUICK = {"corruption_images": 16, "ablate_sizes": [48], "ablate_epochs": 1}
+
+
+def add_arguments(parser):
+    """Level 4's robustness, ablation and summary flags, in their own groups."""
+    robust = parser.add_argument_group("robustness: CIFAR-10-C-style corruptions (evaluate.py --corruptions)")
+    robust.add_argument("--corruption-images", type=runner.non_negative_int,
+                        help="test images per corruption and severity in the final report, 0 = no report (default: "
+                             "all of the test set: 65 passes over it)")
+    studies = parser.add_argument_group("ablation and summary")
+    studies.add_argument("--ablate", action="store_true", help="run the ablation grid, not one run (default: off)")
+    studies.add_argument("--ablate-epochs", type=runner.positive_int, default=6,
+                         help="--epochs of each ablation run; every other phase scales with it (default: 6)")
+    # One run's test top-1 varies by about 0.17 points at 97 % on 10,000 images (binomial; Jordan 2024): a few tenths
+    # of a point between techniques needs paired seeds, as torchvision's recipe work uses 3-5 runs per change.
+    studies.add_argument("--ablate-seeds", type=runner.positive_int, default=3,
+                         help="seeds per trained row, paired (default: 3)")
+    studies.add_argument("--ablate-sizes", type=runner.number(int, at_least=32), nargs="+", default=[128, 160, 224],
+                         help="the input sizes of the img_size_N rows, each a trained row of the recipe at N px "
+                              "(default: 128 160 224)")
+    studies.add_argument("--ablate-rows", nargs="+", metavar="ROW", help="only these rows, and baseline (default: all)")
+    studies.add_argument("--summary", action="store_true", help="only write results/summary.{md,png} (default: off)")
+
+
+def check_arguments(args):
+    """The study's --quick sizes, then the checks of its flags against each other and Level 4's."""
+    if args.quick:
+        vars(args).update(QUICK)
+    grid = ablation_grid(args)
+    unknown = sorted(set(args.ablate_rows or []) - set(grid))
+    if unknown:
+        raise UserError(f"unknown --ablate-rows {' '.join(unknown)}: choose among {' '.join(grid)}")
+    if args.ablate_rows and not args.ablate:
+        raise UserError("--ablate-rows needs --ablate")
+    if args.ablate and (args.resume or "RANK" in os.environ):
+        raise UserError("--ablate runs its rows itself: one process (python, not torchrun), no --resume")
+    if args.ablate and args.ablate_epochs > args.epochs:
+        raise UserError(f"--ablate-epochs scales the recipe down: at most --epochs ({args.epochs}), got "
+                        f"{args.ablate_epochs}")
+
+
+def run(args, train):
+    """--summary, or --ablate with `train` (level4.main) for every trained (row, seed)."""
+    if args.summary:
+        return write_summary(args)
+    return run_ablation(args, train)
+
+
+def robustness(model, test_set, device, args, temperature):
+    """Level 4's final report on the generated CIFAR-10-C-style corruptions: the first --corruption-images test
+    images, one view at the fitted T; None with --corruption-images 0. README, "Robustness"."""
+    if args.corruption_images == 0:
+        return None
+    from support import corruptions  # 65 passes over the test set: imported only where they run
+    corruption_set = common.CifarDataset(test_set.images[:args.corruption_images],
+                                         test_set.labels[:args.corruption_images])
+    return corruptions.corruption_report(model, corruption_set, device, args.img_size, temperature=temperature)
 
 def scaled_recipe(args):
     """The full recipe's phases scaled by --ablate-epochs / --epochs: head, cosine, SWA (or final) epochs and the
@@ -46,38 +109,37 @@ def ablation_grid(args):
     grid.update({name: (change, True) for name, change in measured.items()})
     return grid
 
-def measure_row(change, checkpoint_path, datasets, device, args, bn_images):
+def measure_row(change, checkpoint_path, datasets, device, args):
     """An evaluation row on one seed: the baseline's best checkpoint measured with `change` (other TTA views, T = 1,
     or BatchNorm statistics recomputed on clean training images), on the test and validation sets."""
     train_set, val_set, test_set = datasets
-    checkpoint = common.load_checkpoint(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path)
     model = common.build_model("none", args.dropout).to(device, memory_format=torch.channels_last)
     model.load_state_dict(checkpoint["model"])
     if change.get("bn_stats") == "clean":
-        clean_set = common.bn_images(train_set, bn_images)
+        clean_set = common.bn_images(train_set, common.BN_IMAGES)
         common.recompute_bn(model, clean_set, device, args.img_size, args.batch_size)
     tta_set = change.get("tta_set", args.tta_set)
-    fit, temperature = checkpoint["temperatures"][tta_set], 1.0
-    if change.get("temperature") != "off" and not fit["at_bound"]:  # a fit at its search bound is no fit
-        temperature = fit["temperature"]
+    temperature = 1.0
+    if change.get("temperature") != "off":
+        temperature = common.applied_temperature(checkpoint["temperatures"][tta_set])
     views = common.TTA_SETS[tta_set]
     test, _ = evaluate.report(model, test_set, device, args.img_size, views, temperature, args.tta_average)
     one_view, _ = evaluate.report(model, test_set, device, args.img_size)
     _, val_acc1 = evaluate.loss_and_accuracy(model, val_set, device, args.img_size)  # one view, as a trained row's
     return {"acc1": one_view["acc1"], "tta_acc1": test["acc1"], "ece": test["ece"], "val_acc1": val_acc1}
 
-def run_ablation(args, train, bn_images):
+def run_ablation(args, train):
     """Every trained row (or each of --ablate-rows, and the baseline) a real run of the scaled recipe, `train(args)`
     (level4.main), with each of --ablate-seeds seeds, the same seeds for every row; the evaluation rows from the
-    baseline's checkpoint of each seed, no retraining (`bn_images`: how many training images the level recomputes
-    BatchNorm statistics on, for bn_clean). Runs done earlier with the same settings are kept. Writes
+    baseline's checkpoint of each seed, no retraining. Runs done earlier with the same settings are kept. Writes
     results/ablation.{json,md,png}."""
     path = Path(args.results_dir) / "ablation.json"
     try:
         runs = json.loads(path.read_text())["runs"] if path.is_file() else []
         done = {(run["name"], run["seed"]): run for run in runs}
     except (ValueError, KeyError, TypeError) as error:
-        raise common.UserError(f"{path} is not this suite's ablation table ({type(error).__name__}): move it away")
+        raise UserError(f"{path} is not this suite's ablation table ({type(error).__name__}): move it away")
     recipe, seeds = scaled_recipe(args), [args.seed + i for i in range(args.ablate_seeds)]
     print(f"ablation recipe (--epochs {args.epochs} scaled by {args.ablate_epochs / args.epochs:.3g}): "
           + ", ".join(f"{name} {value:g}" for name, value in recipe.items()) + f"; seeds {seeds}", flush=True)
@@ -95,8 +157,8 @@ def run_ablation(args, train, bn_images):
             earlier = done.get((name, seed))
             if earlier is None or earlier["args"] != settings or earlier["change"] != change:
                 done[(name, seed)] = ablation_run(name, seed, change, evaluation_only, row_args, settings, args,
-                                                  train, bn_images)
-                evaluate.write_json(path, {"runs": list(done.values())})  # an interrupted grid keeps finished runs
+                                                  train)
+                records.write_json(path, {"runs": list(done.values())})  # an interrupted grid keeps finished runs
             table[name].append(done[(name, seed)])
     return write_ablation_table(table, path, args)
 
@@ -112,15 +174,15 @@ def ablation_arguments(args, recipe, name, seed):
     row_args.results_dir = f"{args.results_dir}/ablation/{name}/seed{seed}"
     return row_args
 
-def ablation_run(name, seed, change, evaluation_only, row_args, settings, args, train, bn_images):
+def ablation_run(name, seed, change, evaluation_only, row_args, settings, args, train):
     """One (row, seed): a training run of the scaled recipe, or the baseline's checkpoint of that seed measured."""
     print(f"ablation row {name}, seed {seed}: {change or 'the full recipe'}", flush=True)
     if evaluation_only:
-        device = common.resolve_device(args.device)
+        device = runner.resolve_device(args.device)
         datasets = common.cifar10_datasets(args.data_dir, seed, args.subset, args.eval_subset)
         baseline = Path(args.checkpoint_dir) / "ablation" / "baseline" / f"seed{seed}" / "level4_best.pth"
-        figures = measure_row(change, baseline, datasets, device, row_args, bn_images)
-        info = evaluate.run_info(device)
+        figures = measure_row(change, baseline, datasets, device, row_args)
+        info = records.run_info(device)
     else:
         result = train(row_args)
         figures = {"acc1": result["test"]["acc1"], "tta_acc1": result["test_tta"]["acc1"],
@@ -154,12 +216,12 @@ def write_ablation_table(table, path, args):
     heading = (f"Ablation (`python level4.py --ablate`): --ablate-epochs {args.ablate_epochs}, seeds "
                f"{[run['seed'] for run in baseline]}, on {devices}, commit {commits}. Differences are paired by "
                f"seed (row - baseline) with a 95 % Student t interval.")
-    print(evaluate.write_table(path.with_suffix(".md"), heading,
+    print(records.write_table(path.with_suffix(".md"), heading,
                                ["row", "kind", "change", "n", "val acc1", "test acc1", "test acc1 (TTA)",
                                 "Δ TTA acc1 [95 % CI]", "verdict", "ECE (TTA, T)", "Δ ECE [95 % CI]"], lines))
     if plotted:
         names, differences, evaluation_only = zip(*plotted)
-        evaluate.plot_differences(list(names), [d["mean"] for d in differences], [d["low"] for d in differences],
+        plot_differences(list(names), [d["mean"] for d in differences], [d["low"] for d in differences],
                                   [d["high"] for d in differences], list(evaluation_only), path.with_suffix(".png"),
                                   "ablation: test top-1 (TTA), row - baseline, paired by seed")
     return table
@@ -196,8 +258,8 @@ def write_summary(args):
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             print(f"warning: skipped {path}: not a results file of this suite ({type(error).__name__})")
     if not runs:
-        raise common.UserError(f"no readable levelN.json in {args.results_dir}: run a level first")
-    common.check_writable(args.results_dir, "--results-dir")  # one line, not a traceback between the table and plot
+        raise UserError(f"no readable levelN.json in {args.results_dir}: run a level first")
+    check_writable(args.results_dir, "--results-dir")  # one line, not a traceback between the table and plot
     figures = ["test acc1", "with TTA", "ECE", "ECE (T)", "corruption acc"]
     rows, mean_acc1 = [], []
     for level, level_runs in sorted(runs.items()):
@@ -207,8 +269,44 @@ def write_summary(args):
         rows.append([level, *[mean_sd_cell(values[key]) for key in figures], len(level_runs), epochs,
                      f"{evidence.mean_sd(values['seconds'])[0]:.0f}", ", ".join(sorted(set(values["device"]))),
                      ", ".join(sorted(set(values["commit"])))])
-    print(evaluate.write_table(results_dir / "summary.md", "Summary (`python level4.py --summary`): mean ± SD over "
+    print(records.write_table(results_dir / "summary.md", "Summary (`python level4.py --summary`): mean ± SD over "
                                "n runs (results/levelN.json and results/seed*/levelN.json)",
                                ["level", *figures, "n", "epochs", "seconds", "device", "commit"], rows))
-    evaluate.plot_bars([r[0] for r in rows], mean_acc1, results_dir / "summary.png", "", "top-1 (mean over runs)")
+    plot_bars([r[0] for r in rows], mean_acc1, results_dir / "summary.png", "", "top-1 (mean over runs)")
     return rows
+
+
+# ---- Plots of the studies -------------------------------------------------------------------------------------
+def plot_bars(names, values, path, title, xlabel, reference=None):
+    """Horizontal bars (ablation rows, levels); `reference` draws the baseline as a dashed line."""
+    fig, axis = evaluate._pyplot().subplots(figsize=(8, 0.45 * len(names) + 1.5))
+    axis.barh(range(len(names)), values)
+    for i, value in enumerate(values):
+        axis.text(value, i, f" {value:.4f}", va="center", fontsize=8)
+    if reference is not None:
+        axis.axvline(reference, color="red", linestyle="--", label="baseline")
+        axis.legend(loc="lower right")
+    axis.set(yticks=range(len(names)), yticklabels=names, xlabel=xlabel)
+    axis.set_xlim(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.05))
+    axis.invert_yaxis()
+    evaluate._save(fig, path, title)
+
+
+def plot_differences(names, means, lows, highs, evaluation_only, path, title):
+    """Each row's mean paired difference from the baseline with its 95 % CI as an error bar (none where a low is
+    None: n = 1), a zero line; evaluation-only rows (no retraining) in another colour."""
+    fig, axis = evaluate._pyplot().subplots(figsize=(8, 0.45 * len(names) + 1.5))
+    handles = {}  # one legend entry per colour
+    for i, (mean, low, high, eval_only) in enumerate(zip(means, lows, highs, evaluation_only)):
+        error = None if low is None else [[mean - low], [high - mean]]
+        colour, label = ("tab:orange", "evaluation only") if eval_only else ("tab:blue", "trained")
+        handles.setdefault(label, axis.errorbar(mean, i, xerr=error, fmt="o", color=colour, capsize=4))
+        if low is None:
+            axis.text(mean, i, "  n = 1, no interval", va="center", fontsize=8)
+    axis.axvline(0.0, color="black", linewidth=1)
+    axis.legend(handles.values(), handles.keys(), loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2,
+                frameon=False)  # above the axes: clear of every error bar
+    axis.set(yticks=range(len(names)), yticklabels=names, xlabel="difference from the baseline (95 % CI)")
+    axis.invert_yaxis()
+    axis.grid(axis="x", alpha=0.3)
+    evaluate._save(fig, path, title)

@@ -13,11 +13,11 @@ The goal is a loop that costs under 10 % of the bare step (ratio >= 0.90): then 
 step itself (size, batch, --compile) can make a run faster. On the CPU the ratio says little: the workers and the
 model share the same cores there.
 
-    python benchmark.py --data-dir ~/data                                  # levels 1-4, 224 px, batch 256
-    python benchmark.py --level 2 --img-size 128 --json results/benchmark.json --markdown results/benchmark.md
-    python benchmark.py --level 1 --compile --warmup-steps 20              # compiling happens in the warm-up
-    python benchmark.py --epochs 3 --epoch-images 9000                     # (c): 3 epochs of 9,000 images each
-    python benchmark.py --level 1 2 --img-size 32 -b 8 --steps 2 --warmup-steps 1 -j 0 --device cpu   # smoke test
+    python -m support.benchmark --data-dir ~/data                                  # levels 1-4, 224 px, batch 256
+    python -m support.benchmark --level 2 --img-size 128 --json results/benchmark.json --markdown results/benchmark.md
+    python -m support.benchmark --level 1 --compile --warmup-steps 20              # compiling happens in the warm-up
+    python -m support.benchmark --epochs 3 --epoch-images 9000                     # (c): 3 epochs of 9,000 images each
+    python -m support.benchmark --level 1 2 --img-size 32 -b 8 --steps 2 --warmup-steps 1 -j 0 --device cpu   # smoke test
 """
 import argparse
 import contextlib
@@ -32,11 +32,12 @@ import torch
 import torch.nn.functional as F
 
 import common
-import evaluate
 import level1
 import level2
 import level3
 import level4
+from support import records, run
+from support.errors import UserError
 
 LEVELS = {1: level1, 2: level2, 3: level3, 4: level4}
 
@@ -44,23 +45,23 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--level", type=int, nargs="+", choices=sorted(LEVELS), default=sorted(LEVELS),
                         help="levels whose step is timed (default: 1 2 3 4)")
-    parser.add_argument("--img-size", type=int, default=224, help="side the images are upsampled to (default: 224)")
-    parser.add_argument("-b", "--batch-size", type=int, default=256, help="images per training step (default: 256)")
-    parser.add_argument("--steps", type=int, default=50, help="timed steps of each kind (default: 50)")
-    parser.add_argument("--warmup-steps", type=int, default=10,
+    parser.add_argument("--img-size", type=run.number(int, at_least=32), default=224, help="side the images are upsampled to (default: 224)")
+    parser.add_argument("-b", "--batch-size", type=run.number(int, at_least=2), default=256, help="images per training step (default: 256)")
+    parser.add_argument("--steps", type=run.positive_int, default=50, help="timed steps of each kind (default: 50)")
+    parser.add_argument("--warmup-steps", type=run.non_negative_int, default=10,
                         help="untimed steps first: cuDNN autotuning, compiling, workers starting (default: 10)")
     parser.add_argument("--tta-set", default="flip+translate", choices=list(common.TTA_SETS),
                         help="views of the TTA evaluation (default: flip+translate)")
     parser.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py (default: ./data)")
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: auto)")
-    parser.add_argument("-j", "--workers", type=int, default=level1.get_args_parser().get_default("workers"),
+    parser.add_argument("-j", "--workers", type=run.non_negative_int, default=level1.get_args_parser().get_default("workers"),
                         help="DataLoader workers of the levels' loader (default: the levels' default)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both steps (default: off)")
     # A step costs the same whatever the weights, and the ImageNet file may not be on the machine.
     parser.add_argument("--weights", default="none", help="imagenet, none or PATH, as in the levels (default: none)")
-    parser.add_argument("--epochs", type=int, default=0,
+    parser.add_argument("--epochs", type=run.non_negative_int, default=0,
                         help="(c): epochs of each level's own loop, the first one untimed, 0 = off (default: 0)")
-    parser.add_argument("--epoch-images", type=int, default=9000,
+    parser.add_argument("--epoch-images", type=run.positive_int, default=9000,
                         help="(c): training images per epoch, a ninth as many validated, as in the full split; the "
                              "BatchNorm recomputes and the checkpoint copy weigh 45,000 / N times more than in a full "
                              "epoch (default: 9000)")
@@ -69,11 +70,8 @@ def get_args_parser():
     return parser
 
 def validate_args(args):
-    common.check_flags(args, positive=("batch_size", "steps"), non_negative=("warmup_steps", "workers", "epochs"))
-    if args.img_size < 32 or args.batch_size < 2:
-        raise common.UserError("need --img-size >= 32 and --batch-size >= 2")
     if args.epochs == 1 or args.epoch_images < args.batch_size:
-        raise common.UserError("need --epochs 0 (off) or >= 2 (the first is warm-up), --epoch-images >= --batch-size")
+        raise UserError("need --epochs 0 (off) or >= 2 (the first is warm-up), --epoch-images >= --batch-size")
 
 def timed(device, run):
     """(seconds that run() takes, device work included, what it returned): the device runs asynchronously, so
@@ -133,7 +131,7 @@ def level_img_s(module, level_args, args, device):
     torch.manual_seed(level_args.seed)
     _, val_set, _, loader = module.load_data(level_args, 0, 1, device)
     if len(loader) == 0:
-        raise common.UserError(f"{len(loader.dataset)} training images hold no batch of {args.batch_size}")
+        raise UserError(f"{len(loader.dataset)} training images hold no batch of {args.batch_size}")
     model = common.build_model(args.weights, getattr(level_args, "dropout", 0.0))
     model = model.to(device, memory_format=torch.channels_last)
     if hasattr(module, "set_stage"):  # levels 1-2: the full stage
@@ -150,7 +148,7 @@ def level_img_s(module, level_args, args, device):
     parameters = inspect.signature(module.train_one_epoch).parameters
     unknown = [name for name in parameters if name not in context and name != "loader"]
     if unknown:  # a new parameter of a level fails here by name, not somewhere inside
-        raise RuntimeError(f"benchmark.py cannot supply {module.LEVEL}.train_one_epoch's {unknown}: add them")
+        raise RuntimeError(f"support/benchmark.py cannot supply {module.LEVEL}.train_one_epoch's {unknown}: add them")
     stream = itertools.chain.from_iterable(loader for _ in itertools.count())  # epoch after epoch, one iterator each
 
     def train(count):
@@ -225,9 +223,9 @@ def benchmark_level(level, args, device):
             "tta_img_s": round(tta, 1), "peak_mem_mb": round(memory), "peak_mem_kind": memory_kind, **epoch}
 
 def main(args):
-    device = common.resolve_device(args.device)
+    device = run.resolve_device(args.device)
     torch.backends.cudnn.benchmark = True  # as in the levels
-    info = evaluate.run_info(device)
+    info = records.run_info(device)
     print(f"setup: {info['device']}, {info['precision']}, torch {info['torch']}, commit {info['commit']}, "
           f"{'compiled' if args.compile else 'eager'}, {args.workers} workers, {args.steps} timed steps after "
           f"{args.warmup_steps} warm-up", flush=True)
@@ -246,14 +244,14 @@ def main(args):
     for row in rows:
         print("benchmark: " + " ".join(f"{key}={value}" for key, value in row.items()))
     if args.json:
-        evaluate.write_json(args.json, [{**row, **info, "compile": args.compile, "steps": args.steps,
+        records.write_json(args.json, [{**row, **info, "compile": args.compile, "steps": args.steps,
                                          "workers": args.workers} for row in rows])
     if args.markdown:
         header = ["level", "px", "batch", "bare step img/s", "level step img/s", "level / bare", "eval img/s",
                   f"TTA ({len(common.TTA_SETS[args.tta_set])} views) img/s", "peak memory MB"]
         if args.epochs:
             header += ["epoch line img/s", "epoch / level step", "s per epoch outside the steps"]
-        evaluate.write_table(args.markdown, f"`{info['command']}` on {info['device']}, {info['precision']}, torch "
+        records.write_table(args.markdown, f"`{info['command']}` on {info['device']}, {info['precision']}, torch "
                              f"{info['torch']}, commit {info['commit']}, {'compiled' if args.compile else 'eager'}, "
                              f"{args.workers} workers:", header, [markdown_cells(row, args) for row in rows])
     return rows
@@ -266,4 +264,4 @@ def markdown_cells(row, args):
     return cells
 
 if __name__ == "__main__":
-    common.run_main(main, get_args_parser(), validate_args)
+    run.run_main(main, get_args_parser(), validate_args)

@@ -1,7 +1,7 @@
 """CIFAR-10-C-style corruptions (Hendrycks & Dietterich 2019, "Benchmarking Neural Network Robustness to Common
 Corruptions and Perturbations"): 13 of the paper's 19, in torch, on whole uint8 batches on the device, seeded; and
 the reader of the official files. Imported by evaluate.py only (`evaluate.py CKPT --corruptions generated|DIR`),
-which owns the measurement: this module, kept out of evaluate.py for its length, makes the images.
+and by Level 4's final test (support.study.robustness): the images and their report.
 The five severities of each are the parameters of the paper's own CIFAR-10 generator, hendrycks/robustness
 `ImageNet-C/create_c/make_cifar_c.py` (NumPy, scikit-image, OpenCV, ImageMagick); motion blur follows
 ImageMagick's kernel as bethgelab/imagecorruptions re-implements it. The code here is this project's own, and the
@@ -11,6 +11,7 @@ and distance transforms), glass blur (a per-pixel swapping loop), speckle noise 
 extra corruptions, left out to keep the set at 13 x 5 = 65 passes).
 """
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ import torchvision
 from torchvision.transforms.v2 import functional as TF
 
 import common
+import evaluate
+from support.errors import UserError
 
 def to_uint8(images):
     """[0, 1] floats -> uint8, rounded (the paper's np.uint8 truncates, which darkens every image by half a level)."""
@@ -241,7 +244,7 @@ def read_official(folder, test_labels):
     if (folder / "CIFAR-10-C").is_dir():
         folder = folder / "CIFAR-10-C"
     if not folder.is_dir():
-        raise common.UserError(f"--corruptions {folder} is not a folder: give the extracted CIFAR-10-C/ or 'generated'")
+        raise UserError(f"--corruptions {folder} is not a folder: give the extracted CIFAR-10-C/ or 'generated'")
     files = {path.stem: path for path in sorted(folder.glob("*.npy"))}
     if not files:
         return None
@@ -250,25 +253,25 @@ def read_official(folder, test_labels):
         try:
             arrays[name] = np.load(path, mmap_mode="r")  # 150 MB each: read a severity at a time, never all
         except Exception as error:  # truncated, not a .npy, pickled objects
-            raise common.UserError(f"{path} is not a readable .npy array ({type(error).__name__}): re-extract "
+            raise UserError(f"{path} is not a readable .npy array ({type(error).__name__}): re-extract "
                                    f"CIFAR-10-C.tar") from None
     labels = arrays.pop("labels", None)
     if labels is None or labels.ndim != 1 or labels.dtype.kind not in "iu" or not len(labels) or len(labels) % 5:
-        raise common.UserError(f"{folder / 'labels.npy'} must hold the labels of 5 severities (a multiple of 5 "
+        raise UserError(f"{folder / 'labels.npy'} must hold the labels of 5 severities (a multiple of 5 "
                                f"integers): re-extract CIFAR-10-C.tar")
     if not arrays:
-        raise common.UserError(f"{folder} holds labels.npy but no corruption (NAME.npy): re-extract CIFAR-10-C.tar")
+        raise UserError(f"{folder} holds labels.npy but no corruption (NAME.npy): re-extract CIFAR-10-C.tar")
     per_severity, n = len(labels) // 5, len(test_labels)
     if n > per_severity:
-        raise common.UserError(f"{files['labels']} holds {per_severity} images per severity, fewer than the {n} "
+        raise UserError(f"{files['labels']} holds {per_severity} images per severity, fewer than the {n} "
                                f"test images: use --subset {per_severity}")
     for name, images in arrays.items():
         if images.dtype != np.uint8 or images.shape != (len(labels), 32, 32, 3):
-            raise common.UserError(f"{files[name]} must be a uint8 array of shape ({len(labels)}, 32, 32, 3), not "
+            raise UserError(f"{files[name]} must be a uint8 array of shape ({len(labels)}, 32, 32, 3), not "
                                    f"{images.dtype} {images.shape}: re-extract CIFAR-10-C.tar")
     for start in range(0, len(labels), per_severity):
         if not np.array_equal(labels[start:start + n], np.asarray(test_labels)):
-            raise common.UserError(f"{files['labels']}: the labels of images {start} to {start + n - 1} are not the "
+            raise UserError(f"{files['labels']}: the labels of images {start} to {start + n - 1} are not the "
                                    f"test set's first {n}: it is not CIFAR-10-C's, or not in test-set order")
     return arrays
 
@@ -278,3 +281,79 @@ def severity_images(source, name, severity, clean, seed, device, batch_size):
         return corrupt(clean, name, severity, seed, device, batch_size)
     start = len(source[name]) // 5 * (severity - 1)
     return torch.from_numpy(np.array(source[name][start:start + len(clean)])).permute(0, 3, 1, 2)  # a copy
+
+# ---- The report: top-1 and ECE per corruption and severity, the means, the mCE --------------------------------
+def corruption_summary(accuracy, clean_acc1, baseline=None):
+    """From {corruption: top-1 at severities 1-5}: the mean corruption accuracy over every cell, the mean per severity,
+    the relative drop (clean - mean) / clean; with `baseline` (model B's, in the same form), each corruption's error
+    of A relative to B, CE_c = sum_s E_A / sum_s E_B, and their mean: the paper's mCE (eq. 1) with B as AlexNet."""
+    table = torch.tensor(list(accuracy.values()), dtype=torch.float64)  # corruptions x severities
+    mean = float(table.mean())
+    summary = {"mean_acc1": mean, "mean_acc1_per_severity": table.mean(0).tolist(),
+               "relative_drop": (clean_acc1 - mean) / clean_acc1 if clean_acc1 > 0 else math.nan}
+    if baseline is not None:
+        errors = {name: (sum(1 - a for a in accuracy[name]), sum(1 - b for b in baseline[name])) for name in accuracy}
+        summary["ce"] = {name: a / b if b > 0 else math.nan for name, (a, b) in errors.items()}
+        summary["mce"] = sum(summary["ce"].values()) / len(errors)
+    return summary
+
+def corruption_report(model, test_set, device, img_size, views=("identity",), temperature=1.0, average="softmax",
+                      source="generated", batch_size=256, seed=0, baseline=None):
+    """Top-1 and ECE on each corruption and severity of `test_set` (`source`: "generated", corruptions.py's
+    CIFAR-10-C-style set, or corruptions.read_official's arrays), a (corruption, severity) cell at a time through
+    common.predict, cells sharing batches when the test set is smaller than one; clean top-1; corruption_summary
+    (`baseline`: model B's top-1 per cell, for the CE). Prints the table and the images per second."""
+    started, n = time.time(), len(test_set)
+    clean = evaluate.report(model, test_set, device, img_size, views, temperature, average, batch_size)[0]
+    cells = [(name, severity) for name in (CORRUPTIONS if isinstance(source, str) else source)
+             for severity in range(1, 6)]
+    accuracy, ece, group, images = {}, {}, [], []
+    for index, (name, severity) in enumerate(cells):
+        group.append(name)
+        images.append(severity_images(source, name, severity, test_set.images, seed, device, batch_size))
+        if len(group) * n < batch_size and index < len(cells) - 1:
+            continue  # a small test set: several (corruption, severity) cells share batches, not one each
+        dataset = common.CifarDataset(torch.cat(images), test_set.labels.repeat(len(group)))
+        view_logits, _ = common.predict(model, dataset, device, img_size, views, batch_size)
+        for cell_name, logits in zip(group, view_logits.split(n, dim=1)):  # severities in order
+            cell, _ = evaluate.from_logits(logits, test_set.labels, temperature, average)
+            accuracy.setdefault(cell_name, []).append(cell["acc1"])
+            ece.setdefault(cell_name, []).append(cell["ece"])
+        group, images = [], []
+    seconds = time.time() - started
+    result = {"source": source if isinstance(source, str) else "CIFAR-10-C (official files)", "seed": seed,
+              "clean_acc1": clean["acc1"], "clean_ece": clean["ece"], "acc1": accuracy, "ece": ece,
+              "mean_ece": float(np.mean(list(ece.values()))), **corruption_summary(accuracy, clean["acc1"], baseline),
+              "images_per_severity": n, "views": list(views), "temperature": temperature, "seconds": seconds,
+              "images_per_s": (5 * len(accuracy) + 1) * n / seconds}
+    print_corruption_table(result)
+    return result
+
+def print_corruption_table(result):
+    label = "generated, CIFAR-10-C-style" if result["source"] == "generated" else result["source"]
+    print(f"corruptions ({label}): top-1 % at severities 1-5, {result['images_per_severity']} images each, "
+          f"{len(result['views'])} view(s), ECE at T = {result['temperature']:.3g}")
+    print(f"{'corruption':<18}" + "".join(f"{s:>7}" for s in range(1, 6)) + f"{'mean':>7}{'ECE':>7}"
+          + (f"{'CE':>7}" if "ce" in result else ""))
+    for name, accs in result["acc1"].items():
+        ce = f"{result['ce'][name]:>7.3f}" if "ce" in result else ""
+        print(f"{name:<18}" + "".join(f"{100 * a:>7.2f}" for a in accs) + f"{100 * np.mean(accs):>7.2f}"
+              f"{np.mean(result['ece'][name]):>7.3f}{ce}")
+    print(f"{'mean':<18}" + "".join(f"{100 * a:>7.2f}" for a in result["mean_acc1_per_severity"])
+          + f"{100 * result['mean_acc1']:>7.2f}{result['mean_ece']:>7.3f}"
+          + (f"{result['mce']:>7.3f}  (mCE)" if "ce" in result else ""))
+    print(f"clean top-1 {100 * result['clean_acc1']:.2f} %, mean corruption accuracy {100 * result['mean_acc1']:.2f} "
+          f"% (relative drop {100 * result['relative_drop']:.1f} %); {result['seconds']:.1f} s, "
+          f"{result['images_per_s']:.0f} img/s")
+
+def plot_corruptions(result, path, title):
+    """Heat map: corruption x severity, the top-1 in each cell, and the clean top-1 in the title."""
+    table = np.array(list(result["acc1"].values()))
+    fig, axis = evaluate._pyplot().subplots(figsize=(6.5, 0.42 * len(table) + 1.6))
+    axis.imshow(table, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for (i, j), value in np.ndenumerate(table):
+        axis.text(j, i, f"{100 * value:.1f}", ha="center", va="center", fontsize=8)
+    axis.set(xticks=range(5), xticklabels=range(1, 6), yticks=range(len(table)), yticklabels=list(result["acc1"]),
+             xlabel="severity", title=f"top-1 %, clean {100 * result['clean_acc1']:.1f} %, mean corrupted "
+                                      f"{100 * result['mean_acc1']:.1f} %")
+    evaluate._save(fig, path, title)

@@ -1,0 +1,256 @@
+"""How a script runs: the runner that turns every failure into one line (run_main), Ctrl-C and SIGTERM, the flags
+every level shares and the argparse types that check a flag's range beside it, the start of a run (torchrun's
+processes, the device, the run folder and its lock) and its end. Each level calls these in one line per concern:
+run.add_arguments, run.check_args, run.start, run.rank_zero_first, run.worker_init, run.check_finite, run.barrier,
+run.finish, run.run_main; evaluate.py and support.benchmark use run_main, number and resolve_device."""
+import argparse
+import contextlib
+import math
+import os
+import re
+import signal
+import sys
+
+import torch
+
+from support import files
+from support.errors import UserError, fail
+
+_STOP = {"signal": None}  # the signal that is stopping this process, once one came
+
+
+# ---- The runner: one line and exit code 2 for every failure a user can fix ----------------------------------------
+def run_main(main, parser, validate):
+    """Parse, validate, run: a UserError, a bad flag, a full or read-only disk or running out of memory is one line and
+    exit code 2; Ctrl-C and SIGTERM one line and 128 + the signal's number."""
+    parser.error = _one_line_usage_error
+    args = parser.parse_args()
+    handlers = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    _STOP["signal"] = None
+    try:
+        validate(args)
+        return main(args)
+    except UserError as error:
+        fail(error)
+    except KeyboardInterrupt:
+        _finish_writes()
+        _stop(_STOP["signal"] or signal.SIGINT)
+    except OSError as error:  # a write outside atomic_write, e.g. a plot
+        if error.errno not in files.WRITE_ERRNOS:
+            raise
+        fail(files.write_error(error.filename or "a file", error))
+    except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        _fail_runtime(error, args)
+        raise
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _one_line_usage_error(message):
+    """argparse's usage and error as one line: "argument --wd/--weight-decay: must be ..." -> "--weight-decay must
+    be ..." (the flag's long name), other messages after "FLAG: "."""
+    found = re.match(r"argument (?:[^:\s]+/)*([^:\s]+): (.*)", message, re.DOTALL)
+    if found and found[2].startswith("must be"):
+        message = f"{found[1]} {found[2]}"
+    elif found:
+        message = f"{found[1]}: {found[2]}"
+    fail(f"{message} (see --help)")
+
+
+def _fail_runtime(error, args):
+    """The one line for the RuntimeErrors a user can fix; returns for any other, which the caller re-raises."""
+    text = str(error).lower()
+    if "dataloader worker" in text and _STOP["signal"]:  # it ended in the same Ctrl-C or SIGTERM
+        _stop(_STOP["signal"])
+    if os.environ.get("RANK", "0") != "0" and isinstance(error, torch.distributed.DistBackendError):
+        sys.exit(2)  # torchrun: rank 0 stopped (with its own one line) while this rank waited for it
+    if "overflow" in text:  # e.g. AdamW given --lr 1e38
+        fail(f"a number overflowed ({text.splitlines()[0][:80]}): lower --lr/--head-lr")
+    if isinstance(error, MemoryError) or "out of memory" in text or "allocate memory" in text:
+        fail(f"out of memory at --batch-size {getattr(args, 'batch_size', '?')} and --img-size "
+             f"{getattr(args, 'img_size', '?')}: halve --batch-size, or lower --img-size")
+
+
+# ---- Ctrl-C and SIGTERM (what Colab, Kaggle, Slurm, Kubernetes send at preemption) -------------------------------
+def _on_signal(signum, frame):
+    _STOP["signal"] = signum
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # a DataLoader worker that ends now is part of the stop, no error
+    raise KeyboardInterrupt
+
+
+def _stop(signum):
+    print(f"\n{signal.Signals(signum).name}: interrupted (a level's levelN_last.pth holds its last finished epoch: "
+          f"--resume it)", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+def _finish_writes():
+    """A stop first lets the save in flight end: levelN_last.pth then holds the last finished epoch."""
+    for writer in files.RUN["writers"]:
+        try:
+            writer.wait()
+        except UserError:  # a failed write leaves the previous file whole; the stop's line is the one to print
+            pass
+
+
+def worker_init(worker_id):
+    """DataLoader workers leave SIGINT to the main process, which stops them; SIGTERM ends them quietly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+# ---- Flags: a range beside each flag, the run-flag group every level shares ---------------------------------------
+def number(kind, above=None, at_least=None, at_most=None, below=None):
+    """An argparse `type`: the text parsed as `kind` (int or float), finite (nan passes every `x <= 0` check), and
+    within each bound given; else argparse's one line, which names the flag."""
+    bounds = [(above, ">", lambda v, b: v > b), (at_least, ">=", lambda v, b: v >= b),
+              (at_most, "<=", lambda v, b: v <= b), (below, "<", lambda v, b: v < b)]
+    wanted = " and ".join(f"{sign} {bound}" for bound, sign, _ in bounds if bound is not None)
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number (got {value})")
+        for bound, _, holds in bounds:
+            if bound is not None and not holds(value, bound):
+                raise argparse.ArgumentTypeError(f"must be {wanted} (got {value})")
+        return value
+    return parse
+
+
+positive_int = number(int, above=0)
+non_negative_int = number(int, at_least=0)
+positive_float = number(float, above=0)
+non_negative_float = number(float, at_least=0)
+fraction = number(float, at_least=0, at_most=1)  # a probability, a share
+
+
+def add_arguments(parser):
+    """The run flags of every level, in one group: the device, the seed, resume, the folders, logging, compile,
+    torchrun's --sync-bn and the smoke run."""
+    run = parser.add_argument_group("run")
+    run.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cpu (default: auto)")
+    run.add_argument("--seed", type=number(int, at_least=0, below=2**32),  # numpy's generators take no other seed
+                     default=0, help="seeds the split, the augmentation and the head (default: 0)")
+    run.add_argument("--resume", help="continue from a levelN_last.pth, at the epoch after it (default: off)")
+    run.add_argument("--overwrite", action="store_true", help="replace an earlier run's checkpoints (default: off)")
+    run.add_argument("--checkpoint-dir", default="checkpoints", help="where .pth files go (default: checkpoints)")
+    run.add_argument("--results-dir", default="results", help="where JSON and PNG results go (default: results)")
+    run.add_argument("--print-freq", type=non_negative_int, default=50,
+                     help="a step line every N steps, 0 = none (default: 50)")
+    # Dynamo guards on requires_grad: each change of what trains compiles the forward and backward again.
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the model, again each time what trains changes (default: off)")
+    run.add_argument("--sync-bn", action="store_true", help="torchrun, GPUs: BatchNorm over all GPUs (default: off)")
+    run.add_argument("--quick", action="store_true", help="smoke run: 128 images, 32 px, in quick/ (default: off)")
+    return run
+
+
+def check_args(args, quick):
+    """--quick's sizes applied first (in quick/ folders, which keep real runs' files apart), then what every level
+    needs: at least one batch of training images."""
+    if args.quick:
+        vars(args).update(quick, checkpoint_dir=f"{args.checkpoint_dir}/quick", results_dir=f"{args.results_dir}/quick")
+    train_images = 45000  # the training split; all 50,000 with --train-on-all
+    if args.train_on_all:
+        train_images = 50000
+    if args.subset is not None:
+        train_images = min(train_images, args.subset)
+    if train_images < args.batch_size:
+        raise UserError(f"need --subset >= --batch-size: {train_images} training images, --batch-size "
+                        f"{args.batch_size}")
+
+
+# ---- torchrun: the start and the end of a run ---------------------------------------------------------------------
+def resolve_device(name):
+    """'auto': CUDA, else Apple's MPS, else the CPU; any other name is checked and taken as given."""
+    if name == "auto":
+        name = "cpu"
+        if torch.backends.mps.is_available():
+            name = "mps"
+        if torch.cuda.is_available():
+            name = "cuda"
+    try:
+        torch.empty(1, device=name)
+    except (RuntimeError, AssertionError) as error:
+        raise UserError(f"device {name!r} is not usable here ({str(error)[:80]}): use --device cpu or auto") from None
+    return torch.device(name)
+
+
+def start(level, args):
+    """The start of a run, before any data is read: torchrun's process group (one process without torchrun), the
+    device, the run folder and its lock (rank 0; its error stops every rank), the checks that need the device or the
+    number of processes. Returns (rank, world_size, device)."""
+    rank, world_size, device = _setup_distributed(args)
+    _start_ranks(level, args, rank, world_size)
+    if args.sync_bn and device.type != "cuda":
+        raise UserError(f"--sync-bn needs CUDA GPUs (the device is {device.type}): leave it out")
+    if args.batch_size % world_size or args.batch_size // world_size < 2:
+        raise UserError("--batch-size must be a multiple of the processes, 2 or more each")
+    return rank, world_size, device
+
+
+def _setup_distributed(args):
+    """torchrun starts one process per GPU and sets RANK, LOCAL_RANK and WORLD_SIZE; without it, one process."""
+    if "RANK" not in os.environ:
+        return 0, 1, resolve_device(args.device)
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = torch.device("cpu")
+    if torch.cuda.is_available() and args.device != "cpu":
+        device = torch.device(f"cuda:{local_rank}")
+        torch.cuda.set_device(device)  # first: else every process opens a context on GPU 0
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def _start_ranks(level, args, rank, world_size):
+    """files.start_run on rank 0; under torchrun its error stops every rank: rank 0 prints it, the others exit 2
+    silently (rather than with the traceback of a barrier whose peer is gone)."""
+    message = [None]
+    try:
+        if rank == 0:
+            files.start_run(level, args.checkpoint_dir, args.results_dir, args.resume, args.overwrite)
+    except UserError as error:
+        message = [str(error)]
+    if world_size > 1:
+        torch.distributed.broadcast_object_list(message)  # from rank 0
+    if message[0] and rank == 0:
+        raise UserError(message[0])
+    if message[0]:
+        sys.exit(2)
+
+
+@contextlib.contextmanager
+def rank_zero_first(rank, world_size):
+    """Under torchrun, rank 0 runs the block first (it downloads CIFAR-10 if it is missing), then the others."""
+    if world_size > 1 and rank > 0:
+        torch.distributed.barrier()
+    yield
+    if world_size > 1 and rank == 0:
+        torch.distributed.barrier()
+
+
+def check_finite(epoch, lr, *losses):
+    """Once per epoch (a check in every step would make the CPU wait for the GPU): a loss that became nan or inf
+    stops the run with one line, before any checkpoint of it is written."""
+    bad = [loss for loss in losses if not math.isfinite(loss)]
+    if bad:
+        raise UserError(f"loss became {bad[0]} in epoch {epoch + 1} (lr {lr:.0e}): lower --lr/--head-lr")
+
+
+def barrier(world_size):
+    """Under torchrun, the other ranks wait here while rank 0 validates and saves."""
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def finish(writer, world_size):
+    """The end of the epochs: the last checkpoints on disk before the final test reads them (their write error, if
+    any, raised here), and torchrun's process group closed."""
+    writer.wait()
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
