@@ -1,6 +1,7 @@
 """Is a difference real? The statistics behind `evaluate.py --compare` (two checkpoints on the same images) and
 `level4.py --ablate` (paired runs over seeds), each tested against a hand-computed answer or a library
-(tests/test_evidence.py). No scipy: McNemar's exact test and Student's t are written out in a few lines."""
+(tests/test_evidence.py). No scipy: McNemar's exact test, Student's t and Holm's adjustment are written out in a few
+lines."""
 import functools
 import math
 import statistics
@@ -8,12 +9,20 @@ import statistics
 import torch
 
 def mcnemar_exact(b, c):
-    """McNemar's test (1947), exact binomial form: of the b + c images exactly one checkpoint gets right, were the two
-    equally good each would be A's with probability 1/2: b ~ Binomial(b + c, 1/2). Two-sided p = 2 P(X <= min(b, c)),
-    at most 1."""
-    n = b + c
-    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n  # exact integers: no overflow for any n
-    return min(1.0, 2 * tail)
+    """McNemar's test (McNemar 1947), exact binomial form: of the b + c images exactly one checkpoint gets right, were
+    the two equally good each would be A's with probability 1/2: b ~ Binomial(b + c, 1/2). Two-sided p = 2 P(X <=
+    min(b, c)), at most 1. In floats, not exact integers (369 s at b + c = 39,500): the largest term P(X = k) from
+    math.lgamma, the smaller ones by the recurrence P(X = j - 1) = P(X = j) j / (n - j + 1), until they no longer
+    count; within 1e-12 relative of the exact sum (tests/test_evidence.py)."""
+    n, k = b + c, min(b, c)
+    log_peak = math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) - n * math.log(2)  # log P(X = k)
+    ratio, tail = 1.0, 1.0  # P(X = j) / P(X = k), and their sum over j from k down
+    for j in range(k, 0, -1):
+        ratio *= j / (n - j + 1)
+        tail += ratio
+        if ratio < 1e-17 * tail:  # the rest (decreasing faster and faster) is below double precision
+            break
+    return min(1.0, 2 * math.exp(log_peak) * tail)
 
 def paired_bootstrap(statistic, n, resamples=2000, seed=0, chunk=200):
     """95 % percentile interval (Efron and Tibshirani 1993, ch. 13) of `statistic`, a function of R x n image indices
@@ -84,25 +93,75 @@ def mean_sd(values):
     """(mean, sample standard deviation with n - 1); the SD is None for a single value."""
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
+def paired_t_p(differences):
+    """Two-sided p of Student's one-sample t-test (Student 1908) of the paired differences against 0, n - 1 degrees of
+    freedom: t = mean / (sd / sqrt(n)), p = 1 - P(|T| <= |t|). None for a single difference (no spread to test
+    against). Zero spread (sd < 1e-12, equal differences) is the limit t -> infinity: p 0.0 when the mean is not 0,
+    and 1.0 when every difference is 0 (no change, nothing to reject); `verdict` names both apart ("no spread",
+    "no change") when given the SD."""
+    mean, sd = mean_sd(differences)
+    if sd is None:
+        return None
+    if sd < 1e-12:  # equal differences, as in paired_difference
+        if abs(mean) < 1e-12:
+            return 1.0
+        return 0.0
+    t = mean / (sd / math.sqrt(len(differences)))
+    return 1 - t_two_sided(abs(t), len(differences) - 1)
+
 def paired_difference(baseline_values, row_values, higher_is_better=True):
     """Mean of the paired differences row - baseline (one pair per seed), its 95 % CI from Student's t with n - 1
-    degrees of freedom, and a verdict: "helps" / "hurts" when the interval excludes 0, else "within noise"; "no
-    change" when every difference is 0, "no spread" when all are equal but not 0 (an interval of width 0, which says
-    more about a small test set than about the technique)."""
+    degrees of freedom, their SD and t-test p (paired_t_p, for `holm` over the rows), and a verdict on the ROW (not
+    the technique: see `verdict`): "helps" / "hurts" when the interval excludes 0, else "within noise"; "no change"
+    when every difference is 0, "no spread" when all are equal but not 0 (an interval of width 0, which says more
+    about a small test set than about the technique)."""
     if len(baseline_values) != len(row_values) or not row_values:
         raise ValueError(f"one row value per baseline value: got {len(row_values)} and {len(baseline_values)}")
-    mean, sd = mean_sd([r - b for b, r in zip(baseline_values, row_values)])
-    n = len(row_values)
+    differences = [r - b for b, r in zip(baseline_values, row_values)]
+    mean, sd = mean_sd(differences)
+    n, p = len(row_values), paired_t_p(differences)
     if sd is None:
-        return {"mean": mean, "low": None, "high": None, "n": 1, "verdict": "n = 1, no interval"}
+        return {"mean": mean, "low": None, "high": None, "n": 1, "sd": None, "p": None, "verdict": "n = 1, no interval"}
     if sd < 1e-12:  # equal differences, up to the rounding of the accuracies' subtraction
         verdict = "no spread"
         if abs(mean) < 1e-12:
             verdict = "no change"
-        return {"mean": mean, "low": mean, "high": mean, "n": n, "verdict": verdict}
+        return {"mean": mean, "low": mean, "high": mean, "n": n, "sd": sd, "p": p, "verdict": verdict}
     half_width = t_critical(n - 1) * sd / math.sqrt(n)
     low, high = mean - half_width, mean + half_width
     verdict = "within noise"
     if low > 0 or high < 0:  # the interval excludes 0
         verdict = "helps" if (mean > 0) == higher_is_better else "hurts"
-    return {"mean": mean, "low": low, "high": high, "n": n, "verdict": verdict}
+    return {"mean": mean, "low": low, "high": high, "n": n, "sd": sd, "p": p, "verdict": verdict}
+
+def holm(p_values):
+    """Holm's step-down adjustment (Holm 1979, "A simple sequentially rejective multiple test procedure"): with the m
+    p-values sorted ascending, p_(1) <= ... <= p_(m), the adjusted p_(i) = max over j <= i of min(1, (m - j + 1)
+    p_(j)); rejecting where it is below alpha holds the family-wise error rate at alpha. Returned in the input order;
+    None entries (rows without a p) are left out of m and come back None."""
+    order = sorted((i for i, p in enumerate(p_values) if p is not None), key=lambda i: p_values[i])
+    adjusted, running = [None] * len(p_values), 0.0
+    for rank, i in enumerate(order):  # rank 0 is the smallest p, multiplied by m
+        running = max(running, min(1.0, (len(order) - rank) * p_values[i]))  # max: never below a smaller p's
+        adjusted[i] = running
+    return adjusted
+
+def verdict(mean, adjusted_p, alpha=0.05, higher_is_better=True, row_removes_technique=True, sd=None):
+    """A verdict on the TECHNIQUE from one row's mean paired difference (row - baseline) and its Holm-adjusted p:
+    "helps" / "hurts" when adjusted_p < alpha, else "within noise". With row_removes_technique (the row switches
+    the technique off, as in the ablation), a row worse than the baseline means the technique helps; without it
+    (the row switches it on), a better row does. higher_is_better says which way the figure is better (False for ECE).
+    As paired_difference: "n = 1, no interval" when adjusted_p is None; given the differences' SD, "no change" /
+    "no spread" when it is 0 (every difference 0 / equal ones; their p of 0.0 or 1.0 is a limit, not evidence)."""
+    if adjusted_p is None:
+        return "n = 1, no interval"
+    if sd is not None and sd < 1e-12:
+        if abs(mean) < 1e-12:
+            return "no change"
+        return "no spread"
+    if adjusted_p >= alpha:
+        return "within noise"
+    row_is_better = (mean > 0) == higher_is_better
+    if row_is_better == row_removes_technique:  # switching it off helped, or switching it on hurt
+        return "hurts"
+    return "helps"

@@ -11,6 +11,8 @@ import evaluate
 import level4
 from support import evidence, study
 from conftest import assert_one_line_error, final_line, run_cli, summary_table
+import time
+from fractions import Fraction
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,6 +70,37 @@ def test_mcnemar_exact_hand_computed_and_against_the_binomial():
     expected = 2 * float(binomial.log_prob(torch.arange(13.0, dtype=torch.float64)).exp().sum())  # P(X <= 12)
     assert evidence.mcnemar_exact(30, 12) == pytest.approx(expected, rel=1e-9)
 
+
+
+def exact_mcnemar(b, c):
+    """The textbook sum in exact integers and fractions: min(1, 2 sum_{k <= min(b, c)} C(b + c, k) / 2^(b + c))."""
+    n = b + c
+    return float(min(Fraction(1), Fraction(2 * sum(math.comb(n, k) for k in range(min(b, c) + 1)), 2**n)))
+
+
+def test_mcnemar_exact_equals_the_exact_integer_sum_for_n_up_to_200():
+    """Every split b + c = n for every 7th n up to 200 (about 3,000 pairs, p from 1 down to 2^-195)."""
+    pairs = [(b, n - b) for n in range(0, 201, 7) for b in range(n + 1)]
+    for b, c in pairs:
+        assert evidence.mcnemar_exact(b, c) == pytest.approx(exact_mcnemar(b, c), rel=1e-12, abs=0), (b, c)
+
+
+@pytest.mark.parametrize("b, c", [(1000, 950), (1100, 900), (1200, 800), (1500, 500), (2000, 0)])
+def test_mcnemar_exact_at_n_2000_against_fractions(b, c):
+    """n = 2,000, where the integer sum is still quick: p from 0.27 down to 2^-1999 (1.1e-602 underflows to 0.0)."""
+    assert evidence.mcnemar_exact(b, c) == pytest.approx(exact_mcnemar(b, c), rel=1e-11, abs=1e-300)
+
+
+def test_mcnemar_exact_on_a_50000_image_test_set_is_fast_and_near_the_normal_approximation():
+    """b = 20,000, c = 19,500 (369 s as an integer sum): under 0.1 s, and within 0.1 % of the normal approximation
+    with continuity correction, 2 (1 - Phi((|b - c| - 1) / sqrt(b + c))) = erfc(499 / sqrt(2 x 39,500)) = 0.01205."""
+    start = time.perf_counter()
+    p = evidence.mcnemar_exact(20000, 19500)
+    assert time.perf_counter() - start < 0.1
+    assert p == pytest.approx(math.erfc(499 / math.sqrt(2 * 39500)), rel=1e-3)
+    assert round(p, 4) == 0.0120
+    assert evidence.mcnemar_exact(19500, 20000) == p
+    assert evidence.mcnemar_exact(25000, 25000) == 1.0 and evidence.mcnemar_exact(0, 50000) == 0.0  # 2^-49999
 
 def test_paired_bootstrap_ci_covers_a_known_difference_in_most_of_200_repetitions():
     """Pairs with P(A right) - P(B right) = 0.82 - 0.76 = 0.06: the 95 % interval holds 0.06 in 88-99 % of 200 samples
@@ -174,17 +207,104 @@ def test_paired_difference_by_hand():
     assert result["mean"] == pytest.approx(0.025) and result["n"] == 3 and result["verdict"] == "helps"
     assert result["low"] == pytest.approx(0.025 - 0.012421, abs=2e-6)
     assert result["high"] == pytest.approx(0.025 + 0.012421, abs=2e-6)
+    # t = 0.025 / (0.005 / sqrt(3)) = sqrt(75), df 2: p = 1 - sqrt(75 / 77) = 0.0131; SD 0.005
+    assert result["p"] == pytest.approx(1 - math.sqrt(75 / 77), rel=1e-6) and result["sd"] == pytest.approx(0.005)
     assert evidence.paired_difference([0.93, 0.935, 0.94], [0.90, 0.91, 0.92])["verdict"] == "hurts"
     assert evidence.paired_difference([0.90, 0.91, 0.92], [0.91, 0.90, 0.925])["verdict"] == "within noise"
     lower_ece = evidence.paired_difference([0.05, 0.06, 0.055], [0.03, 0.035, 0.032], higher_is_better=False)
     assert lower_ece["verdict"] == "helps"
     single = evidence.paired_difference([0.90], [0.95])
     assert single["verdict"] == "n = 1, no interval" and single["low"] is None and single["mean"] == pytest.approx(0.05)
+    assert single["p"] is None
     assert evidence.paired_difference([0.53, 0.54], [0.55, 0.56])["verdict"] == "no spread"  # +0.02 twice
     assert evidence.paired_difference([0.53, 0.54], [0.53, 0.54])["verdict"] == "no change"
     with pytest.raises(ValueError):
         evidence.paired_difference([0.9, 0.9], [0.9])
 
+
+
+def test_paired_t_p_by_hand():
+    """df = 2: P(|T| <= t) = t / sqrt(2 + t^2); differences 1, 2, 3: t = 2 / (1 / sqrt(3)) = sqrt(12), p = 1 -
+    sqrt(12 / 14). df = 1 (Cauchy): P(|T| <= t) = 2 atan(t) / pi; differences 1, 3: t = 2 / (sqrt(2) / sqrt(2)) = 2."""
+    assert evidence.paired_t_p([1.0, 2.0, 3.0]) == pytest.approx(1 - math.sqrt(12 / 14), rel=1e-12)  # 0.0742
+    assert evidence.paired_t_p([-1.0, -2.0, -3.0]) == evidence.paired_t_p([1.0, 2.0, 3.0])  # two-sided
+    assert evidence.paired_t_p([1.0, 3.0]) == pytest.approx(1 - 2 * math.atan(2) / math.pi, rel=1e-12)  # 0.2952
+    assert evidence.paired_t_p([-1.0, 0.0, 1.0]) == pytest.approx(1.0)  # mean 0: t = 0
+    assert evidence.paired_t_p([0.5]) is None  # n = 1
+    assert evidence.paired_t_p([0.02, 0.02]) == 0.0 and evidence.paired_t_p([0.0, 0.0, 0.0]) == 1.0  # no spread
+
+
+@pytest.mark.parametrize("df, quantile", [(1, 12.706), (2, 4.303), (4, 2.776), (5, 2.571), (30, 2.042)])
+def test_paired_t_p_is_005_at_the_table_quantiles(df, quantile):
+    """n = df + 1 equally spaced differences around 0, shifted by t x their standard error, t the two-sided 5 % point
+    of the t table (the quantiles of test_t_critical_matches_the_tables)."""
+    spread = [k - df / 2 for k in range(df + 1)]  # mean 0
+    standard_error = math.sqrt(sum(x * x for x in spread) / df / (df + 1))  # sd / sqrt(n)
+    differences = [x + quantile * standard_error for x in spread]
+    assert evidence.paired_t_p(differences) == pytest.approx(0.05, abs=2e-4)
+
+
+def test_holm_by_hand():
+    """p = 0.001, 0.04, 0.03, 0.5, 0.2 (m = 5), ascending 0.001, 0.03, 0.04, 0.2, 0.5 times 5, 4, 3, 2, 1: 0.005, 0.12,
+    0.12, 0.4, 0.5, already non-decreasing; back in the input order 0.005, 0.12, 0.12, 0.5, 0.4. Only the big effect
+    stays below 0.05, where unadjusted 0.04 and 0.03 were too."""
+    assert evidence.holm([0.001, 0.04, 0.03, 0.5, 0.2]) == pytest.approx([0.005, 0.12, 0.12, 0.5, 0.4])
+
+
+def test_holm_is_monotone_caps_at_1_and_skips_none():
+    """0.01 .. 0.05 times 5 .. 1: 0.05, 0.08, 0.09, 0.08, 0.05; the running maximum makes it 0.05, 0.08, 0.09, 0.09,
+    0.09 (statsmodels' multipletests(method="holm") gives the same: np.maximum.accumulate of the sorted products).
+    0.6, 0.7 times 2, 1: 1.2 -> 1, 0.7 -> max(1, 0.7) = 1. None is left out of m: 0.01, 0.04 times 2, 1 -> 0.02,
+    0.04."""
+    assert evidence.holm([0.05, 0.04, 0.03, 0.02, 0.01]) == pytest.approx([0.09, 0.09, 0.09, 0.08, 0.05])
+    assert evidence.holm([0.6, 0.7]) == [1.0, 1.0]
+    assert evidence.holm([None, 0.04, None, 0.01]) == pytest.approx([None, 0.04, None, 0.02])
+    assert evidence.holm([None]) == [None] and evidence.holm([]) == []
+    assert evidence.holm([0.3]) == [0.3]  # m = 1: unadjusted
+
+
+def test_holm_with_ties():
+    """0.01, 0.01, 0.04 (m = 3): 0.03, then max(0.03, 2 x 0.01) = 0.03 whichever 0.01 comes first, then 0.04; the two
+    0.01s get the same adjusted p. 0.02 four times: 0.08, max(0.08, 0.06), ...: 0.08 for all."""
+    assert evidence.holm([0.04, 0.01, 0.01]) == pytest.approx([0.04, 0.03, 0.03])
+    assert evidence.holm([0.02] * 4) == pytest.approx([0.08] * 4)
+
+
+@pytest.mark.parametrize("mean, higher_is_better, row_removes_technique, expected", [
+    (-0.01, True, True, "helps"),   # accuracy falls when the technique is switched off: it helps
+    (+0.01, True, True, "hurts"),   # accuracy rises without it: it hurts
+    (+0.01, False, True, "helps"),  # ECE rises (worse) without it: it helps
+    (-0.01, False, True, "hurts"),  # ECE falls without it
+    (+0.01, True, False, "helps"),  # the row switches the technique ON and accuracy rises
+    (-0.01, True, False, "hurts"),
+])
+def test_verdict_describes_the_technique(mean, higher_is_better, row_removes_technique, expected):
+    assert evidence.verdict(mean, 0.01, higher_is_better=higher_is_better,
+                            row_removes_technique=row_removes_technique) == expected
+    assert evidence.verdict(mean, 0.2, higher_is_better=higher_is_better,
+                            row_removes_technique=row_removes_technique) == "within noise"
+
+
+def test_verdict_at_alpha_and_in_the_degenerate_cases():
+    assert evidence.verdict(-0.01, 0.05) == "within noise"  # rejects only below alpha
+    assert evidence.verdict(-0.01, 0.05, alpha=0.1) == "helps"
+    assert evidence.verdict(0.05, None) == "n = 1, no interval"
+    assert evidence.verdict(0.02, 0.0, sd=0.0) == "no spread"
+    assert evidence.verdict(0.0, 1.0, sd=0.0) == "no change"
+    assert evidence.verdict(-0.02, 0.0, sd=0.004) == "helps"
+
+
+def test_paired_difference_holm_verdict_over_ablation_rows():
+    """Three rows switching a technique off, baseline 0.90, 0.91, 0.92. no_a: -0.03, -0.025, -0.02 (p = 1 - sqrt(75 /
+    77) = 0.0131, by hand above); no_b: +0.01, -0.01, +0.005 (t = 0.277, p 0.81); no_c: one seed, p None. Holm over the
+    two: 0.0131 x 2 = 0.0262 < 0.05, so a helps; b: max(0.0262, 0.81) = 0.81, within noise; c has no interval."""
+    baseline = [0.90, 0.91, 0.92]
+    rows = {"no_a": [0.87, 0.885, 0.90], "no_b": [0.91, 0.90, 0.925], "no_c": [0.89]}
+    results = {name: evidence.paired_difference(baseline[:len(values)], values) for name, values in rows.items()}
+    adjusted = evidence.holm([result["p"] for result in results.values()])
+    assert adjusted[0] == pytest.approx(2 * (1 - math.sqrt(75 / 77)), rel=1e-6) and adjusted[2] is None
+    verdicts = [evidence.verdict(result["mean"], p, sd=result["sd"]) for result, p in zip(results.values(), adjusted)]
+    assert verdicts == ["helps", "within noise", "n = 1, no interval"]
 
 def test_mean_sd():
     assert evidence.mean_sd([1.0, 2.0, 4.0]) == pytest.approx((7 / 3, math.sqrt((16 + 1 + 25) / 9 / 2)))
