@@ -34,11 +34,11 @@ from support.errors import UserError
 from support.files import CheckpointWriter, load_checkpoint, resume, save_checkpoint
 
 LEVEL = "level4"
-# A resume with another value of one of these is refused: they fixed the data split, the optimiser's decay and the
-# learning rate of the epochs already run.
-RESUME_FLAGS = ("seed", "subset", "train_on_all", "weight_decay", "head_epochs", "head_lr", "lr", "epochs",
-                "warmup_epochs", "min_lr", "unfreeze_every", "unfreeze_warmup_epochs", "lr_decay", "final_epochs",
-                "final_lr", "swa_epochs", "swa_every", "swa_lr", "swa_schedule")
+# A resume with another value of one of these is refused: they fixed the data split, the input size, the batch (the
+# steps of an epoch), the optimiser's decay and the learning rate of the epochs already run, and the final test.
+RESUME_FLAGS = ("seed", "subset", "train_on_all", "img_size", "batch_size", "weight_decay", "head_epochs", "head_lr",
+                "lr", "epochs", "warmup_epochs", "min_lr", "tta_set", "unfreeze_every", "unfreeze_warmup_epochs",
+                "lr_decay", "final_epochs", "final_lr", "swa_epochs", "swa_every", "swa_lr", "swa_schedule", "tta_average")
 # --quick: a smoke run that shows every stage working, in a minute or two on a CPU; its numbers mean nothing.
 QUICK = {"subset": 128, "eval_subset": 128, "img_size": 32, "batch_size": 32, "head_epochs": 1, "epochs": 1,
          "overwrite": True, "swa_epochs": 1}

@@ -26,7 +26,7 @@ def add_arguments(parser):
     robust = parser.add_argument_group("robustness: CIFAR-10-C-style corruptions (evaluate.py --corruptions)")
     robust.add_argument("--corruption-images", type=runner.non_negative_int,
                         help="test images per corruption and severity in the final report, 0 = no report (default: "
-                             "all of the test set: 65 passes over it)")
+                             "all of the test set: 75 passes over it)")
     studies = parser.add_argument_group("ablation and summary")
     studies.add_argument("--ablate", action="store_true", help="run the ablation grid, not one run (default: off)")
     studies.add_argument("--ablate-epochs", type=runner.positive_int, default=6,
@@ -71,7 +71,7 @@ def robustness(model, test_set, device, args, temperature):
     images, one view at the fitted T; None with --corruption-images 0. README, "Robustness"."""
     if args.corruption_images == 0:
         return None
-    from support import corruptions  # 65 passes over the test set: imported only where they run
+    from support import corruptions  # 75 passes over the test set: imported only where they run
     corruption_set = common.CifarDataset(test_set.images[:args.corruption_images],
                                          test_set.labels[:args.corruption_images])
     return corruptions.corruption_report(model, corruption_set, device, args.img_size, temperature=temperature)
@@ -169,7 +169,7 @@ def ablation_arguments(args, recipe, name, seed):
     row_args.ablate = False
     row_args.seed = seed
     row_args.overwrite = True  # a changed row reruns in its folder
-    row_args.corruption_images = 0  # 65 passes over the test set per run: measure robustness with evaluate.py
+    row_args.corruption_images = 0  # 75 passes over the test set per run: measure robustness with evaluate.py
     row_args.checkpoint_dir = f"{args.checkpoint_dir}/ablation/{name}/seed{seed}"
     row_args.results_dir = f"{args.results_dir}/ablation/{name}/seed{seed}"
     return row_args

@@ -23,7 +23,7 @@ from support import run  # noqa: E402
 # A level run small enough for 2 CPU cores: 64 training images at 32 px, every stage one epoch.
 TINY = ["--weights", "none", "--img-size", "32", "--subset", "64", "--eval-subset", "32", "-b", "16", "-j", "0",
         "--head-epochs", "1", "--epochs", "1", "--print-freq", "0"]
-# Level 4's CIFAR-10-C-style report on 4 images: 65 passes over 32 would add 5 s to each run.
+# Level 4's CIFAR-10-C-style report on 4 images: 75 passes over 32 would add 5 s to each run.
 TINY_LEVEL = {1: [], 2: [], 3: ["--final-epochs", "1"], 4: ["--swa-epochs", "1", "--corruption-images", "4"]}
 
 

@@ -1,7 +1,10 @@
-"""corruptions.py and evaluate.py --corruptions (issue 20): each generated corruption seeded, uint8 32 x 32 x 3 and
-growing with severity on real test images; the helpers against PIL, matplotlib and torchvision; the official layout
-read a severity at a time; its bad files one-line errors; the report's figures against a hand computation."""
+"""corruptions.py and evaluate.py --corruptions (issues 20, 26): each generated corruption seeded, uint8 32 x 32 x 3
+and growing with severity on real test images; the helpers against PIL, matplotlib and torchvision; glass blur and
+elastic against NumPy transcriptions of make_cifar_c.py fed the same draws; the official layout read a severity at a
+time; its bad files one-line errors; the report's figures against a hand computation."""
+import io
 import json
+import warnings
 from pathlib import Path
 
 import matplotlib.colors
@@ -22,7 +25,8 @@ CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")
 needs_real = pytest.mark.skipif(real_cifar_dir() is None, reason="real CIFAR-10 not available")
 # The corruptions that draw random numbers (the others are functions of the image alone).
-SEEDED = {"gaussian_noise", "shot_noise", "impulse_noise", "motion_blur", "fog", "elastic_transform"}
+SEEDED = {"gaussian_noise", "shot_noise", "impulse_noise", "glass_blur", "motion_blur", "snow", "fog",
+          "elastic_transform"}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +39,8 @@ def images():
 
 # ---- The generated corruptions ------------------------------------------------------------------------------------
 def test_each_corruption_is_deterministic_for_a_seed_and_keeps_uint8_32x32x3(images):
-    assert len(corruptions.CORRUPTIONS) == 13
+    assert len(corruptions.CORRUPTIONS) == 15
+    assert set(corruptions.CORRUPTIONS) == set(corruptions.BENCHMARK) - {"frost"} | {"saturate"}
     for name in corruptions.CORRUPTIONS:
         first = corruptions.corrupt(images, name, 3, seed=0, batch_size=8)
         assert first.dtype == torch.uint8 and first.shape == (16, 3, 32, 32), name
@@ -47,10 +52,13 @@ def test_each_corruption_is_deterministic_for_a_seed_and_keeps_uint8_32x32x3(ima
 
 @needs_real
 def test_the_change_grows_with_severity_on_real_test_images():
-    """Mean absolute pixel change from the clean image, severities 1-5, on 64 real test images. Three exceptions are
+    """Mean absolute pixel change from the clean image, severities 1-5, on 64 real test images. Four exceptions are
     the paper's own parameters (make_cifar_c.py), checked here as they are: saturate washes colours out at 1-2 and
     strengthens them at 3-5; elastic's affine part shrinks (2.56 -> 0.96 px) while its local field grows (0 -> 3.2 px);
-    motion blur's severities 3 and 4 share sigma = 2 px, so the 4th's longer kernel adds weights below e^-18."""
+    motion blur's severities 3 and 4 share sigma = 2 px, so the 4th's longer kernel adds weights below e^-18; glass
+    blur's severities 4-5 make two passes of pixel moves, 1-3 one, and at a fixed number of passes its wider blur
+    smooths more of the moves away (0.4 px at 3 and 5, 0.25 at 2 and 4; 0.05 at 1 and 0.25 at 2 hardly blur at all:
+    the 0.25-px kernel's outer weights are e^-8)."""
     clean = torch.as_tensor(common.read_batch(real_cifar_dir() / "test_batch")[0][:64])
 
     def change(name, severity):
@@ -64,6 +72,10 @@ def test_the_change_grows_with_severity_on_real_test_images():
         elif name == "motion_blur":
             assert changes[2] == pytest.approx(changes[3], abs=1e-3), changes
             assert changes[0] < changes[1] < changes[2] < changes[4], changes
+        elif name == "glass_blur":
+            assert changes[0] == pytest.approx(changes[1], abs=0.05), changes
+            assert changes[2] < changes[1] and changes[4] < changes[3] and min(changes[3:]) > max(changes[:3]) + 5, \
+                changes
         else:
             assert all(a < b for a, b in zip(changes, changes[1:])), (name, changes)
     function, params = corruptions.CORRUPTIONS["elastic_transform"]
@@ -142,6 +154,223 @@ def test_plasma_fractal_spans_zero_to_one_per_map():
     assert not torch.equal(maps[0], maps[1])
 
 
+def test_jpeg_is_pillows_save_and_open_at_the_papers_qualities(images):
+    """Pillow's own round trip, value for value, at 80, 65, 58, 50, 40; no torchvision.io codec, no warning."""
+    for severity, quality in enumerate((80, 65, 58, 50, 40), 1):
+        expected = []
+        for image in images.permute(0, 2, 3, 1).numpy():
+            encoded = io.BytesIO()
+            Image.fromarray(image).save(encoded, "JPEG", quality=quality)
+            expected.append(np.asarray(Image.open(encoded)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ours = corruptions.corrupt(images, "jpeg_compression", severity).permute(0, 2, 3, 1).numpy()
+        np.testing.assert_array_equal(ours, np.stack(expected))
+    assert "torchvision.io" not in Path(corruptions.__file__).read_text()
+
+
+def test_zoom_blur_takes_np_arange_factors_so_the_last_at_severity_5_makes_a_33_px_frame():
+    """1 + 25 x 0.01 in floating point is 1.2500000000000002: ceil(32 / z) = 26 px, round(26 z) = 33, not 32. A
+    horizontal ramp: columns 3-28 stretched over 33 px, column j of the kept 32 becoming 3 + 25 j / 32 (not / 31)."""
+    zooms = corruptions.CORRUPTIONS["zoom_blur"][1]
+    assert [len(factors) for factors in zooms] == [7, 12, 16, 21, 26]
+    assert zooms[4] == tuple(np.arange(1, 1.26, 0.01).tolist()) and zooms[4][-1] == 1.2500000000000002
+    ramp = torch.arange(32.0).expand(1, 3, 32, 32)
+    torch.testing.assert_close(corruptions.clipped_zoom(ramp, zooms[4][-1]),
+                               (3 + 25 * torch.arange(32.0) / 32).expand(1, 3, 32, 32))
+
+
+def test_snow_blends_towards_the_grey_maximum_and_adds_its_flakes_twice(images):
+    """No flakes (threshold 99): 0.8 x + 0.2 max(x, 1.5 grey + 0.5), OpenCV's grey. Black images kept (blend 1): the
+    flake layer alone, grey, in whole levels, plus itself turned by 180 degrees."""
+    x = images.float() / 255
+    ours = corruptions.snow(x, (0.1, 0.2, 1, 99, 8, 3, 0.8), torch.Generator().manual_seed(0))
+    grey = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]
+    torch.testing.assert_close(ours, 0.8 * x + 0.2 * torch.maximum(x, 1.5 * grey + 0.5), atol=1e-6, rtol=0)
+    flakes = corruptions.snow(torch.zeros(4, 3, 32, 32), (0.5, 0.3, 1.75, 0.6, 10, 4, 1.0),
+                              torch.Generator().manual_seed(0))
+    assert torch.equal(flakes, flakes.flip(-2, -1)) and torch.equal(flakes[:, 0], flakes[:, 2])
+    assert 0.1 < float(flakes.mean()) < 0.9 and float(flakes.std()) > 0.05
+    assert torch.allclose(flakes * 255, (flakes * 255).round(), atol=1e-4)  # whole levels, as the paper's 8-bit layer
+
+
+# ---- NumPy transcriptions of make_cifar_c.py (no SciPy, scikit-image or OpenCV here), fed the draws ours made ------
+def recorded(monkeypatch, name):
+    """The values each later call of corruptions.NAME (a random draw) returns, in order."""
+    draws, draw = [], getattr(corruptions, name)
+
+    def record(*args):
+        draws.append(draw(*args))
+        return draws[-1]
+    monkeypatch.setattr(corruptions, name, record)
+    return draws
+
+
+def np_gaussian(image, sigma, truncate, mode):
+    """scipy.ndimage.gaussian_filter over axes 0 and 1 (skimage's gaussian): weights exp(-x^2 / 2 sigma^2), |x| <=
+    int(truncate sigma + 0.5), normalised; 'nearest' repeats the edge, 'reflect' is NumPy's pad mode 'symmetric'."""
+    radius = int(truncate * sigma + 0.5)
+    weights = np.exp(-0.5 * np.arange(-radius, radius + 1) ** 2 / sigma ** 2) if radius else np.ones(1)
+    weights /= weights.sum()
+    out = np.asarray(image, dtype=np.float64)
+    for axis in (0, 1):
+        pad = [(0, 0)] * out.ndim
+        pad[axis] = (radius, radius)
+        padded = np.pad(out, pad, mode={"nearest": "edge", "reflect": "symmetric"}[mode])
+        n = out.shape[axis]
+        out = sum(w * np.take(padded, np.arange(k, k + n), axis=axis) for k, w in enumerate(weights))
+    return out
+
+
+def paper_pixel_moves(image, draws, max_delta=1):
+    """make_cifar_c.py's glass-blur loop, literally, on an H x W x C uint8 array; draws: passes x rows x columns x
+    (dx, dy), in the loop's order. NumPy's tuple assignment of views: x[h, w] takes x[h', w'], which keeps its own."""
+    x = image.copy()
+    for moves in draws:
+        for i, h in enumerate(range(32 - max_delta, max_delta, -1)):
+            for j, w in enumerate(range(32 - max_delta, max_delta, -1)):
+                dx, dy = moves[i, j]
+                h_prime, w_prime = h + dy, w + dx
+                x[h, w], x[h_prime, w_prime] = x[h_prime, w_prime], x[h, w]  # the paper's "swap"
+    return x
+
+
+def reflect_101(index, n):
+    """OpenCV's BORDER_REFLECT_101 of integer indices: gfedcb|abcdefgh|gfedcba."""
+    index = np.abs(index) % (2 * n - 2)
+    return np.where(index >= n, 2 * n - 2 - index, index)
+
+
+def bilinear(image, rows, cols, fold_rows, fold_cols):
+    """H x W x C `image` at float (rows, cols): the four taps around each, folded back into the image, weighted."""
+    r0, c0 = np.floor(rows).astype(int), np.floor(cols).astype(int)
+    fr, fc = (rows - r0)[..., None], (cols - c0)[..., None]
+
+    def at(r, c):
+        return image[fold_rows(r), fold_cols(c)]
+    return (1 - fr) * ((1 - fc) * at(r0, c0) + fc * at(r0, c0 + 1)) + fr * ((1 - fc) * at(r0 + 1, c0) +
+                                                                           fc * at(r0 + 1, c0 + 1))
+
+
+def cv2_warp_affine(image, forward):
+    """cv2.warpAffine(image, forward, INTER_LINEAR, BORDER_REFLECT_101): the 2 x 3 map inverted
+    (invertAffineTransform), each output pixel (x, y) read at inverse @ (x, y, 1) in OpenCV's fixed point: X =
+    (round(1024 a x) + round(1024 (b y + c)) + 16) >> 5, in 1/32 px."""
+    height, width = image.shape[:2]
+    inverse_linear = np.linalg.inv(forward[:, :2])
+    inverse = np.c_[inverse_linear, -inverse_linear @ forward[:, 2]]
+    y, x = np.mgrid[0:height, 0:width]
+
+    def fixed(a, b, c):
+        return np.floor((np.round(a * x * 1024) + np.round((b * y + c) * 1024) + 16) / 32) / 32
+    return bilinear(image, fixed(*inverse[1]), fixed(*inverse[0]), lambda r: reflect_101(r, height),
+                    lambda c: reflect_101(c, width))
+
+
+def scipy_map_coordinates_reflect(image, rows, cols, taps="reflect"):
+    """scipy.ndimage.map_coordinates(order=1, mode='reflect') of an H x W x C image: a coordinate outside [0, n - 1]
+    reflected about the pixels' outer edges (c < 0 -> -c - 1, c > n - 1 -> 2n - c - 1, after wrapping by 2n), then
+    the two taps around it, those outside folded back: half-sample (-1 -> 0, n -> n - 1) in SciPy >= 1.6 (taps=
+    "reflect"), mirrored (-1 -> 1, n -> n - 2) before (taps="mirror")."""
+    def coordinate(c, n):
+        c = np.array(c, dtype=np.float64)
+        low, high = c < 0, c > n - 1
+        v = c[low]
+        v = np.where(v < -2 * n, 2 * n * np.trunc(-v / (2 * n)) + v, v)
+        c[low] = np.where(v < -n, v + 2 * n, -v - 1)
+        v = c[high] - 2 * n * np.trunc(c[high] / (2 * n))
+        c[high] = np.where(v >= n, 2 * n - v - 1, v)
+        return c
+
+    def fold(n):
+        if taps == "reflect":
+            return lambda i: np.where(i < 0, -i - 1, np.where(i >= n, 2 * n - 1 - i, i))
+        return lambda i: np.where(i < 0, -i, np.where(i >= n, 2 * n - 2 - i, i))
+    height, width = image.shape[:2]
+    return bilinear(image, coordinate(rows, height), coordinate(cols, width), fold(height), fold(width))
+
+
+def paper_elastic(image, shifts, noise, params, taps="reflect"):
+    """make_cifar_c.py's elastic_transform of an H x W x C float image, its draws given: shifts 3 x 2 (float32),
+    noise 2 x H x W (dx's, dy's) or None (alpha 0)."""
+    alpha, sigma, _ = params
+    pts1 = np.float32([[26, 26], [26, 6], [6, 6]])
+    pts2 = (pts1 + shifts).astype(np.float64)  # float32 there
+    forward = np.linalg.solve(np.c_[pts1, np.ones(3)], pts2).T  # cv2.getAffineTransform(pts1, pts2)
+    warped = cv2_warp_affine(image, forward)
+    if noise is None:
+        return warped
+    dx = (np_gaussian(noise[0], sigma, 3, "reflect") * alpha).astype(np.float32)
+    dy = (np_gaussian(noise[1], sigma, 3, "reflect") * alpha).astype(np.float32)
+    y, x = np.mgrid[0:32, 0:32]
+    return scipy_map_coordinates_reflect(warped, y + dy, x + dx, taps)
+
+
+def test_gaussian_filter_is_scipys_with_skimages_borders(images):
+    x = images[:4].float() / 255
+    for sigma, truncate, mode in ((0.25, 4.0, "nearest"), (0.4, 4.0, "nearest"), (6.4, 3.0, "reflect"),
+                                  (0.96, 3.0, "reflect")):
+        ours = corruptions._gaussian_filter(x, sigma, truncate, mode).permute(0, 2, 3, 1).numpy()
+        expected = np.stack([np_gaussian(image, sigma, truncate, mode) for image in x.permute(0, 2, 3, 1).numpy()])
+        np.testing.assert_allclose(ours, expected, atol=1e-6, err_msg=f"{sigma} {mode}")
+
+
+def test_sample_borders_are_reflect_101_and_scipys_reflect_tap_by_tap():
+    """_sample's "mirror" and "symmetric" at coordinates from 40 px before to 40 px beyond the image, and within a
+    pixel of its border, against the taps folded by hand."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=generator)
+    rows = torch.cat([torch.rand(2, 16, 32, generator=generator) * 112 - 40,
+                      torch.rand(2, 16, 32, generator=generator) * 2 - 1 + 31 * (torch.rand(2, 16, 32) < 0.5)], 1)
+    cols = torch.rand(2, 32, 32, generator=generator) * 112 - 40
+    pixels = x.permute(0, 2, 3, 1).numpy()
+    for padding, reference in (("mirror", lambda image, r, c: bilinear(image, r, c, lambda i: reflect_101(i, 32),
+                                                                        lambda i: reflect_101(i, 32))),
+                               ("symmetric", scipy_map_coordinates_reflect)):
+        ours = corruptions._sample(x, rows, cols, padding=padding).permute(0, 2, 3, 1).numpy()
+        expected = np.stack([reference(image, r, c) for image, r, c in zip(pixels, rows.double().numpy(),
+                                                                            cols.double().numpy())])
+        np.testing.assert_allclose(ours, expected, atol=2e-5, err_msg=padding)
+
+
+@needs_real
+def test_glass_blur_moves_pixels_exactly_as_the_papers_sequential_loop(monkeypatch):
+    """The vectorised pass against the paper's loop on 32 real test images, fed the same draws: equal, value for
+    value, without blur (sigma 0.05: a 1-tap kernel) at 1 and 2 passes; at severity 5 (0.4 px, 2 passes), from our
+    blurred image on, equal to float rounding."""
+    clean = torch.as_tensor(common.read_batch(real_cifar_dir() / "test_batch")[0][:32])
+    x = clean.float() / 255
+    for passes in (1, 2):
+        draws = recorded(monkeypatch, "_randint")
+        moved = corruptions.to_uint8(corruptions.glass_blur(x, (0.05, 1, passes), torch.Generator().manual_seed(0)))
+        expected = [paper_pixel_moves(image, draws[0][:, k].numpy()) for k, image in
+                    enumerate(clean.permute(0, 2, 3, 1).numpy())]
+        np.testing.assert_array_equal(moved.permute(0, 2, 3, 1).numpy(), np.stack(expected))
+        assert (moved != clean).float().mean() > 0.5  # most pixels take a neighbour's
+    draws = recorded(monkeypatch, "_randint")
+    ours = corruptions.glass_blur(x, (0.4, 1, 2), torch.Generator().manual_seed(0)).permute(0, 2, 3, 1).numpy()
+    blurred = corruptions.to_uint8(corruptions._gaussian_filter(x, 0.4, 4.0, "nearest")).permute(0, 2, 3, 1).numpy()
+    expected = [np_gaussian(paper_pixel_moves(image, draws[-1][:, k].numpy()) / 255, 0.4, 4, "nearest")
+                for k, image in enumerate(blurred)]
+    np.testing.assert_allclose(ours, np.stack(expected), atol=1e-5)
+
+
+@needs_real
+def test_elastic_is_the_papers_two_resamplings(monkeypatch):
+    """Against paper_elastic (OpenCV's fixed-point warpAffine, REFLECT_101, then SciPy >= 1.6's map_coordinates,
+    'reflect') on 32 real test images at severities 1-5, fed the same draws: within 0.01 levels."""
+    clean = torch.as_tensor(common.read_batch(real_cifar_dir() / "test_batch")[0][:32])
+    x = clean.float() / 255
+    for params in corruptions.CORRUPTIONS["elastic_transform"][1]:
+        draws = recorded(monkeypatch, "_uniform")
+        ours = corruptions.elastic_transform(x, params, torch.Generator().manual_seed(0)).permute(0, 2, 3, 1).numpy()
+        noise = draws[1].numpy() if len(draws) > 1 else [None] * len(x)
+        expected = np.stack([paper_elastic(image, shifts, field, params) for image, shifts, field in
+                             zip(x.permute(0, 2, 3, 1).numpy(), draws[0].numpy(), noise)])
+        assert np.abs(ours - expected).max() * 255 < 0.01, params
+        assert np.abs(ours - x.permute(0, 2, 3, 1).numpy()).mean() * 255 > 5, params  # it does move the image
+
+
 # ---- The report ---------------------------------------------------------------------------------------------------
 def test_corruption_summary_by_hand():
     """A: a = 0.9 .. 0.5, b = 1.0 .. 0.6 -> mean 7.5 / 10 = 0.75; per severity 0.95, 0.85, 0.75, 0.65, 0.55; clean 0.95:
@@ -216,7 +445,7 @@ def test_cli_generated_writes_the_json_and_heat_map(tmp_path, checkpoint, synthe
     assert "holds no .npy file: using generated CIFAR-10-C-style" in out.stdout
     json_path = tmp_path / f"eval_{Path(checkpoint).parent.name}-model_corruptions.json"  # folder-checkpoint
     result = json.loads(json_path.read_text())
-    assert result["source"] == "generated" and len(result["acc1"]) == 13 and result["images_per_severity"] == 4
+    assert result["source"] == "generated" and len(result["acc1"]) == 15 and result["images_per_severity"] == 4
     assert result["ce"] == pytest.approx(dict.fromkeys(result["acc1"], 1.0)) and result["mce"] == pytest.approx(1.0)
     assert result["baseline"]["checkpoint"] == str(checkpoint) and result["mean_ece"] >= 0
     assert json_path.with_suffix(".png").stat().st_size > 0

@@ -18,7 +18,7 @@ import level1
 import level2
 import level3
 import level4
-from support import files, study
+from support import corruptions, files, study
 
 CPU = torch.device("cpu")
 IMAGES = np.random.default_rng(0).integers(0, 256, (32, 3, 32, 32), dtype=np.uint8)
@@ -343,7 +343,7 @@ def test_level4_reports_calibration_tta_sets_and_errors(cached_run):
         assert (folder / f"level4_{name}.png").stat().st_size > 0
     assert all(a != b for a, b, _ in results["most_confused"])
     robustness = results["corruptions_generated"]  # one view at the fitted T, on 4 images (conftest.TINY_LEVEL)
-    assert robustness["images_per_severity"] == 4 and len(robustness["acc1"]) == 13
+    assert robustness["images_per_severity"] == 4 and len(robustness["acc1"]) == len(corruptions.CORRUPTIONS) == 15
     assert robustness["views"] == ["identity"]
     assert robustness["temperature"] == pytest.approx(results["test_calibrated"]["temperature"])
 
