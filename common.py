@@ -1,5 +1,6 @@
 """The hand-written techniques of the four levels, in the order the levels introduce them, each under a banner that
-names its level and tested against a library or a hand-computed answer (tests/test_techniques.py); then CIFAR-10
+names its level and tested against a library or a hand-computed answer (random erasing and the zoom view by their
+properties; tests/test_techniques.py); then CIFAR-10
 and the ResNet-50, with their input checks. The levels own their recipes and loops, evaluate.py the measurement,
 support/ the run machinery (errors, files, torchrun), which a learner may skip."""
 import copy
@@ -19,7 +20,7 @@ import torchvision
 from support import files
 from support.errors import UserError
 
-# ---- Level 2: label smoothing and soft targets (Szegedy et al. 2016, "Rethinking the Inception Architecture", 7) --
+# ---- Level 2: label smoothing and soft targets (Szegedy et al. 2016, "Rethinking the Inception", sec. 7) -------
 def smooth_one_hot(labels, smoothing=0.0, num_classes=10):
     """N labels -> N x K soft targets: 1 - smoothing on the true class, plus smoothing / K on every class."""
     return F.one_hot(labels, num_classes).float() * (1 - smoothing) + smoothing / num_classes

@@ -1,4 +1,6 @@
 """Benchmark - how close each level's real training step comes to the bare model step, on the same device.
+Run by you (`python -m support.benchmark`, from the repository's root) and by .ci/device-check; it calls each
+level's own train_one_epoch and main.
 
 For each level, image size and batch size it times, after warm-up steps and with device synchronisation:
   (a) the bare step: ResNet-50 forward + backward + fused AdamW, in the levels' mixed precision, channels_last, on
@@ -25,13 +27,18 @@ import inspect
 import io
 import itertools
 import resource
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import common
+if not __package__:  # run as `python support/benchmark.py`: the repository's root goes on the path first
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import common  # noqa: E402 (after the path)
 import level1
 import level2
 import level3
