@@ -195,7 +195,9 @@ def final_test(model, test_set, device, args, history, info):
     """The selected checkpoint, measured once on the test set by evaluate.py; results/levelN.json and the curves."""
     best = load_checkpoint(Path(args.checkpoint_dir) / f"{LEVEL}_best.pth")
     model.load_state_dict(best["model"])
-    test, _ = evaluate.report(model, test_set, device, args.img_size)
+    logits, labels = common.predict(model, test_set, device, args.img_size)
+    test, _ = evaluate.from_logits(logits, labels)
+    records.write_per_image(args.results_dir, LEVEL, logits, labels)  # each image's figures, for level4.py --summary
     test_tta, _ = evaluate.report(model, test_set, device, args.img_size, common.TTA_SETS[args.tta_set])
     figures = {"best_epoch": best["epoch"], "selected_by": best["selected_by"],
                "best_val_acc": best["history"][-1].get("val_acc", math.nan), "test": test, "test_tta": test_tta}

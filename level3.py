@@ -331,7 +331,9 @@ def final_test(model, test_set, device, args, history, info):
     """The selected checkpoint, measured once on the test set by evaluate.py; results/levelN.json and the curves."""
     best = load_checkpoint(Path(args.checkpoint_dir) / f"{LEVEL}_best.pth")
     model.load_state_dict(best["model"])  # raw or EMA weights, as chosen on validation
-    test, _ = evaluate.report(model, test_set, device, args.img_size)
+    logits, labels = common.predict(model, test_set, device, args.img_size)
+    test, _ = evaluate.from_logits(logits, labels)
+    records.write_per_image(args.results_dir, LEVEL, logits, labels)  # each image's figures, for level4.py --summary
     test_tta, _ = evaluate.report(model, test_set, device, args.img_size, common.TTA_SETS[args.tta_set])
     best_val_acc = best["history"][-1].get(history_key("acc", best["model_source"]), math.nan)  # nan: no validation
     figures = {"best_epoch": best["epoch"], "selected_by": best["selected_by"], "model_source": best["model_source"],

@@ -104,13 +104,14 @@ def get_args_parser():
                         help="LR of the final epochs (default: 5e-06)")
     swa = parser.add_argument_group("SWA (stochastic weight averaging)")
     # The SWA paper's schedule (its train.py): the LR decays to swa_lr, holds it, and a snapshot is averaged once per
-    # epoch. Its CIFAR commands set swa_lr to 0.1-0.5 of the initial LR (SGD, 0.01-0.05 for 0.05-0.1); its ImageNet
-    # runs, from pretrained models, cycle from 1e-3 to 1e-5. A fifth of --lr lies in that CIFAR range: high enough for
-    # the weights to move about the basin the cosine found, low enough not to leave it.
+    # epoch. Its CIFAR commands set swa_lr to 0.1-0.5 of the initial LR (SGD from scratch); its ImageNet runs, from
+    # pretrained models, cycle from 1e-3 to 1e-5. So --lr / 5 is a default to test for AdamW fine-tuning (the
+    # ablation's swa_lr_low row tries --lr / 20), not a known value. Above --lr, the cosine would climb into the phase.
     swa.add_argument("--swa-epochs", type=run.non_negative_int, default=5,
                      help="SWA epochs at the end, 0 = off (default: 5)")
     swa.add_argument("--swa-lr", type=run.positive_float,
-                     help="SWA learning rate (default: --lr / 5, 2e-05 for the default --lr)")
+                     help="SWA learning rate, at most --lr (default: --lr / 5, a default to test: 2e-05 for the "
+                          "default --lr)")
     swa.add_argument("--swa-schedule", choices=["constant", "cyclic"], default="constant",
                      help="constant, or cyclic: --swa-lr down to a tenth in each cycle (default: constant)")
     swa.add_argument("--swa-every", type=run.non_negative_int, default=0,
@@ -390,12 +391,14 @@ def final_test(model, val_set, test_set, device, args, history, info):
     model.load_state_dict(best["model"])  # raw, EMA or SWA weights, as chosen on validation
     fits = fit_temperatures(model, val_set, device, args)
     one_view = fits["none"]
+    snapshots = best["history"][-1].get("swa_snapshots")  # the SWA average's at the epoch chosen; None: an old run
     save_checkpoint(path, {**best, "temperatures": fits, "temperature": one_view["temperature"],
-                           "temperature_at_bound": one_view["at_bound"]})
+                           "temperature_at_bound": one_view["at_bound"], "swa_snapshots": snapshots})
     calibrated_t = common.applied_temperature(one_view)  # T = 1 where the fit ended at its search bound
     logits, labels = common.predict(model, test_set, device, args.img_size)
     test, probs = evaluate.from_logits(logits, labels)  # T = 1: the raw calibration, as at every level
     calibrated, calibrated_probs = evaluate.from_logits(logits, labels, calibrated_t)
+    records.write_per_image(results_dir, LEVEL, logits, labels, calibrated_t)  # one view at T, as --compare measures
     if one_view["at_bound"]:
         print("warning: the temperature fit ended at its search bound, so it is not applied (T = 1)")
     print(f"T = {one_view['temperature']:.3g}: test ECE {test['ece']:.4f} -> {calibrated['ece']:.4f}, NLL "
@@ -417,7 +420,8 @@ def final_test(model, val_set, test_set, device, args, history, info):
                "best_val_acc": best_val_acc, "test": test, "test_calibrated": calibrated,
                "test_tta": tta[args.tta_set], "tta_sets": tta, "calibration": calibration,
                "most_confused": evaluate.most_confused(test["confusion_matrix"]), "confident_mistakes": mistakes,
-               "corruptions_generated": study.robustness(model, test_set, device, args, calibrated_t)}
+               "corruptions_generated": study.robustness(model, test_set, device, args, calibrated_t),
+               "swa_snapshots": history[-1].get("swa_snapshots"), "ema_decay": args.ema_decay}  # the run's averages
     results = records.write_results(results_dir / f"{LEVEL}.json", LEVEL, args, history, info, figures)
     evaluate.plot_curves(history, results_dir / f"{LEVEL}_curves.png", f"{LEVEL}, {args.img_size} px")
     print("most confused, true -> predicted: " + ", ".join(f"{t} -> {p} ({n})" for t, p, n in results["most_confused"]))
@@ -467,6 +471,7 @@ def main(args):
         row = {"epoch": epoch + 1, "stage": stage, "lr": lr, "train_loss": train_loss,
                "images_per_s": len(train_loader) * args.batch_size / train_seconds, "train_seconds": train_seconds,
                "session_started": info["started"], "command": info["command"]}  # a resumed run has several sessions
+        row["swa_snapshots"] = averages["swa"].num_updates if "swa" in averages else 0  # what the SWA average holds
         figures, candidates = {}, {}
         if master:
             figures, candidates = validate(model, averages, trainable, bn_set, val_set, device, args)
@@ -491,6 +496,9 @@ def validate_args(args):
     study.check_arguments(args)  # --ablate, --summary, --corruption-images: their --quick sizes and their checks
     if args.swa_lr is None:  # the SWA paper's CIFAR runs hold 0.1-0.5 of the initial LR (see --swa-lr)
         args.swa_lr = args.lr / 5
+    if args.swa_lr > args.lr:
+        raise UserError(f"--swa-lr ({args.swa_lr:g}) must not exceed --lr ({args.lr:g}): the cosine would rise into "
+                        f"the SWA phase")
     if args.final_epochs and args.swa_epochs:
         raise UserError("--final-epochs needs --swa-epochs 0: in Level 4 the SWA phase replaces the final low-LR "
                         "epochs")

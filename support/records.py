@@ -1,6 +1,8 @@
 """Run records: what produced each number (command, device, precision, commit, versions), every session of a
 resumed run, and the strict JSON and Markdown the results are written as. Called by the levels (start,
-print_epoch, write_results), evaluate.py (run_info, write_json), support.study and support.benchmark (write_json, write_table)."""
+print_epoch, write_results, write_per_image), evaluate.py (run_info, write_json), support.study and support.benchmark
+(write_json, write_table)."""
+import io
 import json
 import math
 import os
@@ -9,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import common
@@ -90,6 +93,20 @@ def write_results(path, level, args, history, info, figures):
     return results
 
 
+def write_per_image(results_dir, level, view_logits, labels, temperature=1.0):
+    """results/levelN_per_image.npz beside levelN.json: each test image's label, predicted class, whether it is
+    right, its confidence and its exact NLL at `temperature` (evaluate.per_image), so that `level4.py --summary`
+    compares the levels on the same images without running a model again. Plain arrays, no pickle: it loads with
+    np.load(path, allow_pickle=False)."""
+    from evaluate import per_image  # evaluate.py imports this module: imported where it is used
+    figures = per_image(view_logits, labels, temperature)
+    arrays = {"labels": labels.numpy(), "temperature": np.float64(temperature),
+              **{name: values.numpy() for name, values in figures.items()}}
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    files.atomic_write(Path(results_dir) / f"{level}_per_image.npz", buffer.getvalue())
+
+
 def _finite(obj):
     """nan and inf -> None (JSON's null): json.dumps would write the bare NaN that strict JSON readers reject."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -105,9 +122,15 @@ def write_json(path, obj):
     files.atomic_write(path, (json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n").encode())
 
 
-def write_table(path, heading, columns, rows):
+def table_text(heading, columns, rows):
     """A Markdown table under `heading` (which names the command, device and commit), each row a list of cells."""
     lines = [heading, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     lines += ["| " + " | ".join(f"{c:.4f}" if isinstance(c, float) else str(c) for c in row) + " |" for row in rows]
-    files.atomic_write(path, ("\n".join(lines) + "\n").encode())
     return "\n".join(lines)
+
+
+def write_table(path, heading, columns, rows):
+    """table_text written to `path`; returns the text."""
+    text = table_text(heading, columns, rows)
+    files.atomic_write(path, (text + "\n").encode())
+    return text

@@ -114,10 +114,11 @@ def one_thread():
 
 
 def summary_table(folder):
-    """results/summary.md read back: (the header's cells, {level: its row's cells})."""
+    """results/summary.md's first table read back: (the header's cells, {level: its row's cells})."""
     lines = (Path(folder) / "summary.md").read_text().splitlines()
     header = [cell.strip() for cell in lines[2].split("|")]
-    rows = {cells[1]: cells for cells in ([c.strip() for c in line.split("|")] for line in lines[4:])}
+    table = lines[4:lines.index("", 4)] if "" in lines[4:] else lines[4:]  # the sections after it: blank line first
+    rows = {cells[1]: cells for cells in ([c.strip() for c in line.split("|")] for line in table)}
     return header, rows
 
 

@@ -14,7 +14,7 @@ def test_level3_under_torchrun_writes_one_set_of_files(tmp_path, data_root):
     assert result.stdout.count("final:") == 1 and result.stdout.count("epoch 2/2") == 1  # rank 0 alone prints
     assert final_line(result.stdout)["test_images"] == 32
     assert sorted(os.listdir(tmp_path / "ck")) == ["level3_best.pth", "level3_last.pth"]  # no lock, no temp file left
-    assert sorted(os.listdir(tmp_path / "res")) == ["level3.json", "level3_curves.png"]
+    assert sorted(os.listdir(tmp_path / "res")) == ["level3.json", "level3_curves.png", "level3_per_image.npz"]
     history = json.loads((tmp_path / "res" / "level3.json").read_text())["history"]
     # 64 images, global batch 16: 4 steps per epoch, each process taking 8 images of each batch; layer4 unfreezes in
     # epoch 2, so DDP is built again there

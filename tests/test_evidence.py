@@ -337,3 +337,57 @@ def test_summary_pools_seed_folders_as_mean_sd_and_n(tmp_path):
     assert rows["level2"][acc1] == f"0.9300 ± {math.sqrt((0.03**2 + 0.01**2 + 0.04**2) / 2):.4f}"
     assert rows["level2"][n] == "3"
     assert rows["level1"][acc1] == "0.8000" and rows["level1"][n] == "1"
+
+
+# ---- Issue 25: the ablation's verdicts, decided on validation, Holm over the rows -------------------------------
+
+def fake_runs(name, val_differences, test_difference=0.0):
+    """One row's runs over three seeds: validation top-1 0.80, 0.81, 0.82 plus the row's differences; the test top-1
+    moved by `test_difference` on every seed (the report, which must not decide)."""
+    return [{"name": name, "seed": seed, "change": {}, "evaluation_only": False, "args": {}, "val_acc1": 0.80 + 0.01 * seed
+             + difference, "acc1": 0.70, "tta_acc1": 0.71 + 0.01 * seed + test_difference, "ece": 0.05,
+             "model_source": "swa", "swa_snapshots": 5, "device": "cpu", "commit": "test"}
+            for seed, difference in enumerate(val_differences)]
+
+
+def test_ablation_verdicts_are_holm_adjusted_on_validation_by_hand(tmp_path):
+    """Five rows switching a technique off. Paired t, df 2, p = 1 - t / sqrt(2 + t^2):
+    no_randaugment -0.05, -0.051, -0.049: t = 0.05 / (0.001 / sqrt 3) = 86.6, p = 1.33e-4;
+    no_mixup_cutmix -0.03, -0.025, -0.02: p = 1 - sqrt(75 / 77) = 0.0131 (its 95 % interval excludes 0);
+    no_random_erasing +0.004, -0.002, +0.001: t = 0.001 / (0.003 / sqrt 3) = 0.577, p = 1 - 0.577 / sqrt(2.333) = 0.622;
+    no_label_smoothing +0.01, -0.01, +0.005: p = 0.807; no_ema -0.005, +0.005, 0: t = 0, p = 1.
+    Holm, m = 5: 5 x 1.33e-4 = 6.7e-4, 4 x 0.0131 = 0.0525, then 3 x 0.622 and up: 1. So RandAugment helps, and
+    MixUp/CutMix, which alone (unadjusted 0.0131) would have helped, is within noise. no_randaugment's test top-1 rose
+    (+0.01 on every seed): the decision is validation's, and the verdict is about RandAugment, not about its row."""
+    args = level4.get_args_parser().parse_args(["--results-dir", str(tmp_path)])
+    level4.validate_args(args)
+    table = {"baseline": fake_runs("baseline", [0, 0, 0]),
+             "no_randaugment": fake_runs("no_randaugment", [-0.05, -0.051, -0.049], test_difference=0.01),
+             "no_mixup_cutmix": fake_runs("no_mixup_cutmix", [-0.03, -0.025, -0.02]),
+             "no_random_erasing": fake_runs("no_random_erasing", [0.004, -0.002, 0.001]),
+             "no_label_smoothing": fake_runs("no_label_smoothing", [0.01, -0.01, 0.005]),
+             "no_ema": fake_runs("no_ema", [-0.005, 0.005, 0.0])}
+    study.write_ablation_table(table, tmp_path / "ablation.json", args)
+    t = 0.05 / (0.001 / math.sqrt(3))
+    p_big = 1 - t / math.sqrt(2 + t * t)
+    saved = json.loads((tmp_path / "ablation.json").read_text())
+    rows = saved["rows"]
+    assert rows["no_randaugment"]["delta_val_acc1"]["p"] == pytest.approx(p_big, rel=1e-6)
+    expected = {"no_randaugment": 5 * p_big, "no_mixup_cutmix": 4 * (1 - math.sqrt(75 / 77)),
+                "no_random_erasing": 1.0, "no_label_smoothing": 1.0, "no_ema": 1.0}
+    for name, p_holm in expected.items():
+        assert rows[name]["delta_val_acc1"]["p_holm"] == pytest.approx(p_holm, rel=1e-6), name
+    assert rows["no_random_erasing"]["delta_val_acc1"]["p"] == pytest.approx(1 - 1 / math.sqrt(3) / math.sqrt(7 / 3))
+    assert rows["no_mixup_cutmix"]["delta_val_acc1"]["high"] < 0  # the unadjusted interval says "helps"
+    assert {name: row["verdict"] for name, row in rows.items()} == {
+        "no_randaugment": "helps", "no_mixup_cutmix": "within noise", "no_random_erasing": "within noise",
+        "no_label_smoothing": "within noise", "no_ema": "within noise"}
+    assert rows["no_randaugment"]["delta_tta_acc1"]["mean"] == pytest.approx(0.01)  # the report went the other way
+    assert saved["decision"] == {"figure": "val_acc1", "test": "paired t", "correction": "holm", "alpha": 0.05,
+                                 "rows_tested": 5}
+    markdown = (tmp_path / "ablation.md").read_text()
+    assert "Holm over the 5 rows tested" in markdown and "decision on validation" in markdown
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")] for line in markdown.splitlines()
+             if line.startswith("| no_")}
+    assert "RandAugment helps" in cells["no_randaugment"] and "the EMA: within noise" in cells["no_ema"]
+    assert "MixUp/CutMix: within noise" in cells["no_mixup_cutmix"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, TINY_LEVEL, final_line, level_args, run_cli, run_level, summary_table
+from conftest import TINY, TINY_LEVEL, assert_one_line_error, final_line, level_args, run_cli, run_level, summary_table
 
 import common
 import evaluate
@@ -18,7 +18,7 @@ import level1
 import level2
 import level3
 import level4
-from support import corruptions, files, study
+from support import corruptions, evidence, files, study
 
 CPU = torch.device("cpu")
 IMAGES = np.random.default_rng(0).integers(0, 256, (32, 3, 32, 32), dtype=np.uint8)
@@ -125,7 +125,7 @@ def test_ema_decay_changes_the_ema_and_not_the_weights():
     assert not torch.allclose(averages["ema"], averages_other["ema"])
 
 
-@pytest.mark.parametrize("flags", [["--swa-lr", "1e-3"], ["--swa-schedule", "cyclic"], ["--swa-every", "1"]],
+@pytest.mark.parametrize("flags", [["--swa-lr", "5e-5"], ["--swa-schedule", "cyclic"], ["--swa-every", "1"]],
                          ids=lambda f: f[0])
 def test_each_swa_flag_changes_the_average(flags):
     """In the SWA phase (epoch 4 of 1 + 1 + 2), 2 steps per epoch: the LR flags change the weights, and
@@ -452,7 +452,9 @@ def test_summary_has_a_raw_and_a_calibrated_ece_column(tmp_path):
 
 def test_ablation_runs_its_rows_keeps_finished_ones_and_names_unknown_rows(tmp_path, data_root, monkeypatch):
     """Real tiny runs: the baseline and no_ema (one seed) train, no_ema's weights are not the EMA's; another
-    --ablate-rows reuses the finished runs; unknown rows, torchrun and a malformed ablation.json are one line each."""
+    --ablate-rows reuses the finished runs; unknown rows, torchrun and a malformed ablation.json are one line each.
+    Issue 25, point 1: a recipe of 3 SWA epochs scaled to a third keeps 1 SWA epoch of 6 steps, which still averages
+    3 snapshots (one every 2 steps), and the EMA decay 0.999 becomes 1 - 0.003 = 0.997; level4.json records both."""
     ran = []
     original = level4.main
 
@@ -462,11 +464,20 @@ def test_ablation_runs_its_rows_keeps_finished_ones_and_names_unknown_rows(tmp_p
     monkeypatch.setattr(level4, "main", counting_main)
     flags = [*TINY, *TINY_LEVEL[4], "--head-epochs", "0", "--data-dir", data_root, "--checkpoint-dir", tmp_path / "ck",
              "--results-dir", tmp_path, "--ablate", "--ablate-epochs", "1", "--ablate-seeds", "1", "--ablate-sizes",
-             "32"]
+             "32", "--subset", "96", "--epochs", "3", "--swa-epochs", "3"]  # 96 images at batch 16: 6 steps an epoch
     out = run_cli(level4, *flags, "--ablate-rows", "no_ema")
     assert out.returncode == 0, out.stderr
+    assert "SWA snapshots 3, one every 2 steps (the full recipe's: 3); EMA decay 0.997" in out.stdout
     runs = json.loads((tmp_path / "ablation.json").read_text())["runs"]
     assert [(r["name"], r["seed"]) for r in runs] == [("baseline", 0), ("no_ema", 0)]
+    assert [r["swa_snapshots"] for r in runs] == [3, 3] and runs[0]["args"]["swa_epochs"] == 1
+    baseline = json.loads((tmp_path / "ablation" / "baseline" / "seed0" / "level4.json").read_text())
+    assert baseline["swa_snapshots"] == 3 and baseline["ema_decay"] == pytest.approx(0.997)
+    assert [row["swa_snapshots"] for row in baseline["history"]] == [0, 3]  # the cosine epoch, then the SWA epoch
+    best = torch.load(tmp_path / "ck" / "ablation" / "baseline" / "seed0" / "level4_best.pth", weights_only=True)
+    assert best["swa_snapshots"] == best["history"][-1]["swa_snapshots"]  # the chosen weights' epoch
+    last = torch.load(tmp_path / "ck" / "ablation" / "baseline" / "seed0" / "level4_last.pth", weights_only=True)
+    assert last["averages"]["swa"]["num_updates"] == 3
     assert "| no_ema |" in (tmp_path / "ablation.md").read_text()
     assert ran[1:] == ["baseline", "no_ema"]  # the first call is the --ablate command itself
     ran.clear()
@@ -503,13 +514,25 @@ def test_an_average_the_saved_run_did_not_have_starts_from_its_weights(tmp_path,
 
 # ---- Level 4's ablation: the recipe scaled, paired seeds, evaluation-only rows (issue 18) -----------------------
 
-def test_scaled_recipe_keeps_the_phases_in_proportion():
+def test_scaled_recipe_keeps_the_phases_in_proportion_and_what_the_averages_hold():
     """--ablate-epochs 6 of a 30-epoch recipe: every phase at a fifth, whole epochs, a phase the recipe has keeps one
-    epoch or more, a phase it does not have stays 0; warmups (fractions of an epoch) scale exactly."""
+    epoch or more, a phase it does not have stays 0; warmups (fractions of an epoch) scale exactly. Issue 25, point 1:
+    the one SWA epoch left still averages the full recipe's 5 snapshots (45,000 // 128 = 351 steps: one every 70),
+    and the EMA's horizon covers the same share of the run: 1 - 0.999 = 0.001 over a fifth, 1 - 0.005 = 0.995."""
     parse = level4.get_args_parser().parse_args
-    scaled = study.scaled_recipe(parse(["--ablate-epochs", "6"]))  # head 2, cosine 30, SWA 5, a stage per epoch
+    scaled = study.scaled_recipe(parse(["--ablate-epochs", "6"]), 351)  # head 2, cosine 30, SWA 5, a stage per epoch
     assert scaled == {"epochs": 6, "head_epochs": 1, "swa_epochs": 1, "final_epochs": 0, "unfreeze_every": 1,
-                      "warmup_epochs": pytest.approx(0.2), "unfreeze_warmup_epochs": pytest.approx(0.1)}
+                      "warmup_epochs": pytest.approx(0.2), "unfreeze_warmup_epochs": pytest.approx(0.1),
+                      "ema_decay": pytest.approx(0.995), "swa_every": 70}
+    assert study.swa_snapshots(scaled["swa_epochs"], scaled["swa_every"], 351) == 5
+    assert study.swa_snapshots(5, 0, 351) == 5  # the full recipe: one a epoch
+    # A phase shorter than the snapshots wanted: one a step; a cadence that cannot give exactly 3: never fewer.
+    assert study.scaled_swa_every(parse(["--swa-epochs", "5"]), 1, 4) == 1
+    assert study.swa_snapshots(2, study.scaled_swa_every(parse(["--swa-epochs", "3"]), 2, 4), 4) == 4
+    full = parse(["--ablate-epochs", "30", "--swa-every", "100"])  # unscaled: 1,755 // 100 = 17 snapshots, the EMA
+    assert study.swa_snapshots(5, study.scaled_recipe(full, 351)["swa_every"], 351) == 17
+    assert study.scaled_recipe(full)["ema_decay"] == 0.999
+    assert study.scaled_recipe(parse(["--ablate-epochs", "6", "--ema-decay", "0"]))["ema_decay"] == 0.0
     longer = study.scaled_recipe(parse(["--ablate-epochs", "6", "--head-epochs", "10", "--swa-epochs", "10",
                                          "--unfreeze-every", "5"]))
     assert [longer[k] for k in ("head_epochs", "epochs", "swa_epochs", "unfreeze_every")] == [2, 6, 2, 1]
@@ -518,33 +541,174 @@ def test_scaled_recipe_keeps_the_phases_in_proportion():
 
 
 def test_ablation_pairs_seeds_and_its_evaluation_rows_train_nothing(cached_run, data_root, tmp_path, monkeypatch):
-    """Trained rows call main once per seed (the same seeds as the baseline); no_tta, no_temperature and bn_clean are
-    measured on the baseline's checkpoint of each seed without training; a second call reuses every finished run;
-    the table has each row's paired difference with its interval and verdict, the plot is written."""
+    """Trained rows call main once per seed (the same seeds as the baseline); no_tta, no_temperature, bn_clean and
+    swa_weights_off are measured on the baseline's checkpoints of each seed without training; a second call reuses
+    every finished run; the table has each row's paired differences with their intervals and verdicts, the plot is
+    written. Issue 25: every row's decision figure is its validation top-1 at its own TTA views, measured alike for
+    trained and evaluation rows; swa_weights_off measures the raw weights of level4_last.pth."""
     _, folder = cached_run(level4)
     calls = []
 
-    def fake_main(row_args):  # a "training run": the cached checkpoint, and figures that depend on the row and seed
+    def fake_main(row_args):  # a "training run": the cached checkpoints, and test figures by row and seed
         calls.append((row_args.seed, row_args.mix_prob))
         Path(row_args.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        shutil.copy(folder / "level4_best.pth", Path(row_args.checkpoint_dir) / "level4_best.pth")
+        for name in ("level4_best.pth", "level4_last.pth"):
+            shutil.copy(folder / name, Path(row_args.checkpoint_dir) / name)
         acc1 = 0.5 + 0.01 * row_args.seed + 0.02 * (row_args.mix_prob == 0)
         return {"test": {"acc1": acc1}, "test_tta": {"acc1": acc1, "ece": 0.1}, "best_val_acc": acc1,
-                "device": "cpu", "commit": "test"}
+                "model_source": "swa", "swa_snapshots": 1, "device": "cpu", "commit": "test"}
     args = level_args(level4, tmp_path, data_root, "--ablate", "--ablate-seeds", 2, "--ablate-epochs", 1, "--seed", 3,
-                      "--ablate-rows", "no_mixup_cutmix", "no_tta", "no_temperature", "bn_clean")
+                      "--ablate-rows", "no_mixup_cutmix", "no_tta", "no_temperature", "bn_clean", "swa_weights_off")
     table = study.run_ablation(args, fake_main)
     assert sorted(calls) == [(3, 0.0), (3, 0.5), (4, 0.0), (4, 0.5)]  # baseline and no_mixup_cutmix, seeds 3 and 4
     assert [run["seed"] for run in table["no_tta"]] == [3, 4] and table["no_tta"][0]["evaluation_only"]
-    model = common.build_model("none", args.dropout)
-    model.load_state_dict(torch.load(folder / "level4_best.pth", weights_only=True)["model"])
-    _, _, test_set = common.cifar10_datasets(data_root, 3, 64, 32)
-    one_view, _ = evaluate.report(model, test_set, CPU, 32)
+    best, last = (common.build_model("none", args.dropout) for _ in range(2))
+    best.load_state_dict(torch.load(folder / "level4_best.pth", weights_only=True)["model"])
+    last.load_state_dict(torch.load(folder / "level4_last.pth", weights_only=True)["model"])
+    _, val_set, test_set = common.cifar10_datasets(data_root, 3, 64, 32)  # seed 3's validation images
+    one_view, _ = evaluate.report(best, test_set, CPU, 32)
     assert table["no_tta"][0]["tta_acc1"] == pytest.approx(one_view["acc1"])
+    tta_views = common.TTA_SETS[args.tta_set]
+    for name, model, views in (("baseline", best, tta_views), ("no_tta", best, ("identity",)),
+                               ("swa_weights_off", last, tta_views)):
+        on_val, _ = evaluate.report(model, val_set, CPU, 32, views)
+        assert table[name][0]["val_acc1"] == pytest.approx(on_val["acc1"]), name  # at the row's own views
+    on_test, _ = evaluate.report(last, test_set, CPU, 32, tta_views)
+    assert table["swa_weights_off"][0]["tta_acc1"] == pytest.approx(on_test["acc1"])
+    assert table["swa_weights_off"][0]["model_source"] == "raw (last epoch)"
     markdown = (tmp_path / "ablation.md").read_text()
     line = next(row for row in markdown.splitlines() if row.startswith("| no_mixup_cutmix"))
-    assert "+0.0200 [+0.0200, +0.0200] | no spread" in line  # paired by seed: the same +0.02 on both
+    # Test top-1 +0.02 on both seeds (the fake's), but the same weights on validation: the decision sees no change.
+    assert "+0.0200 [+0.0200, +0.0200]" in line and "MixUp/CutMix: no change" in line
     assert "evaluation only" in next(row for row in markdown.splitlines() if row.startswith("| no_tta"))
+    assert "swa_weights_off: evaluation only: the baseline's own run, its raw weights at the end" in markdown
     assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     study.run_ablation(args, fake_main)
     assert len(calls) == 4  # every finished (row, seed) reused
+
+
+# ---- Issue 25: the SWA LR, the rows of the grid, resume, each level's per-image figures, level against level ----
+
+def test_swa_lr_above_lr_is_one_line_error():
+    """Point 6: above --lr the cosine would climb into the SWA phase; --lr itself is allowed."""
+    assert_one_line_error(run_cli(level4, *TINY, "--swa-lr", "2e-4"), "--swa-lr", "--lr")
+    args = level4.get_args_parser().parse_args(["--swa-lr", "1e-4"])
+    level4.validate_args(args)
+    assert args.swa_lr == args.lr
+
+
+def test_grid_splits_swa_into_its_average_and_its_schedule_and_tries_a_lower_swa_lr():
+    """Point 2: no_swa_schedule trains Level 3's tail in the SWA phase's place, swa_weights_off only measures the
+    baseline's raw weights; point 6: swa_lr_low trains at --lr / 20."""
+    args = level4.get_args_parser().parse_args(["--ablate-epochs", "6"])
+    level4.validate_args(args)
+    grid = study.ablation_grid(args)
+    assert "no_swa" not in grid
+    assert grid["no_swa_schedule"] == ({"swa_epochs": 0, "final_epochs": 1}, False)
+    assert grid["swa_weights_off"] == ({"weights": "raw, last epoch"}, True)
+    assert grid["swa_lr_low"] == ({"swa_lr": pytest.approx(args.lr / 20)}, False)
+    assert study.technique("swa_lr_low", args) == "--swa-lr 2e-05 (vs 5e-06)"
+    assert study.technique("no_randaugment", args) == "RandAugment" and study.technique("no_ema", args) == "the EMA"
+
+
+@pytest.mark.parametrize("module, flag, value", [
+    (level1, "--lr", "3e-4"), (level1, "--head-lr", "3e-3"), (level2, "--lr", "3e-4"), (level2, "--min-lr", "0"),
+    (level2, "--warmup-epochs", "0"), (level3, "--lr", "3e-4"), (level3, "--final-lr", "1e-5"),
+    (level3, "--lr-decay", "1"), (level4, "--lr", "3e-4"), (level4, "--swa-lr", "1e-5"),
+    (level4, "--swa-schedule", "cyclic")])
+def test_resume_with_another_learning_rate_is_refused(module, flag, value, tmp_path, data_root):
+    """Point 7: every flag that set the LR of an epoch already run is in RESUME_FLAGS: a resume with another value is
+    one line, exit 2, before any weight is loaded."""
+    saved = vars(level_args(module, tmp_path, data_root))
+    checkpoint = {"level": module.LEVEL, "optimizer": {}, "model": {}, "args": saved}
+    torch.save(checkpoint, tmp_path / f"{module.LEVEL}_last.pth")
+    out = run_cli(module, *TINY, *TINY_LEVEL[int(module.LEVEL[-1])], "--data-dir", data_root, "--checkpoint-dir",
+                  tmp_path, "--results-dir", tmp_path, "--resume", tmp_path / f"{module.LEVEL}_last.pth", flag, value)
+    assert_one_line_error(out, flag, "in the saved run")
+
+
+@pytest.mark.parametrize("module", [level1, level2, level3, level4])
+def test_final_test_stores_each_test_images_figures_beside_the_results(module, cached_run):
+    """Point 8: levelN_per_image.npz loads without pickle; its mean correctness is the test top-1, its confidences
+    give the ECE at the level's T (Level 4: its fitted one-view T, the others T = 1), its mean NLL the NLL."""
+    results, folder = cached_run(module)
+    with np.load(folder / f"{module.LEVEL}_per_image.npz", allow_pickle=False) as arrays:
+        figures = {name: torch.from_numpy(arrays[name]) for name in arrays.files}
+    assert set(figures) == {"labels", "preds", "correct", "confidence", "nll", "temperature"}
+    assert len(figures["labels"]) == 32 and figures["correct"].dtype == torch.bool
+    assert torch.equal(figures["correct"], figures["preds"] == figures["labels"])
+    reported = results["test_calibrated"] if module is level4 else results["test"]
+    assert float(figures["temperature"]) == pytest.approx(reported["temperature"])
+    assert float(figures["correct"].double().mean()) == pytest.approx(results["test"]["acc1"])
+    everyone = torch.arange(32)[None]
+    ece = evidence.resampled_ece(figures["confidence"], figures["correct"], everyone)
+    assert float(ece) == pytest.approx(reported["ece"], abs=1e-6)
+    assert float(figures["nll"].mean()) == pytest.approx(reported["nll"], rel=1e-6)
+
+
+def test_summary_compares_each_level_with_the_one_before_as_evaluate_compare_does(cached_run, data_root, tmp_path):
+    """Point 8: `level4.py --summary` from the per-image files alone gives, for each consecutive pair, what
+    `evaluate.py levelN+1_best.pth --compare levelN_best.pth` measures by running both models again on the same 32
+    test images, each at its own T (Level 4 its fitted T, the others 1): the same Δ top-1, Δ ECE and bootstrap
+    intervals, McNemar's b, c and p."""
+    for module in (level1, level2, level3, level4):
+        _, folder = cached_run(module)
+        for name in (".json", "_per_image.npz", "_best.pth"):
+            shutil.copy(folder / f"{module.LEVEL}{name}", tmp_path / f"{module.LEVEL}{name}")
+    out = run_cli(level4, "--summary", "--results-dir", tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "## Each level against the one before" in (tmp_path / "summary.md").read_text()
+    pairs = json.loads((tmp_path / "summary.json").read_text())["level_pairs"]
+    assert [(pair["a"], pair["b"]) for pair in pairs] == [("level2", "level1"), ("level3", "level2"),
+                                                          ("level4", "level3")]
+    for pair in pairs:
+        out_dir = tmp_path / f"compare_{pair['a']}"
+        compared = run_cli(evaluate, tmp_path / f"{pair['a']}_best.pth", "--compare", tmp_path / f"{pair['b']}_best.pth",
+                           "--data-dir", data_root, "--subset", 32, "--device", "cpu", "--out", out_dir)
+        assert compared.returncode == 0, compared.stderr
+        expected = json.loads(next(out_dir.glob("compare_*.json")).read_text())
+        assert pair["num_images"] == expected["num_images"] == 32
+        assert pair["temperatures"] == pytest.approx(expected["temperatures"])
+        assert pair["mcnemar"] == {**expected["mcnemar"], "p": pytest.approx(expected["mcnemar"]["p"])}
+        for name in ("acc1", "ece", "nll"):
+            for key in ("a", "b", "difference"):
+                assert pair[name][key] == pytest.approx(expected[name][key], abs=1e-6), (pair["a"], name, key)
+            assert pair[name]["ci95"] == pytest.approx(expected[name]["ci95"], abs=1e-6), (pair["a"], name)
+    level4_t = json.loads((tmp_path / "level4.json").read_text())["test_calibrated"]["temperature"]
+    assert [pair["temperatures"] for pair in pairs] == [[1.0, 1.0], [1.0, 1.0], [pytest.approx(level4_t), 1.0]]
+    rows = [line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("| . | level")]
+    acc1 = pairs[0]["acc1"]
+    assert f"{acc1['difference']:+.4f} [{acc1['ci95'][0]:+.4f}, {acc1['ci95'][1]:+.4f}]" in rows[0]
+
+
+def test_summary_names_a_pair_run_on_other_test_images(cached_run, tmp_path):
+    """A level tested on other images (16 of them, or 32 with other labels) is not compared with its neighbour: a line
+    says so; a level without a per-image file (an older run) too; the other pairs are still compared."""
+    for module in (level1, level2, level3):
+        _, folder = cached_run(module)
+        for name in (".json", "_per_image.npz"):
+            shutil.copy(folder / f"{module.LEVEL}{name}", tmp_path / f"{module.LEVEL}{name}")
+    with np.load(tmp_path / "level1_per_image.npz", allow_pickle=False) as arrays:
+        np.savez(tmp_path / "level1_per_image.npz", **{name: arrays[name][:16] if arrays[name].ndim else arrays[name]
+                                                        for name in arrays.files})
+    seed_folder = tmp_path / "seed1"
+    seed_folder.mkdir()
+    for level in ("level2", "level3"):
+        shutil.copy(tmp_path / f"{level}.json", seed_folder / f"{level}.json")
+    with np.load(tmp_path / "level2_per_image.npz", allow_pickle=False) as arrays:
+        np.savez(seed_folder / "level2_per_image.npz", **{**{name: arrays[name] for name in arrays.files},
+                                                          "labels": (arrays["labels"] + 1) % 10})
+    out = run_cli(level4, "--summary", "--results-dir", tmp_path)
+    assert out.returncode == 0, out.stderr
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert [(pair["folder"], pair["a"]) for pair in saved["level_pairs"]] == [(".", "level3")]
+    assert saved["not_compared"] == [
+        "level2 vs level1 (.): not compared, tested on different images (32 and 16 test images)",
+        "level3 vs level2 (seed1): not compared, no level3_per_image.npz (a run from before per-image files: run it "
+        "again)"]
+    (seed_folder / "level3.json").unlink()
+    shutil.copy(tmp_path / "level3_per_image.npz", seed_folder / "level3_per_image.npz")
+    shutil.copy(tmp_path / "level3.json", seed_folder / "level3.json")
+    run_cli(level4, "--summary", "--results-dir", tmp_path)
+    assert "level3 vs level2 (seed1): not compared, tested on different images (32 each, with other labels)" in \
+        (tmp_path / "summary.md").read_text()
