@@ -55,10 +55,19 @@ def expected_calibration_error(probs, labels, n_bins=15, preds=None):
     count, accuracy, confidence = calibration_bins(probs, labels, n_bins, preds)
     return float((count / count.sum() * (accuracy - confidence).abs()).sum())
 
+def calibration_table(probs, labels, preds=None):
+    """calibration_bins as JSON: per bin (its upper edge), the images, their accuracy and mean confidence (null in an
+    empty bin): what the ECE sums, and the counts a reliability diagram needs to be read."""
+    count, accuracy, confidence = calibration_bins(probs, labels, preds=preds)
+    occupied = (count > 0).tolist()
+    return {"upper_edges": [(b + 1) / len(count) for b in range(len(count))], "count": count.long().tolist(),
+            "accuracy": [a if full else None for a, full in zip(accuracy.tolist(), occupied)],
+            "confidence": [c if full else None for c, full in zip(confidence.tolist(), occupied)]}
+
 def metrics(probs, labels, preds=None, nll=None):
     """Every figure for one set of N x K probabilities; `preds` (default: their arg-max) give top-1 and the per-class
-    figures, the probabilities give ECE and Brier (1950), and NLL unless `nll` is given (from_logits gives the exact
-    one; from probabilities alone it is clamped at 1e-12, so that a sure mistake stays finite)."""
+    figures, the probabilities give ECE (with its bins) and Brier (1950), and NLL unless `nll` is given (from_logits
+    gives the exact one; from probabilities alone it is clamped at 1e-12, so that a sure mistake stays finite)."""
     preds = probs.argmax(-1) if preds is None else preds
     if nll is None:
         nll = float(-probs.double().gather(1, labels[:, None]).clamp_min(1e-12).log().mean())
@@ -69,7 +78,8 @@ def metrics(probs, labels, preds=None, nll=None):
     return {"acc1": float((preds == labels).double().mean()), "ece": ece, "nll": nll,
             "brier": float(((probs.double() - F.one_hot(labels, probs.shape[1])) ** 2).sum(1).mean()),
             "per_class_acc": per_class(recall), "precision": per_class(precision), "recall": per_class(recall),
-            "f1": per_class(f1), "confusion_matrix": cm.tolist(), "num_images": len(labels)}
+            "f1": per_class(f1), "confusion_matrix": cm.tolist(),
+            "calibration_bins": calibration_table(probs, labels, preds), "num_images": len(labels)}
 
 def most_confused(cm, k=5):
     """The k largest off-diagonal cells of a confusion matrix: (true class, predicted class, count), count > 0."""
@@ -158,16 +168,25 @@ def plot_confusion(cm, path, title):
     _save(fig, path, title)
 
 def plot_reliability(panels, path, title):
-    """Reliability diagrams (Guo et al. 2017, fig. 1): accuracy per confidence bin against the diagonal.
-    `panels`: {name: (probs, labels)}."""
-    fig, axes = _pyplot().subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
-    for axis, (name, (probs, labels)) in zip(axes[0], panels.items()):
+    """Reliability diagrams (Guo et al. 2017, fig. 1): accuracy per confidence bin against the diagonal, the ECE
+    they sum to in each panel's title, and under the bars the images in each bin (log scale: a bin of 3 images is
+    seen next to one of 3,000, and told from an empty one). `panels`: {name: (probs, labels)}."""
+    fig, axes = _pyplot().subplots(2, len(panels), figsize=(5 * len(panels), 6), squeeze=False,
+                                   gridspec_kw={"height_ratios": [3, 1]}, sharex="col")
+    for column, (name, (probs, labels)) in enumerate(panels.items()):
         count, accuracy, _ = calibration_bins(probs, labels)
+        ece = expected_calibration_error(probs, labels)
         centres = ((torch.arange(len(count)) + 0.5) / len(count)).tolist()
-        axis.bar(centres, accuracy.tolist(), width=1 / len(count), edgecolor="black", label="accuracy")
-        axis.plot([0, 1], [0, 1], "r--", label="perfect calibration")
-        axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=name)
-        axis.legend(loc="upper left")
+        bars, counts = axes[0, column], axes[1, column]
+        bars.bar(centres, accuracy.tolist(), width=1 / len(count), edgecolor="black", label="accuracy")
+        bars.plot([0, 1], [0, 1], "r--", label="perfect calibration")
+        bars.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"{name}: ECE {ece:.4f}")
+        bars.legend(loc="upper left")
+        counts.bar(centres, count.tolist(), width=1 / len(count), edgecolor="black", color="tab:gray")
+        for centre, n in zip(centres, count.long().tolist()):
+            counts.text(centre, max(n, 1), str(n), ha="center", va="bottom", fontsize=7)
+        counts.set(yscale="log", ylim=(0.8, 5 * max(1.0, float(count.max()))), xlabel="confidence",
+                   ylabel="images")
     _save(fig, path, title)
 
 def plot_images(images, captions, path, title, columns=8):

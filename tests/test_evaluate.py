@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import common
 import evaluate
@@ -85,6 +86,32 @@ def test_calibration_bins_hand_computed():
     for b in range(15):
         acc, conf = expected.get(b, (0.0, 0.0))
         assert float(accuracy[b]) == pytest.approx(acc, abs=1e-12) and float(confidence[b]) == pytest.approx(conf)
+
+
+def test_metrics_hold_the_calibration_bins_by_hand():
+    """Issue 26 point 6: the JSON holds each bin's images, accuracy and mean confidence (null where empty), the
+    table above; their count-weighted gaps sum to the ECE."""
+    bins = evaluate.metrics(PROBS, TRUE)["calibration_bins"]
+    assert bins["count"] == [0, 0, 0, 0, 0, 0, 1, 0, 2, 0, 0, 1, 0, 0, 2]
+    assert bins["upper_edges"][0] == pytest.approx(1 / 15) and bins["upper_edges"][-1] == 1.0
+    assert bins["accuracy"][:6] == [None] * 6 and bins["confidence"][7] is None
+    assert bins["accuracy"][8] == 1.0 and bins["accuracy"][14] == 0.5 and bins["confidence"][14] == pytest.approx(0.96)
+    gaps = [n / 6 * abs(a - c) for n, a, c in zip(bins["count"], bins["accuracy"], bins["confidence"]) if n]
+    assert sum(gaps) == pytest.approx(0.41)
+
+
+def test_reliability_diagram_shows_the_ece_and_the_images_per_bin(tmp_path, monkeypatch):
+    """Issue 26 point 6: each panel's title gives its ECE, and an axis under the bars the images in each of the 15
+    bins, as a bar and a number (0 for an empty bin)."""
+    drawn = []
+    monkeypatch.setattr(evaluate, "_save", lambda fig, path, title: drawn.append(fig))
+    evaluate.plot_reliability({"T = 1": (PROBS, TRUE), "sure": (F.one_hot(TRUE, 10).double(), TRUE)},
+                              tmp_path / "r.png", "test")
+    bars, counts = drawn[0].axes[0], drawn[0].axes[2]  # row by row: the two panels' bars, then their counts
+    assert bars.get_title() == "T = 1: ECE 0.4100" and drawn[0].axes[1].get_title() == "sure: ECE 0.0000"
+    assert [text.get_text() for text in counts.texts] == ["0"] * 6 + ["1", "0", "2", "0", "0", "1", "0", "0", "2"]
+    assert [patch.get_height() for patch in counts.patches] == [0, 0, 0, 0, 0, 0, 1, 0, 2, 0, 0, 1, 0, 0, 2]
+    assert [text.get_text() for text in drawn[0].axes[3].texts][-1] == "6"  # all six images sure: the last bin
 
 
 def test_expected_calibration_error_matches_a_plain_loop():
