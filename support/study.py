@@ -111,14 +111,18 @@ def ablation_grid(args):
 
 def measure_row(change, checkpoint_path, datasets, device, args):
     """An evaluation row on one seed: the baseline's best checkpoint measured with `change` (other TTA views, T = 1,
-    or BatchNorm statistics recomputed on clean training images), on the test and validation sets."""
+    or BatchNorm statistics recomputed on clean training images, as evaluate.py --bn-stats clean: in the stages that
+    trained at its epoch), on the test and validation sets. bn_clean also names the candidate it measured (the
+    checkpoint's model_source: raw weights with clean statistics are not the --avg-bn clean lesson) and the stages."""
     train_set, val_set, test_set = datasets
     checkpoint = load_checkpoint(checkpoint_path)
     model = common.build_model("none", args.dropout).to(device, memory_format=torch.channels_last)
     model.load_state_dict(checkpoint["model"])
+    measured = {}
     if change.get("bn_stats") == "clean":
         clean_set = common.bn_images(train_set, common.BN_IMAGES)
-        common.recompute_bn(model, clean_set, device, args.img_size, args.batch_size)
+        stages = evaluate.recompute_trained_bn(model, checkpoint, clean_set, device, args.img_size, args.batch_size)
+        measured = {"model_source": checkpoint["model_source"], "bn_stages": stages}
     tta_set = change.get("tta_set", args.tta_set)
     temperature = 1.0
     if change.get("temperature") != "off":
@@ -127,7 +131,7 @@ def measure_row(change, checkpoint_path, datasets, device, args):
     test, _ = evaluate.report(model, test_set, device, args.img_size, views, temperature, args.tta_average)
     one_view, _ = evaluate.report(model, test_set, device, args.img_size)
     _, val_acc1 = evaluate.loss_and_accuracy(model, val_set, device, args.img_size)  # one view, as a trained row's
-    return {"acc1": one_view["acc1"], "tta_acc1": test["acc1"], "ece": test["ece"], "val_acc1": val_acc1}
+    return {"acc1": one_view["acc1"], "tta_acc1": test["acc1"], "ece": test["ece"], "val_acc1": val_acc1, **measured}
 
 def run_ablation(args, train):
     """Every trained row (or each of --ablate-rows, and the baseline) a real run of the scaled recipe, `train(args)`
@@ -205,7 +209,10 @@ def write_ablation_table(table, path, args):
         accuracy = evidence.paired_difference([r["tta_acc1"] for r in baseline], [r["tta_acc1"] for r in runs])
         ece = evidence.paired_difference([r["ece"] for r in baseline], [r["ece"] for r in runs], higher_is_better=False)
         kind = "evaluation only" if evaluation_only else "trained"
-        lines.append([name, kind, json.dumps(runs[0]["change"]), len(runs), cells["val_acc1"], cells["acc1"],
+        change = json.dumps(runs[0]["change"])
+        if "model_source" in runs[0]:  # bn_clean: whose weights got the clean statistics, seed by seed
+            change += " on " + "/".join(run.get("model_source", "?") for run in runs)
+        lines.append([name, kind, change, len(runs), cells["val_acc1"], cells["acc1"],
                       cells["tta_acc1"], interval_text(accuracy), accuracy["verdict"], cells["ece"],
                       interval_text(ece)])
         if name != "baseline":
@@ -249,7 +256,7 @@ def write_summary(args):
     for path in sorted([*results_dir.glob("level[1-4].json"), *results_dir.glob("seed*/level[1-4].json")]):
         try:
             r = json.loads(path.read_text())
-            corruption = r.get("corruptions_generated") or {}  # {}: not measured
+            corruption = (r.get("corruptions_generated") or {}).get("benchmark") or {}  # {}: not measured
             run = {"test acc1": float(r["test"]["acc1"]), "with TTA": r.get("test_tta", {}).get("acc1"),
                    "ECE": float(r["test"]["ece"]), "ECE (T)": r.get("test_calibrated", {}).get("ece"),
                    "corruption acc": corruption.get("mean_acc1"), "epochs": len(r["history"]),
