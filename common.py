@@ -217,16 +217,19 @@ def nll_per_image(view_logits, labels, temperature=1.0, average="softmax"):
         log_probs = logits.log_softmax(-1).logsumexp(0) - math.log(len(logits))
     return -log_probs.gather(1, labels.long()[:, None]).squeeze(1)
 
-def fit_temperature(view_logits, labels, average="softmax", low=1e-2, high=1e2, iterations=100):
-    """The T minimising the NLL of the labels under the views' average at T (nll_per_image: V x N x K validation logits,
-    or N x K for one view), so that each TTA set gets the T of its own average: golden-section search on log T in
-    [log low, log high], where the NLL is unimodal. Returns (T, at_bound): at_bound, the optimum is at an end, so T is
-    no fit (chance-level logits want T = infinity). T > 0 keeps the arg-max of one view's logits; with several
-    views and softmax averaging it could change the top class, so predictions come from the T = 1 average."""
+def fit_temperature(view_logits, labels, average="softmax", low=1e-2, high=1e2, points=50, iterations=60):
+    """The T minimising the NLL of the labels under the views' average at T (nll_per_image: V x N x K validation
+    logits, or N x K for one view). The NLL is convex in 1/T for one view or logit averaging, not for softmax-averaged
+    views (views that disagree can give two minima): log T is scanned at `points` points over [log low, log high],
+    then golden section runs between the best point's neighbours. Returns (T, at_bound): at_bound, no better than an
+    end of the range, so no fit (chance-level logits want T = infinity)."""
     def nll(log_t):  # the mean NLL at T = exp(log_t)
         return float(nll_per_image(view_logits, labels, math.exp(log_t), average).mean())
 
-    lo, hi, golden = math.log(low), math.log(high), (math.sqrt(5) - 1) / 2
+    grid = np.linspace(math.log(low), math.log(high), points).tolist()
+    best = min(range(points), key=lambda i: nll(grid[i]))
+    lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, points - 1)]  # the best point's neighbours
+    golden = (math.sqrt(5) - 1) / 2
     for _ in range(iterations):
         a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
         if nll(a) < nll(b):

@@ -55,10 +55,19 @@ def expected_calibration_error(probs, labels, n_bins=15, preds=None):
     count, accuracy, confidence = calibration_bins(probs, labels, n_bins, preds)
     return float((count / count.sum() * (accuracy - confidence).abs()).sum())
 
+def calibration_table(probs, labels, preds=None):
+    """calibration_bins as JSON: per bin (its upper edge), the images, their accuracy and mean confidence (null in an
+    empty bin): what the ECE sums, and the counts a reliability diagram needs to be read."""
+    count, accuracy, confidence = calibration_bins(probs, labels, preds=preds)
+    occupied = (count > 0).tolist()
+    return {"upper_edges": [(b + 1) / len(count) for b in range(len(count))], "count": count.long().tolist(),
+            "accuracy": [a if full else None for a, full in zip(accuracy.tolist(), occupied)],
+            "confidence": [c if full else None for c, full in zip(confidence.tolist(), occupied)]}
+
 def metrics(probs, labels, preds=None, nll=None):
     """Every figure for one set of N x K probabilities; `preds` (default: their arg-max) give top-1 and the per-class
-    figures, the probabilities give ECE and Brier (1950), and NLL unless `nll` is given (from_logits gives the exact
-    one; from probabilities alone it is clamped at 1e-12, so that a sure mistake stays finite)."""
+    figures, the probabilities give ECE (with its bins) and Brier (1950), and NLL unless `nll` is given (from_logits
+    gives the exact one; from probabilities alone it is clamped at 1e-12, so that a sure mistake stays finite)."""
     preds = probs.argmax(-1) if preds is None else preds
     if nll is None:
         nll = float(-probs.double().gather(1, labels[:, None]).clamp_min(1e-12).log().mean())
@@ -69,7 +78,8 @@ def metrics(probs, labels, preds=None, nll=None):
     return {"acc1": float((preds == labels).double().mean()), "ece": ece, "nll": nll,
             "brier": float(((probs.double() - F.one_hot(labels, probs.shape[1])) ** 2).sum(1).mean()),
             "per_class_acc": per_class(recall), "precision": per_class(precision), "recall": per_class(recall),
-            "f1": per_class(f1), "confusion_matrix": cm.tolist(), "num_images": len(labels)}
+            "f1": per_class(f1), "confusion_matrix": cm.tolist(),
+            "calibration_bins": calibration_table(probs, labels, preds), "num_images": len(labels)}
 
 def most_confused(cm, k=5):
     """The k largest off-diagonal cells of a confusion matrix: (true class, predicted class, count), count > 0."""
@@ -158,16 +168,25 @@ def plot_confusion(cm, path, title):
     _save(fig, path, title)
 
 def plot_reliability(panels, path, title):
-    """Reliability diagrams (Guo et al. 2017, fig. 1): accuracy per confidence bin against the diagonal.
-    `panels`: {name: (probs, labels)}."""
-    fig, axes = _pyplot().subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
-    for axis, (name, (probs, labels)) in zip(axes[0], panels.items()):
+    """Reliability diagrams (Guo et al. 2017, fig. 1): accuracy per confidence bin against the diagonal, the ECE
+    they sum to in each panel's title, and under the bars the images in each bin (log scale: a bin of 3 images is
+    seen next to one of 3,000, and told from an empty one). `panels`: {name: (probs, labels)}."""
+    fig, axes = _pyplot().subplots(2, len(panels), figsize=(5 * len(panels), 6), squeeze=False,
+                                   gridspec_kw={"height_ratios": [3, 1]}, sharex="col")
+    for column, (name, (probs, labels)) in enumerate(panels.items()):
         count, accuracy, _ = calibration_bins(probs, labels)
+        ece = expected_calibration_error(probs, labels)
         centres = ((torch.arange(len(count)) + 0.5) / len(count)).tolist()
-        axis.bar(centres, accuracy.tolist(), width=1 / len(count), edgecolor="black", label="accuracy")
-        axis.plot([0, 1], [0, 1], "r--", label="perfect calibration")
-        axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=name)
-        axis.legend(loc="upper left")
+        bars, counts = axes[0, column], axes[1, column]
+        bars.bar(centres, accuracy.tolist(), width=1 / len(count), edgecolor="black", label="accuracy")
+        bars.plot([0, 1], [0, 1], "r--", label="perfect calibration")
+        bars.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"{name}: ECE {ece:.4f}")
+        bars.legend(loc="upper left")
+        counts.bar(centres, count.tolist(), width=1 / len(count), edgecolor="black", color="tab:gray")
+        for centre, n in zip(centres, count.long().tolist()):
+            counts.text(centre, max(n, 1), str(n), ha="center", va="bottom", fontsize=7)
+        counts.set(yscale="log", ylim=(0.8, 5 * max(1.0, float(count.max()))), xlabel="confidence",
+                   ylabel="images")
     _save(fig, path, title)
 
 def plot_images(images, captions, path, title, columns=8):
@@ -282,15 +301,49 @@ def choose_temperature(checkpoint, args, tta_set):
               f"no fit (validation logits near chance level?): not applied")
     return common.applied_temperature(fit)
 
+# ResNet-50's stages that hold BatchNorm layers (the head, fc, has none), named as Levels 3-4 name them
+BN_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+def bn_stage(name):
+    """The stage of a BatchNorm layer by its module name: bn1 is the stem's, layerN.* belong to layerN."""
+    top = name.split(".")[0]
+    if top == "bn1":
+        return "stem"
+    return top
+
+def trained_stages(checkpoint):
+    """The stages whose BatchNorm layers trained (train mode) in the epoch the checkpoint ends, by its level's own
+    rule: Levels 1-2 train the head alone for --head-epochs, the backbone in eval mode, then every stage; Levels 3-4
+    unfreeze one stage more every --unfreeze-every epochs (their unfreeze_epoch). The others kept ImageNet's."""
+    level = importlib.import_module(checkpoint["level"])  # one of the four level scripts
+    train_args = argparse.Namespace(**checkpoint["args"])
+    epoch = checkpoint["epoch"] - 1  # 0-based, as the levels count: the checkpoint holds the end of this epoch
+    if hasattr(level, "unfreeze_epoch"):  # Levels 3-4: progressive unfreezing
+        return [stage for stage in BN_STAGES if level.unfreeze_epoch(stage, train_args) <= epoch]
+    if epoch < train_args.head_epochs:  # Levels 1-2, the head stage
+        return []
+    return list(BN_STAGES)
+
+def recompute_trained_bn(model, checkpoint, bn_set, device, img_size, batch_size):
+    """The BatchNorm statistics of the stages trained_stages names recomputed on `bn_set` (common.recompute_bn); the
+    frozen stages keep theirs as saved, and normalise with them meanwhile, as in training. Returns those stages."""
+    stages = trained_stages(checkpoint)
+    norms = [module for name, module in model.named_modules()
+             if isinstance(module, torch.nn.BatchNorm2d) and bn_stage(name) in stages]
+    if norms:
+        common.recompute_bn(model, bn_set, device, img_size, batch_size, norms)
+    return stages
+
 def recompute_statistics(model, checkpoint, args, device, img_size):
-    """--bn-stats train|clean: the model's BatchNorm statistics recomputed as the levels recompute an average's
-    (common.bn_images, common.recompute_bn): on the run's own first common.BN_IMAGES training images (its --seed split),
-    through the training augmentation of the checkpoint's level (train), or clean (clean), in batches of its
-    --batch-size."""
+    """--bn-stats train|clean: the BatchNorm statistics recomputed as the levels recompute an average's
+    (common.bn_images, recompute_trained_bn): only in the stages that trained at the checkpoint's epoch, on the run's
+    own first common.BN_IMAGES training images (its --seed split), through the training augmentation of the
+    checkpoint's level (train), or clean (clean), in batches of its --batch-size. Returns the stages recomputed."""
     train_args = checkpoint.get("args") or {}
-    if checkpoint.get("level") not in ("level1", "level2", "level3", "level4") or "seed" not in train_args:
-        raise UserError(f"--bn-stats {args.bn_stats} needs a levelN_best.pth of this suite (its level and args "
-                               f"give the training images and augmentation): use --bn-stats checkpoint")
+    if (checkpoint.get("level") not in ("level1", "level2", "level3", "level4") or "seed" not in train_args
+            or "epoch" not in checkpoint):
+        raise UserError(f"--bn-stats {args.bn_stats} needs a levelN_best.pth of this suite (its level, epoch and "
+                        f"args give the training images, augmentation and trained stages): use --bn-stats checkpoint")
     train_args = argparse.Namespace(**train_args)
     level = importlib.import_module(checkpoint["level"])  # one of the four level scripts, for its train_transform
     train_set, _, _ = common.cifar10_datasets(args.data_dir, train_args.seed, train_args.subset,
@@ -299,7 +352,11 @@ def recompute_statistics(model, checkpoint, args, device, img_size):
     if args.bn_stats == "train":
         transform = level.train_transform(train_args)
     bn_set = common.bn_images(train_set, common.BN_IMAGES, transform, train_args.seed)
-    common.recompute_bn(model, bn_set, device, img_size, train_args.batch_size)
+    stages = recompute_trained_bn(model, checkpoint, bn_set, device, img_size, train_args.batch_size)
+    kept = [stage for stage in BN_STAGES if stage not in stages]
+    print(f"--bn-stats {args.bn_stats}: BatchNorm statistics recomputed in {', '.join(stages) or 'no stage'} (those "
+          f"that trained in epoch {checkpoint['epoch']}), kept as saved in {', '.join(kept) or 'none'}")
+    return stages
 
 def load_as_cifar(path):
     """An image file -> uint8 3 x 32 x 32, made as CIFAR-10's were: a centre square, area-averaged down to 32 px."""
@@ -422,8 +479,9 @@ def print_report(result, header):
         print(f"{name:<12}{100 * result['per_class_acc'][name]:>9.2f}%{result['precision'][name]:>11.4f}"
               f"{result['recall'][name]:>9.4f}{result['f1'][name]:>8.4f}")
 
-def robustness(args, model, device, img_size, views, temperature, test_set, tta_set, json_path):
-    """--corruptions: support.corruptions' report (and --baseline's checkpoint's first), a JSON and a heat map."""
+def robustness(args, model, device, img_size, views, temperature, test_set, tta_set, json_path, bn_stages=None):
+    """--corruptions: support.corruptions' report (and --baseline's checkpoint's first), a JSON and a heat map; the
+    final line gives the benchmark's figures, never the extras'."""
     from support import corruptions  # the corruptions and their report: loaded only by --corruptions
     source = "generated"
     if args.corruptions != "generated":
@@ -434,24 +492,28 @@ def robustness(args, model, device, img_size, views, temperature, test_set, tta_
     baseline, baseline_acc1 = None, None
     if args.baseline:
         baseline_model, baseline_checkpoint = load_model(args.baseline)
+        baseline_model = baseline_model.to(device, memory_format=torch.channels_last)
         baseline_size = args.img_size or baseline_checkpoint.get("args", {}).get("img_size", 224)
+        baseline_temperature = choose_temperature(baseline_checkpoint, args, tta_set)
         print(f"baseline {args.baseline} ({baseline_size} px):")
-        baseline = corruptions.corruption_report(baseline_model.to(device, memory_format=torch.channels_last), test_set, device,
-                                     baseline_size, views, choose_temperature(baseline_checkpoint, args, tta_set),
-                                     args.tta_average, source, args.batch_size)
+        baseline = corruptions.corruption_report(baseline_model, test_set, device, baseline_size, views,
+                                                 baseline_temperature, args.tta_average, source, args.batch_size)
         baseline = {"checkpoint": args.baseline, **baseline}
         baseline_acc1 = baseline["acc1"]
     print(f"{args.checkpoint} ({img_size} px, TTA {tta_set or 'off'}):")
-    result = corruptions.corruption_report(model, test_set, device, img_size, views, temperature, args.tta_average, source,
-                               args.batch_size, baseline=baseline_acc1)
+    result = corruptions.corruption_report(model, test_set, device, img_size, views, temperature, args.tta_average,
+                                           source, args.batch_size, baseline=baseline_acc1)
     records.write_json(json_path, {**result, "checkpoint": args.checkpoint, "img_size": img_size, "tta": tta_set,
-                           "baseline": baseline, **records.run_info(device)})
+                                   "bn_stats": args.bn_stats, "bn_stages": bn_stages, "baseline": baseline,
+                                   **records.run_info(device)})
     label = "generated CIFAR-10-C-style corruptions" if source == "generated" else result["source"]
     corruptions.plot_corruptions(result, json_path.with_suffix(".png"), f"{Path(args.checkpoint).name}: {label}")
     print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
-    mce = f" mce={result['mce']:.4f}" if baseline else ""
-    print(f"final: acc1={result['clean_acc1']:.4f} corruption_acc1={result['mean_acc1']:.4f} relative_drop="
-          f"{result['relative_drop']:.4f} ece={result['mean_ece']:.4f}{mce} images={result['images_per_severity']} "
+    benchmark = result["benchmark"]  # the published figures' set: the extras are never in these means
+    mce = f" mce={benchmark['mce']:.4f}" if baseline else ""
+    print(f"final: acc1={result['clean_acc1']:.4f} corruption_acc1={benchmark['mean_acc1']:.4f} relative_drop="
+          f"{benchmark['relative_drop']:.4f} ece={benchmark['mean_ece']:.4f}{mce} benchmark_corruptions="
+          f"{len(benchmark['corruptions'])}/{len(corruptions.BENCHMARK)} images={result['images_per_severity']} "
           f"seconds={result['seconds']:.1f}")
 
 def main(args):
@@ -472,18 +534,21 @@ def main(args):
         raise UserError(f"{args.checkpoint} was trained on all 50,000 training images (--train-on-all): it has "
                                f"no validation split; use --split test")
     json_path = output_path(args, tta_set)
+    bn_stages = None  # the stages whose statistics --bn-stats recomputed
     if args.bn_stats != "checkpoint":
-        recompute_statistics(model, checkpoint, args, device, img_size)
+        bn_stages = recompute_statistics(model, checkpoint, args, device, img_size)
     if args.images:
         return predict_images(args, model, device, img_size, views, temperature, json_path)
     _, val_set, test_set = common.cifar10_datasets(args.data_dir, train_args.get("seed", 0), eval_subset=args.subset)
     if args.corruptions:
-        return robustness(args, model, device, img_size, views, temperature, test_set, tta_set, json_path)
+        return robustness(args, model, device, img_size, views, temperature, test_set, tta_set, json_path,
+                          bn_stages)
     result, _ = report(model, val_set if args.split == "val" else test_set, device, img_size, views, temperature,
                        args.tta_average, args.batch_size)
     confusion_path = json_path.with_name(f"{json_path.stem}_confusion.png")
     records.write_json(json_path, {**result, "checkpoint": args.checkpoint, "split": args.split, "img_size": img_size,
-                           "tta": tta_set, "bn_stats": args.bn_stats, **records.run_info(device)})
+                           "tta": tta_set, "bn_stats": args.bn_stats, "bn_stages": bn_stages,
+                           **records.run_info(device)})
     plot_confusion(result["confusion_matrix"], confusion_path,
                    f"{Path(args.checkpoint).name} on {args.split} ({result['num_images']} images)")
     print_report(result, f"{args.checkpoint} on {args.split} ({result['num_images']} images, {img_size} px, TTA "

@@ -1,8 +1,8 @@
 """CIFAR-10-C-style corruptions (Hendrycks & Dietterich 2019, "Benchmarking Neural Network Robustness to Common
 Corruptions and Perturbations"): 15 of the paper's 19 (14 of its 15 benchmark ones, all but frost, and saturate), in
 torch, on whole uint8 batches on the device (JPEG through Pillow on the CPU), seeded; the reader of the official
-files; and the robustness report. Called by evaluate.py (`evaluate.py CKPT --corruptions generated|DIR`) and by
-Level 4's final test (support.study.robustness).
+files; and the robustness report (means and mCE over the benchmark corruptions present, the extras apart). Called by
+evaluate.py (`evaluate.py CKPT --corruptions generated|DIR`) and by Level 4's final test (support.study.robustness).
 The five severities of each are the parameters of the paper's own CIFAR-10 generator, hendrycks/robustness
 `ImageNet-C/create_c/make_cifar_c.py` (NumPy, scikit-image, SciPy, OpenCV, ImageMagick, Pillow); motion blur follows
 ImageMagick's kernel as bethgelab/imagecorruptions re-implements it. The code here is this project's own, and the
@@ -372,8 +372,9 @@ def corrupt(images, name, severity, seed=0, device=torch.device("cpu"), batch_si
 # ---- The official files (CIFAR-10-C.tar, 2.9 GB, from the paper's Zenodo record) -------------------------------
 def read_official(folder, test_labels):
     """{name: memory-mapped N x 32 x 32 x 3 uint8 array} of each NAME.npy in the official CIFAR-10-C layout (`folder`
-    or its CIFAR-10-C/): five severities of N / 5 test images each, in test-set order, labels in labels.npy. Every
-    file is checked, and the labels against the test set's; None when the folder holds no .npy file."""
+    or its CIFAR-10-C/) whose NAME is one of BENCHMARK or EXTRAS: five severities of N / 5 test images each, in
+    test-set order, labels in labels.npy. Any other NAME.npy is skipped, with a line that says so, never counted.
+    Every file read is checked, and the labels against the test set's; None when the folder holds no .npy file."""
     folder = Path(folder)
     if (folder / "CIFAR-10-C").is_dir():
         folder = folder / "CIFAR-10-C"
@@ -382,6 +383,10 @@ def read_official(folder, test_labels):
     files = {path.stem: path for path in sorted(folder.glob("*.npy"))}
     if not files:
         return None
+    unknown = [name for name in files if name not in (*BENCHMARK, *EXTRAS, "labels")]
+    for name in unknown:  # a stray or renamed file: said, and never averaged in
+        print(f"skipped {files[name]}: not one of CIFAR-10-C's 15 benchmark or 4 extra corruptions")
+        del files[name]
     arrays = {}
     for name, path in files.items():
         try:
@@ -393,8 +398,9 @@ def read_official(folder, test_labels):
     if labels is None or labels.ndim != 1 or labels.dtype.kind not in "iu" or not len(labels) or len(labels) % 5:
         raise UserError(f"{folder / 'labels.npy'} must hold the labels of 5 severities (a multiple of 5 "
                                f"integers): re-extract CIFAR-10-C.tar")
-    if not arrays:
-        raise UserError(f"{folder} holds labels.npy but no corruption (NAME.npy): re-extract CIFAR-10-C.tar")
+    if not any(name in arrays for name in BENCHMARK):
+        raise UserError(f"{folder} holds none of CIFAR-10-C's 15 benchmark corruptions ({', '.join(BENCHMARK)}.npy): "
+                        f"re-extract CIFAR-10-C.tar")
     per_severity, n = len(labels) // 5, len(test_labels)
     if n > per_severity:
         raise UserError(f"{files['labels']} holds {per_severity} images per severity, fewer than the {n} "
@@ -431,16 +437,33 @@ def corruption_summary(accuracy, clean_acc1, baseline=None):
         summary["mce"] = sum(summary["ce"].values()) / len(errors)
     return summary
 
+def split_summary(accuracy, ece, clean_acc1, baseline=None):
+    """{"benchmark": ..., "extras": ...}: corruption_summary and the mean ECE over the benchmark corruptions present
+    (published CIFAR-10-C means and mCE are over the release's 15, as AugMix's cifar.py averages them), and apart over
+    the extras present (None without any): an extra is never in the benchmark's means. Each block names its
+    corruptions and the missing ones."""
+    blocks = {}
+    for key, names in (("benchmark", BENCHMARK), ("extras", EXTRAS)):
+        present = [name for name in names if name in accuracy]
+        blocks[key] = None
+        if present:
+            summary = corruption_summary({name: accuracy[name] for name in present}, clean_acc1, baseline)
+            blocks[key] = {"corruptions": present, "missing": [name for name in names if name not in accuracy],
+                           **summary, "mean_ece": float(np.mean([ece[name] for name in present]))}
+    return blocks
+
 def corruption_report(model, test_set, device, img_size, views=("identity",), temperature=1.0, average="softmax",
                       source="generated", batch_size=256, seed=0, baseline=None):
     """Top-1 and ECE on each corruption and severity of `test_set` (`source`: "generated", corruptions.py's
     CIFAR-10-C-style set, or corruptions.read_official's arrays), a (corruption, severity) cell at a time through
-    common.predict, cells sharing batches when the test set is smaller than one; clean top-1; corruption_summary
-    (`baseline`: model B's top-1 per cell, for the CE). Prints the table and the images per second."""
+    common.predict, cells sharing batches when the test set is smaller than one; clean top-1; split_summary's
+    benchmark and extras blocks (`baseline`: model B's top-1 per cell, for the CE). Prints the table and the images
+    per second."""
     started, n = time.time(), len(test_set)
     clean = evaluate.report(model, test_set, device, img_size, views, temperature, average, batch_size)[0]
-    cells = [(name, severity) for name in (CORRUPTIONS if isinstance(source, str) else source)
-             for severity in range(1, 6)]
+    available = CORRUPTIONS if isinstance(source, str) else source
+    names = [name for name in (*BENCHMARK, *EXTRAS) if name in available]  # the benchmark's first, in its order
+    cells = [(name, severity) for name in names for severity in range(1, 6)]
     accuracy, ece, group, images = {}, {}, [], []
     for index, (name, severity) in enumerate(cells):
         group.append(name)
@@ -457,37 +480,61 @@ def corruption_report(model, test_set, device, img_size, views=("identity",), te
     seconds = time.time() - started
     result = {"source": source if isinstance(source, str) else "CIFAR-10-C (official files)", "seed": seed,
               "clean_acc1": clean["acc1"], "clean_ece": clean["ece"], "acc1": accuracy, "ece": ece,
-              "mean_ece": float(np.mean(list(ece.values()))), **corruption_summary(accuracy, clean["acc1"], baseline),
-              "images_per_severity": n, "views": list(views), "temperature": temperature, "seconds": seconds,
+              **split_summary(accuracy, ece, clean["acc1"], baseline), "images_per_severity": n,
+              "views": list(views), "temperature": temperature, "seconds": seconds,
               "images_per_s": (5 * len(accuracy) + 1) * n / seconds}
     print_corruption_table(result)
     return result
 
+def benchmark_note(block):
+    """"14 of the 15 benchmark corruptions (no frost)", or "all 15 benchmark corruptions"."""
+    if not block["missing"]:
+        return f"all {len(BENCHMARK)} benchmark corruptions"
+    missing = ", ".join(block["missing"])
+    return f"{len(block['corruptions'])} of the {len(BENCHMARK)} benchmark corruptions (no {missing})"
+
 def print_corruption_table(result):
+    """The benchmark corruptions and their means, then the extras and theirs, apart."""
     label = "generated, CIFAR-10-C-style" if result["source"] == "generated" else result["source"]
+    has_ce = "ce" in result["benchmark"]  # with --baseline
     print(f"corruptions ({label}): top-1 % at severities 1-5, {result['images_per_severity']} images each, "
           f"{len(result['views'])} view(s), ECE at T = {result['temperature']:.3g}")
     print(f"{'corruption':<18}" + "".join(f"{s:>7}" for s in range(1, 6)) + f"{'mean':>7}{'ECE':>7}"
-          + (f"{'CE':>7}" if "ce" in result else ""))
-    for name, accs in result["acc1"].items():
-        ce = f"{result['ce'][name]:>7.3f}" if "ce" in result else ""
-        print(f"{name:<18}" + "".join(f"{100 * a:>7.2f}" for a in accs) + f"{100 * np.mean(accs):>7.2f}"
-              f"{np.mean(result['ece'][name]):>7.3f}{ce}")
-    print(f"{'mean':<18}" + "".join(f"{100 * a:>7.2f}" for a in result["mean_acc1_per_severity"])
-          + f"{100 * result['mean_acc1']:>7.2f}{result['mean_ece']:>7.3f}"
-          + (f"{result['mce']:>7.3f}  (mCE)" if "ce" in result else ""))
-    print(f"clean top-1 {100 * result['clean_acc1']:.2f} %, mean corruption accuracy {100 * result['mean_acc1']:.2f} "
-          f"% (relative drop {100 * result['relative_drop']:.1f} %); {result['seconds']:.1f} s, "
-          f"{result['images_per_s']:.0f} img/s")
+          + (f"{'CE':>7}" if has_ce else ""))
+    for key in ("benchmark", "extras"):
+        block = result[key]
+        if block is None:
+            continue
+        if key == "extras":
+            print(f"extras, not in the benchmark means ({len(block['corruptions'])} of {len(EXTRAS)}):")
+        for name in block["corruptions"]:
+            accs = result["acc1"][name]
+            ce = f"{block['ce'][name]:>7.3f}" if has_ce else ""
+            print(f"{name:<18}" + "".join(f"{100 * a:>7.2f}" for a in accs) + f"{100 * np.mean(accs):>7.2f}"
+                  f"{np.mean(result['ece'][name]):>7.3f}{ce}")
+        mce = f"{block['mce']:>7.3f}  (mCE)" if has_ce else ""
+        print(f"{key + ' mean':<18}" + "".join(f"{100 * a:>7.2f}" for a in block["mean_acc1_per_severity"])
+              + f"{100 * block['mean_acc1']:>7.2f}{block['mean_ece']:>7.3f}{mce}")
+    benchmark = result["benchmark"]
+    print(f"clean top-1 {100 * result['clean_acc1']:.2f} %; over {benchmark_note(benchmark)}: mean corruption "
+          f"accuracy {100 * benchmark['mean_acc1']:.2f} % (relative drop {100 * benchmark['relative_drop']:.1f} %)")
+    print(f"{result['seconds']:.1f} s, {result['images_per_s']:.0f} img/s")
 
 def plot_corruptions(result, path, title):
-    """Heat map: corruption x severity, the top-1 in each cell, and the clean top-1 in the title."""
-    table = np.array(list(result["acc1"].values()))
-    fig, axis = evaluate._pyplot().subplots(figsize=(6.5, 0.42 * len(table) + 1.6))
+    """Heat map: corruption x severity, the top-1 in each cell, the benchmark corruptions first and the extras
+    below a line, marked; the clean top-1 and the benchmark mean in the title."""
+    benchmark, extras = result["benchmark"], result["extras"] or {"corruptions": []}
+    names = benchmark["corruptions"] + extras["corruptions"]
+    table = np.array([result["acc1"][name] for name in names])
+    fig, axis = evaluate._pyplot().subplots(figsize=(6.5, 0.42 * len(table) + 1.8))
     axis.imshow(table, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     for (i, j), value in np.ndenumerate(table):
         axis.text(j, i, f"{100 * value:.1f}", ha="center", va="center", fontsize=8)
-    axis.set(xticks=range(5), xticklabels=range(1, 6), yticks=range(len(table)), yticklabels=list(result["acc1"]),
-             xlabel="severity", title=f"top-1 %, clean {100 * result['clean_acc1']:.1f} %, mean corrupted "
-                                      f"{100 * result['mean_acc1']:.1f} %")
+    if extras["corruptions"]:
+        axis.axhline(len(benchmark["corruptions"]) - 0.5, color="black", linewidth=2)
+    labels = benchmark["corruptions"] + [f"{name} (extra)" for name in extras["corruptions"]]
+    axis.set(xticks=range(5), xticklabels=range(1, 6), yticks=range(len(table)), yticklabels=labels,
+             xlabel="severity", title=f"top-1 %; clean {100 * result['clean_acc1']:.1f} %, benchmark mean "
+                                      f"{100 * benchmark['mean_acc1']:.1f} % ({len(benchmark['corruptions'])} of "
+                                      f"{len(BENCHMARK)})")
     evaluate._save(fig, path, title)

@@ -201,7 +201,8 @@ def validation_acc1(model, val_set, device, args, tta_set):
 
 def measure_row(change, checkpoint_dir, datasets, device, args):
     """An evaluation row on one seed: the baseline's run in `checkpoint_dir` measured with `change`: other TTA views,
-    T = 1, the chosen weights' BatchNorm statistics recomputed on clean training images, or the raw weights at the
+    T = 1, the chosen weights' BatchNorm statistics recomputed on clean training images (as evaluate.py --bn-stats clean:
+    in the stages that trained at its epoch; bn_clean names the candidate and the stages), or the raw weights at the
     end of the run (level4_last.pth, with a T of their own fitted on validation, as the final test fits one)."""
     train_set, val_set, test_set = datasets
     raw_last = change.get("weights") == "raw, last epoch"
@@ -209,9 +210,11 @@ def measure_row(change, checkpoint_dir, datasets, device, args):
     if raw_last:
         checkpoint_name = "level4_last.pth"
     model, checkpoint = load_weights(Path(checkpoint_dir) / checkpoint_name, args, device)
+    measured = {}
     if change.get("bn_stats") == "clean":
         clean_set = common.bn_images(train_set, common.BN_IMAGES)
-        common.recompute_bn(model, clean_set, device, args.img_size, args.batch_size)
+        stages = evaluate.recompute_trained_bn(model, checkpoint, clean_set, device, args.img_size, args.batch_size)
+        measured = {"model_source": checkpoint["model_source"], "bn_stages": stages}
     tta_set = change.get("tta_set", args.tta_set)
     val_acc1, val_logits, val_labels = validation_acc1(model, val_set, device, args, tta_set)
     if change.get("temperature") == "off":
@@ -226,7 +229,7 @@ def measure_row(change, checkpoint_dir, datasets, device, args):
     one_view, _ = evaluate.report(model, test_set, device, args.img_size)
     model_source = "raw (last epoch)" if raw_last else checkpoint["model_source"]
     return {"acc1": one_view["acc1"], "tta_acc1": test["acc1"], "ece": test["ece"], "val_acc1": val_acc1,
-            "model_source": model_source, "swa_snapshots": None}  # None: the baseline's run, see its row
+            "model_source": model_source, "swa_snapshots": None, **measured}  # None: the baseline's run, see its row
 
 def run_ablation(args, train):
     """Every trained row (or each of --ablate-rows, and the baseline) a real run of the scaled recipe, `train(args)`
@@ -342,7 +345,10 @@ def write_ablation_table(table, path, args, runs=None):
         sources = ", ".join(f"{source} ×{count}" for source, count in chosen.items())
         snapshots = sorted({str(run["swa_snapshots"]) for run in row_runs if run["swa_snapshots"] is not None})
         kind = "evaluation only" if row_runs[0]["evaluation_only"] else "trained"
-        start = [name, technique(name, args), kind, json.dumps(row_runs[0]["change"]), len(row_runs), cells["val_acc1"]]
+        change = json.dumps(row_runs[0]["change"])
+        if name == "bn_clean":  # whose weights got the clean statistics, seed by seed
+            change += " on " + "/".join(str(run["model_source"]) for run in row_runs)
+        start = [name, technique(name, args), kind, change, len(row_runs), cells["val_acc1"]]
         end = [cells["acc1"], cells["tta_acc1"]]
         if name == "baseline":
             lines.append([*start, "-", "-", "-", *end, "-", cells["ece"], "-", sources, ", ".join(snapshots) or "-"])
@@ -475,7 +481,7 @@ def write_summary(args):
     for path in sorted([*results_dir.glob("level[1-4].json"), *results_dir.glob("seed*/level[1-4].json")]):
         try:
             r = json.loads(path.read_text())
-            corruption = r.get("corruptions_generated") or {}  # {}: not measured
+            corruption = (r.get("corruptions_generated") or {}).get("benchmark") or {}  # {}: not measured
             run = {"test acc1": float(r["test"]["acc1"]), "with TTA": r.get("test_tta", {}).get("acc1"),
                    "ECE": float(r["test"]["ece"]), "ECE (T)": r.get("test_calibrated", {}).get("ece"),
                    "corruption acc": corruption.get("mean_acc1"), "epochs": len(r["history"]),

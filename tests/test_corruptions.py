@@ -1,7 +1,8 @@
 """corruptions.py and evaluate.py --corruptions (issues 20, 26): each generated corruption seeded, uint8 32 x 32 x 3
 and growing with severity on real test images; the helpers against PIL, matplotlib and torchvision; glass blur and
 elastic against NumPy transcriptions of make_cifar_c.py fed the same draws; the official layout read a severity at a
-time; its bad files one-line errors; the report's figures against a hand computation."""
+time; its bad files one-line errors; the report's figures against a hand computation, its means over the benchmark
+corruptions only."""
 import io
 import json
 import warnings
@@ -407,25 +408,73 @@ def write_official(folder, labels, severities_right):
 
 
 def test_official_layout_severity_slices_and_mean_accuracy_by_hand(tmp_path):
-    """2 corruptions x 5 severities x 20 images. `fog`: 4 s images right at severity s -> 0.2 .. 1.0; `blur`: 10
-    right at each -> 0.5. Mean (3.0 + 2.5) / 10 = 0.55; per severity 0.35, 0.45, 0.55, 0.65, 0.75; clean 1 (the clean
-    images carry their labels): drop 0.45."""
+    """2 corruptions x 5 severities x 20 images. `fog`: 4 s images right at severity s -> 0.2 .. 1.0; `defocus_blur`:
+    10 right at each -> 0.5. Mean (3.0 + 2.5) / 10 = 0.55; per severity 0.35, 0.45, 0.55, 0.65, 0.75; clean 1 (the
+    clean images carry their labels): drop 0.45. Both are benchmark corruptions: 2 of 15, no extras."""
     labels = np.arange(20) % 10
-    write_official(tmp_path / "CIFAR-10-C", labels, {"fog": [4, 8, 12, 16, 20], "blur": [10] * 5})
+    write_official(tmp_path / "CIFAR-10-C", labels, {"fog": [4, 8, 12, 16, 20], "defocus_blur": [10] * 5})
     source = corruptions.read_official(tmp_path, torch.as_tensor(labels))  # finds the CIFAR-10-C/ inside
-    assert sorted(source) == ["blur", "fog"] and isinstance(source["fog"], np.memmap)
+    assert sorted(source) == ["defocus_blur", "fog"] and isinstance(source["fog"], np.memmap)
     clean = np.zeros((20, 3, 32, 32), dtype=np.uint8)
     clean[:, 0, 0, 0] = labels
     test_set = common.CifarDataset(clean, labels)
     result = corruptions.corruption_report(PixelModel(), test_set, CPU, 32, source=source, batch_size=8)
     assert result["acc1"]["fog"] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
-    assert result["acc1"]["blur"] == pytest.approx([0.5] * 5)
-    assert result["mean_acc1"] == pytest.approx(0.55) and result["clean_acc1"] == 1.0
-    assert result["mean_acc1_per_severity"] == pytest.approx([0.35, 0.45, 0.55, 0.65, 0.75])
-    assert result["relative_drop"] == pytest.approx(0.45) and result["images_per_severity"] == 20
+    assert result["acc1"]["defocus_blur"] == pytest.approx([0.5] * 5)
+    benchmark = result["benchmark"]
+    assert benchmark["corruptions"] == ["defocus_blur", "fog"] and len(benchmark["missing"]) == 13
+    assert benchmark["mean_acc1"] == pytest.approx(0.55) and result["clean_acc1"] == 1.0
+    assert benchmark["mean_acc1_per_severity"] == pytest.approx([0.35, 0.45, 0.55, 0.65, 0.75])
+    assert benchmark["relative_drop"] == pytest.approx(0.45) and result["images_per_severity"] == 20
+    assert result["extras"] is None
     first_10 = common.CifarDataset(clean[:10], labels[:10])  # --subset 10: the first 10 of each severity
     result = corruptions.corruption_report(PixelModel(), first_10, CPU, 32, source=source)
     assert result["acc1"]["fog"] == pytest.approx([0.4, 0.8, 1.0, 1.0, 1.0])
+
+
+def test_official_means_are_over_the_15_benchmark_corruptions_never_the_extras(tmp_path, capsys):
+    """Issue 26 point 1: an official folder whose 15 benchmark files are the clean test set (all right) and whose 4
+    extras are all wrong: the benchmark mean is the clean accuracy, 1.0, the extras' block 0.0 apart; a NAME.npy that
+    is neither (wrong too) is skipped with a line, and counted nowhere. The table says 15 of 15 and splits them."""
+    labels = np.arange(20) % 10
+    write_official(tmp_path, labels, {**{name: [20] * 5 for name in corruptions.BENCHMARK},
+                                      **{name: [0] * 5 for name in (*corruptions.EXTRAS, "my_blur")}})
+    source = corruptions.read_official(tmp_path, torch.as_tensor(labels))
+    assert "skipped" in capsys.readouterr().out and "my_blur" not in source and len(source) == 19
+    clean = np.zeros((20, 3, 32, 32), dtype=np.uint8)
+    clean[:, 0, 0, 0] = labels
+    result = corruptions.corruption_report(PixelModel(), common.CifarDataset(clean, labels), CPU, 32, source=source,
+                                           baseline={name: [0.5] * 5 for name in source})
+    table = capsys.readouterr().out
+    benchmark, extras = result["benchmark"], result["extras"]
+    assert list(result["acc1"]) == [*corruptions.BENCHMARK, *corruptions.EXTRAS]  # the benchmark's order, then extras
+    assert benchmark["corruptions"] == list(corruptions.BENCHMARK) and benchmark["missing"] == []
+    assert benchmark["mean_acc1"] == result["clean_acc1"] == 1.0 and benchmark["relative_drop"] == 0.0
+    assert benchmark["mean_acc1_per_severity"] == [1.0] * 5 and benchmark["mce"] == pytest.approx(0.0)
+    assert extras["corruptions"] == list(corruptions.EXTRAS) and extras["mean_acc1"] == 0.0
+    assert set(benchmark["ce"]) == set(corruptions.BENCHMARK) and extras["mce"] == pytest.approx(2.0)
+    assert "over all 15 benchmark corruptions: mean corruption accuracy 100.00 %" in table
+    assert "extras, not in the benchmark means (4 of 4)" in table
+
+
+def test_generated_report_splits_14_benchmark_corruptions_from_saturate(tmp_path, monkeypatch, capsys):
+    """Generated: the 14 benchmark corruptions but frost in the benchmark block and its mean, saturate alone in the
+    extras; the table says 14 of 15; the heat map has the 15 rows, saturate last, marked and below a line."""
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    test_set = common.CifarDataset(images, images[:, 0, 0, 0].long() % 10)
+    result = corruptions.corruption_report(PixelModel(), test_set, CPU, 32)
+    assert result["benchmark"]["corruptions"] == [name for name in corruptions.BENCHMARK if name != "frost"]
+    assert result["benchmark"]["missing"] == ["frost"] and result["extras"]["corruptions"] == ["saturate"]
+    cells = [a for name in result["benchmark"]["corruptions"] for a in result["acc1"][name]]
+    assert result["benchmark"]["mean_acc1"] == pytest.approx(np.mean(cells))
+    assert "over 14 of the 15 benchmark corruptions (no frost)" in capsys.readouterr().out
+    drawn = []
+    monkeypatch.setattr(evaluate, "_save", lambda fig, path, title: drawn.append(fig))
+    corruptions.plot_corruptions(result, tmp_path / "heat.png", "generated")
+    axis = drawn[0].axes[0]
+    labels = [label.get_text() for label in axis.get_yticklabels()]
+    assert len(labels) == 15 and labels[:14] == result["benchmark"]["corruptions"] and labels[14] == "saturate (extra)"
+    assert [line.get_ydata()[0] for line in axis.lines] == [13.5] and "14 of 15" in axis.get_title()
 
 
 @pytest.fixture(scope="module")
@@ -446,10 +495,12 @@ def test_cli_generated_writes_the_json_and_heat_map(tmp_path, checkpoint, synthe
     json_path = tmp_path / f"eval_{Path(checkpoint).parent.name}-model_corruptions.json"  # folder-checkpoint
     result = json.loads(json_path.read_text())
     assert result["source"] == "generated" and len(result["acc1"]) == 15 and result["images_per_severity"] == 4
-    assert result["ce"] == pytest.approx(dict.fromkeys(result["acc1"], 1.0)) and result["mce"] == pytest.approx(1.0)
-    assert result["baseline"]["checkpoint"] == str(checkpoint) and result["mean_ece"] >= 0
+    benchmark, extras = result["benchmark"], result["extras"]
+    assert benchmark["ce"] == pytest.approx(dict.fromkeys(benchmark["corruptions"], 1.0)) and len(benchmark["ce"]) == 14
+    assert benchmark["mce"] == pytest.approx(1.0) and extras["ce"] == pytest.approx({"saturate": 1.0})
+    assert result["baseline"]["checkpoint"] == str(checkpoint) and benchmark["mean_ece"] >= 0
     assert json_path.with_suffix(".png").stat().st_size > 0
-    assert "corruption_acc1=" in out.stdout.splitlines()[-1]
+    assert "corruption_acc1=" in out.stdout.splitlines()[-1] and "benchmark_corruptions=14/15" in out.stdout
 
 
 def test_cli_truncated_npy_and_mismatched_labels_are_one_line_errors(tmp_path, checkpoint, synthetic_root):
@@ -468,6 +519,9 @@ def test_cli_truncated_npy_and_mismatched_labels_are_one_line_errors(tmp_path, c
     np.save(tmp_path / "ok" / "fog.npy", np.zeros((100, 32, 32), dtype=np.uint8))  # a wrong shape
     with pytest.raises(UserError, match=r"fog.npy must be a uint8 array of shape \(100, 32, 32, 3\)"):
         corruptions.read_official(tmp_path / "ok", torch.as_tensor(test_labels))
+    write_official(tmp_path / "extras_only", test_labels, {"saturate": [20] * 5, "fog_v2": [20] * 5})
+    with pytest.raises(UserError, match="holds none of CIFAR-10-C's 15 benchmark corruptions"):
+        corruptions.read_official(tmp_path / "extras_only", torch.as_tensor(test_labels))
     with pytest.raises(UserError, match="is not a folder"):
         corruptions.read_official(tmp_path / "nowhere", torch.as_tensor(test_labels))
     with pytest.raises(UserError, match="holds 20 images per severity, fewer than the 21"):

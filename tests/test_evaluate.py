@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import common
 import evaluate
@@ -85,6 +86,32 @@ def test_calibration_bins_hand_computed():
     for b in range(15):
         acc, conf = expected.get(b, (0.0, 0.0))
         assert float(accuracy[b]) == pytest.approx(acc, abs=1e-12) and float(confidence[b]) == pytest.approx(conf)
+
+
+def test_metrics_hold_the_calibration_bins_by_hand():
+    """Issue 26 point 6: the JSON holds each bin's images, accuracy and mean confidence (null where empty), the
+    table above; their count-weighted gaps sum to the ECE."""
+    bins = evaluate.metrics(PROBS, TRUE)["calibration_bins"]
+    assert bins["count"] == [0, 0, 0, 0, 0, 0, 1, 0, 2, 0, 0, 1, 0, 0, 2]
+    assert bins["upper_edges"][0] == pytest.approx(1 / 15) and bins["upper_edges"][-1] == 1.0
+    assert bins["accuracy"][:6] == [None] * 6 and bins["confidence"][7] is None
+    assert bins["accuracy"][8] == 1.0 and bins["accuracy"][14] == 0.5 and bins["confidence"][14] == pytest.approx(0.96)
+    gaps = [n / 6 * abs(a - c) for n, a, c in zip(bins["count"], bins["accuracy"], bins["confidence"]) if n]
+    assert sum(gaps) == pytest.approx(0.41)
+
+
+def test_reliability_diagram_shows_the_ece_and_the_images_per_bin(tmp_path, monkeypatch):
+    """Issue 26 point 6: each panel's title gives its ECE, and an axis under the bars the images in each of the 15
+    bins, as a bar and a number (0 for an empty bin)."""
+    drawn = []
+    monkeypatch.setattr(evaluate, "_save", lambda fig, path, title: drawn.append(fig))
+    evaluate.plot_reliability({"T = 1": (PROBS, TRUE), "sure": (F.one_hot(TRUE, 10).double(), TRUE)},
+                              tmp_path / "r.png", "test")
+    bars, counts = drawn[0].axes[0], drawn[0].axes[2]  # row by row: the two panels' bars, then their counts
+    assert bars.get_title() == "T = 1: ECE 0.4100" and drawn[0].axes[1].get_title() == "sure: ECE 0.0000"
+    assert [text.get_text() for text in counts.texts] == ["0"] * 6 + ["1", "0", "2", "0", "0", "1", "0", "0", "2"]
+    assert [patch.get_height() for patch in counts.patches] == [0, 0, 0, 0, 0, 0, 1, 0, 2, 0, 0, 1, 0, 0, 2]
+    assert [text.get_text() for text in drawn[0].axes[3].texts][-1] == "6"  # all six images sure: the last bin
 
 
 def test_expected_calibration_error_matches_a_plain_loop():
@@ -464,7 +491,8 @@ def test_cli_bn_stats_recomputes_the_statistics_as_the_levels_do(tmp_path, synth
     model = common.build_model("none", 0.1)
     train_args = level3.get_args_parser().parse_args(["--img-size", "32", "-b", "16", "--subset", "48", "--seed", "3"])
     path = tmp_path / "level3_best.pth"
-    torch.save({"level": "level3", "model": model.state_dict(), "args": vars(train_args)}, path)
+    epochs = train_args.head_epochs + train_args.epochs + train_args.final_epochs  # the last: every stage trains
+    torch.save({"level": "level3", "model": model.state_dict(), "args": vars(train_args), "epoch": epochs}, path)
     figures = {}
     for source in ("checkpoint", "train", "clean"):
         result = cli(path, synthetic_root, tmp_path / source, "--subset", 20, "-b", 20, "--bn-stats", source)
@@ -485,6 +513,80 @@ def test_cli_bn_stats_recomputes_the_statistics_as_the_levels_do(tmp_path, synth
     bare = tmp_path / "bare.pth"
     torch.save(model.state_dict(), bare)
     assert_one_line_error(cli(bare, synthetic_root, tmp_path / "bare", "--bn-stats", "clean"), "--bn-stats clean")
+
+
+def buffers_by_stage(model):
+    """{stage: [its BatchNorm buffers, copied]} (evaluate.bn_stage names them)."""
+    stages = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.BatchNorm2d):
+            stages.setdefault(evaluate.bn_stage(name), []).extend(
+                [module.running_mean.clone(), module.running_var.clone()])
+    return stages
+
+
+@pytest.mark.parametrize("level_name, flags, epoch, trained", [
+    ("level1", ["--head-epochs", "2"], 2, []),  # the head stage: the backbone in eval mode, nothing trained
+    ("level1", ["--head-epochs", "2"], 3, list(evaluate.BN_STAGES)),  # stage 2: every layer
+    ("level3", ["--head-epochs", "2", "--unfreeze-every", "1"], 4, ["layer3", "layer4"]),  # 0-based epoch 3
+])
+def test_bn_stats_recompute_only_the_stages_that_trained_at_the_checkpoints_epoch(
+        level_name, flags, epoch, trained, tmp_path, synthetic_root, fast_plots):
+    """Issue 26 point 4: --bn-stats train recomputes the statistics of the stages that trained in the checkpoint's
+    epoch, by its level's rule; every frozen stage's statistics stay as saved (a Level 1 head-stage checkpoint's all
+    of them), and the JSON names the stages recomputed."""
+    import importlib
+    level = importlib.import_module(level_name)
+    torch.manual_seed(0)
+    model = common.build_model("none")
+    train_args = level.get_args_parser().parse_args(["--img-size", "32", "-b", "16", "--subset", "48", *flags])
+    path = tmp_path / f"{level_name}_best.pth"
+    torch.save({"level": level_name, "model": model.state_dict(), "args": vars(train_args), "epoch": epoch}, path)
+    result = cli(path, synthetic_root, tmp_path / "out", "--subset", 20, "-b", 20, "--bn-stats", "train")
+    assert result.returncode == 0, result.stderr
+    assert strict_json(next((tmp_path / "out").glob("eval_*.json")))["bn_stages"] == trained
+    ours, checkpoint = evaluate.load_model(path)
+    args = evaluate.get_args_parser().parse_args([str(path), "--data-dir", str(synthetic_root), "--bn-stats", "train"])
+    assert evaluate.recompute_statistics(ours, checkpoint, args, CPU, 32) == trained
+    saved, recomputed = buffers_by_stage(model), buffers_by_stage(ours)
+    assert set(saved) == set(evaluate.BN_STAGES)
+    for stage in evaluate.BN_STAGES:
+        same = all(torch.equal(a, b) for a, b in zip(saved[stage], recomputed[stage]))
+        assert same == (stage not in trained), stage
+
+
+@pytest.mark.parametrize("epoch, trained", [(2, []), (4, ["layer3", "layer4"])])
+def test_ablation_bn_clean_recomputes_the_trained_stages_and_names_its_candidate(epoch, trained, tmp_path,
+                                                                                 synthetic_root):
+    """Issue 26 point 4: the ablation's bn_clean row (study.measure_row) recomputes clean statistics only in the stages
+    that trained at the baseline checkpoint's epoch (none in the head stage: then it measures the checkpoint as
+    saved), and says in the table which candidate's weights it measured (model_source)."""
+    import level4
+    from support import study
+    torch.manual_seed(0)
+    model = common.build_model("none")
+    args = level4.get_args_parser().parse_args(["--img-size", "32", "-b", "16", "--head-epochs", "2",
+                                                 "--unfreeze-every", "1", "--tta-set", "flip"])
+    fits = {name: {"temperature": 1.0, "at_bound": False} for name in common.TTA_SETS}
+    path = tmp_path / "level4_best.pth"
+    torch.save({"level": "level4", "model": model.state_dict(), "args": vars(args), "epoch": epoch,
+                "model_source": "ema", "temperatures": fits}, path)
+    datasets = common.cifar10_datasets(synthetic_root, 0, 48, 20)
+    row = study.measure_row({"bn_stats": "clean"}, path, datasets, CPU, args)
+    assert row["bn_stages"] == trained and row["model_source"] == "ema"
+    as_saved = study.measure_row({}, path, datasets, CPU, args)  # the checkpoint's own statistics
+    assert "model_source" not in as_saved
+    if trained:
+        assert row["ece"] != as_saved["ece"]  # other statistics, other probabilities
+    else:  # nothing trained in the head stage: the checkpoint as saved
+        assert (row["tta_acc1"], row["ece"]) == (as_saved["tta_acc1"], as_saved["ece"])
+    runs = {name: [{"name": name, "seed": 0, "change": change, "evaluation_only": name != "baseline", "args": {},
+                    **figures, "device": "cpu", "commit": "test"}]
+            for name, change, figures in (("baseline", {}, as_saved), ("bn_clean", {"bn_stats": "clean"}, row))}
+    args.ablate_epochs = 1
+    study.write_ablation_table(runs, tmp_path / "ablation.json", args)
+    line = next(line for line in (tmp_path / "ablation.md").read_text().splitlines() if line.startswith("| bn_clean"))
+    assert '{"bn_stats": "clean"} on ema' in line
 
 
 def write_images(folder):

@@ -439,7 +439,7 @@ def test_summary_has_a_raw_and_a_calibrated_ece_column(tmp_path):
     row = {"test": {"acc1": 0.9, "ece": 0.05}, "history": [{}], "seconds": 10.0, "device": "cpu", "commit": "abc"}
     (tmp_path / "level1.json").write_text(json.dumps(row))
     (tmp_path / "level4.json").write_text(json.dumps({**row, "test_tta": {"acc1": 0.91}, "test_calibrated": {
-        "ece": 0.01}, "corruptions_generated": {"mean_acc1": 0.7}}))
+        "ece": 0.01}, "corruptions_generated": {"benchmark": {"mean_acc1": 0.7}, "extras": {"mean_acc1": 0.1}}}))
     out = run_cli(level4, "--summary", "--results-dir", tmp_path)
     assert out.returncode == 0, out.stderr
     header, rows = summary_table(tmp_path)

@@ -518,6 +518,35 @@ def test_fit_temperature_of_a_view_set_minimises_that_sets_nll():
         assert nll(fitted) < nll(one_view) and nll(fitted) <= min(nll(fitted * 1.01), nll(fitted / 1.01))
 
 
+def two_minima_logits():
+    """2 views x 100 images x 2 classes whose softmax-averaged NLL has two interior minima (near T = 0.78 and 9.5):
+    68 images the views agree on, margin 1.2 (62 right, 6 wrong), 28 they disagree on (view 1 gives the label by 1,
+    view 2 the other class by 5: the average is unsure at every T but an end), 4 sure ones, margin 13 (3 right)."""
+    def agreeing(margin, right, wrong):
+        logits = torch.tensor([margin, 0.0], dtype=torch.float64).repeat(right + wrong, 1)
+        return torch.stack([logits, logits]), torch.cat([torch.zeros(right), torch.ones(wrong)]).long()
+    disagree = torch.stack([torch.tensor([1.0, 0.0], dtype=torch.float64).repeat(28, 1),
+                            torch.tensor([0.0, 5.0], dtype=torch.float64).repeat(28, 1)])
+    groups = [agreeing(1.2, 62, 6), (disagree, torch.zeros(28).long()), agreeing(13.0, 3, 1)]
+    return torch.cat([views for views, _ in groups], 1), torch.cat([labels for _, labels in groups])
+
+
+def test_fit_temperature_finds_the_lower_of_two_minima():
+    """Issue 26 point 5: softmax-averaged views whose NLL has two interior minima, the lower at small T: the fit lands
+    on it (a golden section alone, started over the whole range, stops at the higher one near T = 9.5). With logit
+    averaging the NLL is convex in 1/T: one minimum, found too."""
+    view_logits, labels = two_minima_logits()
+    log_t = torch.linspace(math.log(1e-2), math.log(1e2), 4001, dtype=torch.float64)
+    for average, minima in (("softmax", 2), ("logit", 1)):
+        curve = torch.stack([common.nll_per_image(view_logits, labels, float(t.exp()), average).mean() for t in log_t])
+        interior = (curve[1:-1] < curve[:-2]) & (curve[1:-1] < curve[2:])
+        assert int(interior.sum()) == minima, average
+        lowest = float(log_t[curve.argmin()].exp())
+        temperature, at_bound = common.fit_temperature(view_logits, labels, average)
+        assert temperature == pytest.approx(lowest, rel=0.01) and not at_bound, average
+    assert common.fit_temperature(view_logits, labels)[0] == pytest.approx(0.78, abs=0.01)
+
+
 def test_fit_temperature_flags_chance_level_logits_at_its_bound():
     """Random logits with independent labels want T = infinity: the search ends at its upper bound, at_bound True."""
     torch.manual_seed(0)
