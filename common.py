@@ -1,8 +1,7 @@
 """The hand-written techniques of the four levels, in the order the levels introduce them, each under a banner that
 names its level and tested against a library or a hand-computed answer (random erasing and the zoom view by their
-properties; tests/test_techniques.py); then CIFAR-10
-and the ResNet-50, with their input checks. The levels own their recipes and loops, evaluate.py the measurement,
-support/ the run machinery (errors, files, torchrun), which a learner may skip."""
+properties; tests/test_techniques.py); then CIFAR-10 and the ResNet-50, with their input checks. The levels own
+their recipes and loops, evaluate.py the measurement, support/ the run machinery, which a learner may skip."""
 import copy
 import functools
 import math
