@@ -10,9 +10,9 @@ Augmentation is CIFAR's standard (a crop with 4-px padding, a flip) on the 32-px
 the GPU upsamples them to --img-size and normalises them. 5,000 held-out training images pick the best epoch; the
 10,000 test images are measured once, at the end, by evaluate.py.
 
-Each level is one self-contained script, as airbench's are: the next level repeats these lines on purpose, so that
-`diff level1.py level2.py` shows exactly what Level 2 adds. The run machinery (one-line errors, Ctrl-C, the run
-folder, background checkpoint writes, torchrun) is called from support/ in one line each: skip it on a first read.
+The levels own their whole recipe and loop, and each repeats the lines of the one before it on purpose, as
+airbench's scripts do: `diff level1.py level2.py` (then 2 -> 3, 3 -> 4) shows exactly what a level adds. The run
+machinery is called from support/ in one line per concern: skip it on a first read.
 
     python level1.py                                        # ImageNet weights, 224 px, 2 + 10 epochs
     python level1.py --quick                                # a smoke run of a minute or two, on any machine
@@ -36,7 +36,7 @@ from support.files import CheckpointWriter, load_checkpoint, resume
 
 LEVEL = "level1"
 # A resume with another value of one of these is refused: they fixed the data split, the input size, the batch (the
-# steps of an epoch), the optimiser's decay and the learning rate of the epochs already run, and the final test.
+# steps of an epoch), the optimiser's decay and the learning rate of the epochs already run.
 RESUME_FLAGS = ("seed", "subset", "train_on_all", "img_size", "batch_size", "weight_decay", "head_epochs", "head_lr",
                 "lr")
 # --quick: a smoke run that shows every stage working, in a minute or two on a CPU; its numbers mean nothing.
@@ -71,7 +71,7 @@ def get_args_parser():
                        help="AdamW weight decay, none on BatchNorm and biases (default: 0.05)")
     optim.add_argument("-b", "--batch-size", type=run.number(int, at_least=2), default=128,  # 2: for BatchNorm
                        help="images per step, all GPUs (default: 128)")
-    run.add_arguments(parser)  # --device --seed --resume --overwrite, the folders, --print-freq --compile --quick
+    run.add_arguments(parser)  # --device --seed --resume --overwrite, folders, --print-freq --compile --sync-bn --quick
     return parser
 
 def train_transform(args):
@@ -139,7 +139,8 @@ def load_data(args, rank, world_size, device):
 def save_checkpoints(model, optimizer, scaler, history, best_acc, args, writer):
     """levelN_last.pth after every epoch, for --resume; levelN_best.pth when validation improved (with --train-on-all:
     every epoch, so the last one). Returns the best validation accuracy so far."""
-    row, checkpoint_dir = history[-1], Path(args.checkpoint_dir)
+    row = history[-1]
+    checkpoint_dir = Path(args.checkpoint_dir)
     to_save = {}  # path -> checkpoint
     checkpoint = {"level": LEVEL, "model": model.state_dict(), "epoch": row["epoch"], "history": history,
                   "args": vars(args)}
@@ -164,8 +165,9 @@ def final_test(model, test_set, device, args, history, info):
                "best_val_acc": best["history"][-1].get("val_acc", math.nan), "test": test}
     results = records.write_results(Path(args.results_dir) / f"{LEVEL}.json", LEVEL, args, history, info, figures)
     evaluate.plot_curves(history, Path(args.results_dir) / f"{LEVEL}_curves.png", f"{LEVEL}, {args.img_size} px")
-    print(f"final: acc1={test['acc1']:.4f} val_acc1={results['best_val_acc']:.4f} ece={test['ece']:.4f} nll="
-          f"{test['nll']:.4f} epoch={best['epoch']} test_images={test['num_images']} seconds={results['seconds']:.0f}")
+    print(f"final: acc1={test['acc1']:.4f} val_acc1={results['best_val_acc']:.4f} ece={test['ece']:.4f} "
+          f"nll={test['nll']:.4f} epoch={best['epoch']} test_images={test['num_images']} "
+          f"seconds={results['seconds']:.0f}")
     return results
 
 def main(args):
@@ -212,11 +214,9 @@ def main(args):
             records.print_epoch(history[-1], total_epochs, start_epoch, info)
         run.barrier(world_size)  # under torchrun, the others wait while rank 0 validates and saves
 
-    run.finish(writer, world_size)  # the last epoch's files on disk before the final test reads them
+    run.finish(writer, world_size)  # the last files on disk (the final test reads them); torchrun's group closed
     del train_loader  # its worker processes stop now, rather than being waited for one by one at exit
-    if master:
-        return final_test(model, test_set, device, args, history, info)
-    return None
+    return final_test(model, test_set, device, args, history, info) if master else None  # rank 0 alone
 
 # ---- Run plumbing: not part of the lesson ----------------------------------------------------------------------
 def validate_args(args):

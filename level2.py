@@ -8,9 +8,9 @@ What this level adds to level1.py, each technique switchable by its flag (hand-w
   - a learning rate set at every step: linear warmup, then cosine decay (Loshchilov & Hutter 2017);
   - test-time augmentation: deterministic views (flips, 2-px shifts) whose probabilities are averaged.
 
-Each level is one self-contained script, as airbench's are: it repeats the previous level's lines on purpose, so that
-`diff level1.py level2.py` shows exactly what this level adds. The run machinery (one-line errors, Ctrl-C, the run
-folder, background checkpoint writes, torchrun) is called from support/ in one line each: skip it on a first read.
+The levels own their whole recipe and loop, and each repeats the lines of the one before it on purpose, as
+airbench's scripts do: `diff level1.py level2.py` (then 2 -> 3, 3 -> 4) shows exactly what a level adds. The run
+machinery is called from support/ in one line per concern: skip it on a first read.
 
     python level2.py                                        # ImageNet weights, 224 px, 2 + 15 epochs
     python level2.py --mix-prob 0 --randaug-n 0             # switch techniques off to see what they add
@@ -91,7 +91,7 @@ def get_args_parser():
     aug.add_argument("--erase-prob", type=run.fraction, default=0.25, help="random erasing probability (default: 0.25)")
     aug.add_argument("--tta-set", default="flip+translate", choices=list(common.TTA_SETS),
                      help="test-time augmentation views of the final test (default: flip+translate)")
-    run.add_arguments(parser)  # --device --seed --resume --overwrite, the folders, --print-freq --compile --quick
+    run.add_arguments(parser)  # --device --seed --resume --overwrite, folders, --print-freq --compile --sync-bn --quick
     return parser
 
 def train_transform(args):
@@ -177,7 +177,8 @@ def load_data(args, rank, world_size, device):
 def save_checkpoints(model, optimizer, scaler, history, best_acc, args, writer):
     """levelN_last.pth after every epoch, for --resume; levelN_best.pth when validation improved (with --train-on-all:
     every epoch, so the last one). Returns the best validation accuracy so far."""
-    row, checkpoint_dir = history[-1], Path(args.checkpoint_dir)
+    row = history[-1]
+    checkpoint_dir = Path(args.checkpoint_dir)
     to_save = {}  # path -> checkpoint
     checkpoint = {"level": LEVEL, "model": model.state_dict(), "epoch": row["epoch"], "history": history,
                   "args": vars(args)}
@@ -204,8 +205,9 @@ def final_test(model, test_set, device, args, history, info):
     results = records.write_results(Path(args.results_dir) / f"{LEVEL}.json", LEVEL, args, history, info, figures)
     evaluate.plot_curves(history, Path(args.results_dir) / f"{LEVEL}_curves.png", f"{LEVEL}, {args.img_size} px")
     print(f"final: acc1={test['acc1']:.4f} tta_acc1={test_tta['acc1']:.4f} val_acc1={results['best_val_acc']:.4f} "
-          f"ece={test['ece']:.4f} tta_images_per_s={test_tta['images_per_s']:.0f} nll="
-          f"{test['nll']:.4f} epoch={best['epoch']} test_images={test['num_images']} seconds={results['seconds']:.0f}")
+          f"ece={test['ece']:.4f} tta_images_per_s={test_tta['images_per_s']:.0f} "
+          f"nll={test['nll']:.4f} epoch={best['epoch']} test_images={test['num_images']} "
+          f"seconds={results['seconds']:.0f}")
     return results
 
 def main(args):
@@ -250,11 +252,9 @@ def main(args):
             records.print_epoch(history[-1], total_epochs, start_epoch, info)
         run.barrier(world_size)  # under torchrun, the others wait while rank 0 validates and saves
 
-    run.finish(writer, world_size)  # the last epoch's files on disk before the final test reads them
+    run.finish(writer, world_size)  # the last files on disk (the final test reads them); torchrun's group closed
     del train_loader  # its worker processes stop now, rather than being waited for one by one at exit
-    if master:
-        return final_test(model, test_set, device, args, history, info)
-    return None
+    return final_test(model, test_set, device, args, history, info) if master else None  # rank 0 alone
 
 # ---- Run plumbing: not part of the lesson ----------------------------------------------------------------------
 def validate_args(args):

@@ -10,9 +10,9 @@ What this level adds to level2.py:
   - regularisation control: dropout before the head, beside Level 1's weight decay and Level 2's smoothing and mixing;
   - long low-LR fine-tuning: --final-epochs at a small constant LR after the cosine.
 
-Each level is one self-contained script, as airbench's are: it repeats the previous level's lines on purpose, so that
-`diff level2.py level3.py` shows exactly what this level adds. The run machinery (one-line errors, Ctrl-C, the run
-folder, background checkpoint writes, torchrun) is called from support/ in one line each: skip it on a first read.
+The levels own their whole recipe and loop, and each repeats the lines of the one before it on purpose, as
+airbench's scripts do: `diff level1.py level2.py` (then 2 -> 3, 3 -> 4) shows exactly what a level adds. The run
+machinery is called from support/ in one line per concern: skip it on a first read.
 
     python level3.py --epochs 30
     python level3.py --unfreeze-every 0 --ema-decay 0       # switch two of the new techniques off
@@ -71,7 +71,7 @@ def get_args_parser():
                        help="stage 1: epochs training the head only (default: 2)")
     optim.add_argument("--head-lr", type=run.positive_float, default=1e-3,
                        help="stage 1 learning rate (default: 0.001)")
-    optim.add_argument("--epochs", type=run.positive_int, default=30, help="stage 2: epochs of the cosine (default: 30)")
+    optim.add_argument("--epochs", type=run.positive_int, default=30, help="stage 2: the cosine's epochs (default: 30)")
     optim.add_argument("--lr", type=run.positive_float, default=1e-4, help="stage 2 learning rate (default: 0.0001)")
     optim.add_argument("--wd", "--weight-decay", dest="weight_decay", type=run.non_negative_float, default=0.05,
                        help="AdamW weight decay, none on BatchNorm and biases (default: 0.05)")
@@ -129,7 +129,7 @@ def get_args_parser():
     aug.add_argument("--erase-prob", type=run.fraction, default=0.25, help="random erasing probability (default: 0.25)")
     aug.add_argument("--tta-set", default="flip+translate", choices=list(common.TTA_SETS),
                      help="test-time augmentation views of the final test (default: flip+translate)")
-    run.add_arguments(parser)  # --device --seed --resume --overwrite, the folders, --print-freq --compile --quick
+    run.add_arguments(parser)  # --device --seed --resume --overwrite, folders, --print-freq --compile --sync-bn --quick
     return parser
 
 def train_transform(args):
@@ -307,7 +307,8 @@ def choose_candidate(candidates, row, args):
 def save_checkpoints(model, candidates, averages, optimizer, scaler, history, best_acc, args, writer):
     """levelN_last.pth after every epoch, for --resume; levelN_best.pth when validation improved (with --train-on-all:
     every epoch, so the last one), holding the chosen candidate. Returns the best accuracy so far."""
-    row, checkpoint_dir = history[-1], Path(args.checkpoint_dir)
+    row = history[-1]
+    checkpoint_dir = Path(args.checkpoint_dir)
     to_save = {}  # path -> checkpoint
     source = choose_candidate(candidates, row, args)
     checkpoint = {"level": LEVEL, "model": candidates[source].state_dict(), "model_source": source,
@@ -341,8 +342,9 @@ def final_test(model, test_set, device, args, history, info):
     results = records.write_results(Path(args.results_dir) / f"{LEVEL}.json", LEVEL, args, history, info, figures)
     evaluate.plot_curves(history, Path(args.results_dir) / f"{LEVEL}_curves.png", f"{LEVEL}, {args.img_size} px")
     print(f"final: acc1={test['acc1']:.4f} tta_acc1={test_tta['acc1']:.4f} val_acc1={results['best_val_acc']:.4f} "
-          f"ece={test['ece']:.4f} tta_images_per_s={test_tta['images_per_s']:.0f} nll="
-          f"{test['nll']:.4f} epoch={best['epoch']} test_images={test['num_images']} seconds={results['seconds']:.0f}")
+          f"ece={test['ece']:.4f} tta_images_per_s={test_tta['images_per_s']:.0f} "
+          f"nll={test['nll']:.4f} epoch={best['epoch']} test_images={test['num_images']} "
+          f"seconds={results['seconds']:.0f}")
     return results
 
 def main(args):
@@ -394,11 +396,9 @@ def main(args):
             records.print_epoch(history[-1], total_epochs, start_epoch, info)
         run.barrier(world_size)  # under torchrun, the others wait while rank 0 validates and saves
 
-    run.finish(writer, world_size)  # the last epoch's files on disk before the final test reads them
+    run.finish(writer, world_size)  # the last files on disk (the final test reads them); torchrun's group closed
     del train_loader  # its worker processes stop now, rather than being waited for one by one at exit
-    if master:
-        return final_test(model, test_set, device, args, history, info)
-    return None
+    return final_test(model, test_set, device, args, history, info) if master else None  # rank 0 alone
 
 # ---- Run plumbing: not part of the lesson ----------------------------------------------------------------------
 def validate_args(args):

@@ -10,9 +10,9 @@ What this level adds to level3.py:
   - --ablate and --summary: is a technique worth it? The study (support/study.py) trains nothing itself: it runs
     this script's main for every row and seed of a scaled-down recipe, each row switching one technique off.
 
-Each level is one self-contained script, as airbench's are: it repeats the previous level's lines on purpose, so that
-`diff level3.py level4.py` shows exactly what this level adds. The run machinery (one-line errors, Ctrl-C, the run
-folder, background checkpoint writes, torchrun) is called from support/ in one line each: skip it on a first read.
+The levels own their whole recipe and loop, and each repeats the lines of the one before it on purpose, as
+airbench's scripts do: `diff level1.py level2.py` (then 2 -> 3, 3 -> 4) shows exactly what a level adds. The run
+machinery is called from support/ in one line per concern: skip it on a first read.
 
     python level4.py --epochs 30
     python level4.py --ablate --ablate-epochs 6 --ablate-seeds 3  # results/ablation.{json,md,png}
@@ -38,7 +38,8 @@ LEVEL = "level4"
 # steps of an epoch), the optimiser's decay and the learning rate of the epochs already run, and the final test.
 RESUME_FLAGS = ("seed", "subset", "train_on_all", "img_size", "batch_size", "weight_decay", "head_epochs", "head_lr",
                 "lr", "epochs", "warmup_epochs", "min_lr", "tta_set", "unfreeze_every", "unfreeze_warmup_epochs",
-                "lr_decay", "final_epochs", "final_lr", "swa_epochs", "swa_every", "swa_lr", "swa_schedule", "tta_average")
+                "lr_decay", "final_epochs", "final_lr", "swa_epochs", "swa_every", "swa_lr", "swa_schedule",
+                "tta_average")
 # --quick: a smoke run that shows every stage working, in a minute or two on a CPU; its numbers mean nothing.
 QUICK = {"subset": 128, "eval_subset": 128, "img_size": 32, "batch_size": 32, "head_epochs": 1, "epochs": 1,
          "overwrite": True, "swa_epochs": 1}
@@ -72,7 +73,7 @@ def get_args_parser():
                        help="stage 1: epochs training the head only (default: 2)")
     optim.add_argument("--head-lr", type=run.positive_float, default=1e-3,
                        help="stage 1 learning rate (default: 0.001)")
-    optim.add_argument("--epochs", type=run.positive_int, default=30, help="stage 2: epochs of the cosine (default: 30)")
+    optim.add_argument("--epochs", type=run.positive_int, default=30, help="stage 2: the cosine's epochs (default: 30)")
     optim.add_argument("--lr", type=run.positive_float, default=1e-4, help="stage 2 learning rate (default: 0.0001)")
     optim.add_argument("--wd", "--weight-decay", dest="weight_decay", type=run.non_negative_float, default=0.05,
                        help="AdamW weight decay, none on BatchNorm and biases (default: 0.05)")
@@ -110,8 +111,7 @@ def get_args_parser():
     swa.add_argument("--swa-epochs", type=run.non_negative_int, default=5,
                      help="SWA epochs at the end, 0 = off (default: 5)")
     swa.add_argument("--swa-lr", type=run.positive_float,
-                     help="SWA learning rate, at most --lr (default: --lr / 5, a default to test: 2e-05 for the "
-                          "default --lr)")
+                     help="SWA learning rate, at most --lr (default: --lr / 5, 2e-05 for the default --lr)")
     swa.add_argument("--swa-schedule", choices=["constant", "cyclic"], default="constant",
                      help="constant, or cyclic: --swa-lr down to a tenth in each cycle (default: constant)")
     swa.add_argument("--swa-every", type=run.non_negative_int, default=0,
@@ -145,9 +145,9 @@ def get_args_parser():
     aug.add_argument("--tta-set", default="flip+translate", choices=list(common.TTA_SETS),
                      help="test-time augmentation views of the final test (default: flip+translate)")
     aug.add_argument("--tta-average", choices=["softmax", "logit"], default="softmax",
-                     help="how the views are averaged: their probabilities (softmax) or their logits (default: softmax)")
+                     help="average the views' probabilities (softmax) or their logits (default: softmax)")
     study.add_arguments(parser)  # --ablate, --summary, --corruption-images and their flags
-    run.add_arguments(parser)  # --device --seed --resume --overwrite, the folders, --print-freq --compile --quick
+    run.add_arguments(parser)  # --device --seed --resume --overwrite, folders, --print-freq --compile --sync-bn --quick
     return parser
 
 def train_transform(args):
@@ -239,6 +239,15 @@ def swa_steps(steps_per_epoch, args):
     """(The first step of the SWA phase, the steps per averaging cycle: --swa-every, or one epoch.)"""
     swa_start = (args.head_epochs + args.epochs + args.final_epochs) * steps_per_epoch
     return swa_start, args.swa_every or steps_per_epoch
+
+def swa_rules(args):
+    """--swa-lr's default, a fifth of --lr (see the flag's comment), and the SWA phase's two rules."""
+    if args.swa_lr is None:
+        args.swa_lr = args.lr / 5
+    if args.swa_lr > args.lr:
+        raise UserError(f"--swa-lr ({args.swa_lr:g}) must not exceed --lr ({args.lr:g}): the cosine would climb back")
+    if args.final_epochs and args.swa_epochs:
+        raise UserError("--final-epochs needs --swa-epochs 0: in Level 4 the SWA phase replaces the final epochs")
 
 def train_one_epoch(model, loader, optimizer, scaler, device, args, epoch, averages):
     """One pass over the training data. The loss is summed on the device and read once, at the end: `loss.item()` in
@@ -347,7 +356,8 @@ def choose_candidate(candidates, row, args):
 def save_checkpoints(model, candidates, averages, optimizer, scaler, history, best_acc, args, writer):
     """levelN_last.pth after every epoch, for --resume; levelN_best.pth when validation improved (with --train-on-all:
     every epoch, so the last one), holding the chosen candidate. Returns the best accuracy so far."""
-    row, checkpoint_dir = history[-1], Path(args.checkpoint_dir)
+    row = history[-1]
+    checkpoint_dir = Path(args.checkpoint_dir)
     to_save = {}  # path -> checkpoint
     source = choose_candidate(candidates, row, args)
     checkpoint = {"level": LEVEL, "model": candidates[source].state_dict(), "model_source": source,
@@ -386,7 +396,8 @@ def final_test(model, val_set, test_set, device, args, history, info):
     """The selected weights (raw, EMA or SWA), a temperature per TTA set fitted on validation and stored in the
     checkpoint; the test set with every TTA view set at its own T, the calibration before and after, the errors:
     results/level4.json and PNGs."""
-    path, results_dir = Path(args.checkpoint_dir) / f"{LEVEL}_best.pth", Path(args.results_dir)
+    path = Path(args.checkpoint_dir) / f"{LEVEL}_best.pth"
+    results_dir = Path(args.results_dir)
     best = load_checkpoint(path)
     model.load_state_dict(best["model"])  # raw, EMA or SWA weights, as chosen on validation
     fits = fit_temperatures(model, val_set, device, args)
@@ -425,9 +436,10 @@ def final_test(model, val_set, test_set, device, args, history, info):
     results = records.write_results(results_dir / f"{LEVEL}.json", LEVEL, args, history, info, figures)
     evaluate.plot_curves(history, results_dir / f"{LEVEL}_curves.png", f"{LEVEL}, {args.img_size} px")
     print("most confused, true -> predicted: " + ", ".join(f"{t} -> {p} ({n})" for t, p, n in results["most_confused"]))
-    print(f"final: acc1={test['acc1']:.4f} tta_acc1={tta[args.tta_set]['acc1']:.4f} val_acc1="
-          f"{results['best_val_acc']:.4f} ece={test['ece']:.4f} ece_t={calibrated['ece']:.4f} temperature="
-          f"{calibrated_t:.4f} epoch={best['epoch']} test_images={test['num_images']} seconds={results['seconds']:.0f}")
+    print(f"final: acc1={test['acc1']:.4f} tta_acc1={tta[args.tta_set]['acc1']:.4f} "
+          f"val_acc1={results['best_val_acc']:.4f} ece={test['ece']:.4f} ece_t={calibrated['ece']:.4f} "
+          f"temperature={calibrated_t:.4f} epoch={best['epoch']} test_images={test['num_images']} "
+          f"seconds={results['seconds']:.0f}")
     return results
 
 def main(args):
@@ -484,24 +496,15 @@ def main(args):
             records.print_epoch(history[-1], total_epochs, start_epoch, info)
         run.barrier(world_size)  # under torchrun, the others wait while rank 0 validates and saves
 
-    run.finish(writer, world_size)  # the last epoch's files on disk before the final test reads them
+    run.finish(writer, world_size)  # the last files on disk (the final test reads them); torchrun's group closed
     del train_loader  # its worker processes stop now, rather than being waited for one by one at exit
-    if master:
-        return final_test(model, val_set, test_set, device, args, history, info)
-    return None
+    return final_test(model, val_set, test_set, device, args, history, info) if master else None  # rank 0 alone
 
 # ---- Run plumbing: not part of the lesson ----------------------------------------------------------------------
 def validate_args(args):
     run.check_args(args, QUICK)  # --quick's sizes; at least one batch of training images
     study.check_arguments(args)  # --ablate, --summary, --corruption-images: their --quick sizes and their checks
-    if args.swa_lr is None:  # the SWA paper's CIFAR runs hold 0.1-0.5 of the initial LR (see --swa-lr)
-        args.swa_lr = args.lr / 5
-    if args.swa_lr > args.lr:
-        raise UserError(f"--swa-lr ({args.swa_lr:g}) must not exceed --lr ({args.lr:g}): the cosine would rise into "
-                        f"the SWA phase")
-    if args.final_epochs and args.swa_epochs:
-        raise UserError("--final-epochs needs --swa-epochs 0: in Level 4 the SWA phase replaces the final low-LR "
-                        "epochs")
+    swa_rules(args)  # --swa-lr's default and the SWA phase's rules (a lesson: beside the SWA schedule)
 
 if __name__ == "__main__":
     run.run_main(main, get_args_parser(), validate_args)
