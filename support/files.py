@@ -34,7 +34,9 @@ def _current_umask():
 
 UMASK = _current_umask()  # atomic_write gives its files the mode a plain open() would
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}  # full, read-only, not allowed
-RUN = {"last": None, "writers": []}  # this process's run: its levelN_last.pth (start_run), its CheckpointWriters
+# This process's run: its levelN_last.pth (start_run), its CheckpointWriters, whether one is handing a save to its
+# thread, and whether a Ctrl-C or SIGTERM came meanwhile (support.run raises it once the save is handed over)
+RUN = {"last": None, "writers": [], "saving": False, "interrupted": False}
 
 
 def folder_gone(error):
@@ -314,12 +316,19 @@ class CheckpointWriter:
         RUN["writers"].append(self)  # so that Ctrl-C or SIGTERM waits for its save
 
     def save(self, files):
-        self.wait()
-        memo = {}  # shared by the files: the weights that best and last both hold are copied once
-        copies = {path: _cpu_copy(checkpoint, memo) for path, checkpoint in files.items()}
-        if any(tensor.is_cuda for tensor, _ in memo.values()):
-            torch.cuda.synchronize()  # the non-blocking copies have landed
-        self.pending = self.executor.submit(_write_all, copies)
+        RUN["saving"] = True  # a Ctrl-C inside submit() would leave a write that no stop waits for, and a hung exit
+        try:
+            self.wait()
+            memo = {}  # shared by the files: the weights that best and last both hold are copied once
+            copies = {path: _cpu_copy(checkpoint, memo) for path, checkpoint in files.items()}
+            if any(tensor.is_cuda for tensor, _ in memo.values()):
+                torch.cuda.synchronize()  # the non-blocking copies have landed
+            self.pending = self.executor.submit(_write_all, copies)
+        finally:
+            RUN["saving"] = False
+        if RUN["interrupted"]:  # the signal that came during the hand-over, now that the stop can wait for it
+            RUN["interrupted"] = False
+            raise KeyboardInterrupt
 
     def busy(self):
         return self.pending is not None and not self.pending.done()

@@ -32,7 +32,7 @@ def run_main(main, parser, validate):
     check_flags(args)
     handlers = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     _STOP.update(signal=None, held=False, hint=None)
-    files.RUN["last"] = None  # set by a level's start_run: evaluate.py and the benchmark have nothing to --resume
+    files.RUN.update(last=None, interrupted=False)  # last: set by a level's start_run (evaluate.py has none)
     try:
         validate(args)
         return main(args)
@@ -102,17 +102,19 @@ def _on_signal(signum, frame):
     _STOP["signal"] = signum
     _hold_signals()  # a second Ctrl-C or SIGTERM must not break the stop while it finishes the checkpoint write
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # a DataLoader worker that ends now is part of the stop, no error
+    if files.RUN["saving"]:  # inside CheckpointWriter.save: raised there once the save is in its thread's hands
+        files.RUN["interrupted"] = True
+        return
     raise KeyboardInterrupt
 
 
-def _ignore(signum, frame):
-    """SIGINT and SIGTERM once a stop has begun: ignored (the first signal set the exit code)."""
-
-
 def _hold_signals():
+    """SIGINT and SIGTERM ignored from now on (the first signal set the exit code). SIG_IGN, not a Python function:
+    Python's exit resets a function handler to the default (a second SIGTERM then killed the process as it unloaded
+    torch, exit code -15), but keeps SIG_IGN."""
     _STOP["held"] = True
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _ignore)
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def set_stop_hint(text):
