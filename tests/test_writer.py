@@ -147,7 +147,7 @@ save_checkpoint = files.save_checkpoint
 
 def slow_disk(path, checkpoint):  # the finished epoch's save takes seconds, as 472 MB on a slow disk do
     print("writing", flush=True)
-    time.sleep(3)
+    time.sleep(1.5)
     save_checkpoint(path, checkpoint)
 
 def main(args):
