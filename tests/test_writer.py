@@ -159,6 +159,8 @@ def main(args):
 
 parser = argparse.ArgumentParser()
 parser.add_argument("folder")
+parser.add_argument("--wait", type=float, default=run.WRITE_WAIT_S)
+run.WRITE_WAIT_S = parser.parse_args().wait
 run.run_main(main, parser, lambda args: None)
 """
 
@@ -240,3 +242,20 @@ def test_27_1_a_ctrl_c_while_a_save_is_handed_to_the_writer_still_waits_for_it(t
     result = run_cli(script)
     assert result.returncode == 130 and "waiting for the checkpoint write" in result.stdout, result.stderr
     assert files.load_checkpoint(path)["epoch"] == 1
+
+
+def test_27_1_a_write_stuck_longer_than_the_stop_waits_is_abandoned_with_one_line(tmp_path):
+    """A hung disk: the stop waits WRITE_WAIT_S (0.5 s here, for a write of 1.5 s), then says so in one line and
+    ends without joining the writer thread; the previous files are whole (here: none yet, no temp file)."""
+    child = subprocess.Popen([sys.executable, "-c", STOPPED_CHILD, str(tmp_path), "--wait", "0.5"], cwd=ROOT,
+                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert child.returncode == 143 and len(lines) == 1, stderr
+    assert "did not end in 0.5 s and was abandoned" in lines[0] and not list(tmp_path.glob("*.pth"))
