@@ -147,7 +147,7 @@ save_checkpoint = files.save_checkpoint
 
 def slow_disk(path, checkpoint):  # the finished epoch's save takes seconds, as 472 MB on a slow disk do
     print("writing", flush=True)
-    time.sleep(1.5)
+    time.sleep(1)
     save_checkpoint(path, checkpoint)
 
 def main(args):
@@ -245,7 +245,7 @@ def test_27_1_a_ctrl_c_while_a_save_is_handed_to_the_writer_still_waits_for_it(t
 
 
 def test_27_1_a_write_stuck_longer_than_the_stop_waits_is_abandoned_with_one_line(tmp_path):
-    """A hung disk: the stop waits WRITE_WAIT_S (0.5 s here, for a write of 1.5 s), then says so in one line and
+    """A hung disk: the stop waits WRITE_WAIT_S (0.5 s here, for a write of 1 s), then says so in one line and
     ends without joining the writer thread; the previous files are whole (here: none yet, no temp file)."""
     child = subprocess.Popen([sys.executable, "-c", STOPPED_CHILD, str(tmp_path), "--wait", "0.5"], cwd=ROOT,
                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
