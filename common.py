@@ -263,6 +263,8 @@ class _ArraysOnly(pickle.Unpickler):
 
 def read_batch(path):
     """One batch file -> (N x 3 x 32 x 32 uint8 images, N int64 labels), every field checked."""
+    if Path(path).is_fifo() or Path(path).is_char_device():  # open() would wait for a writer for ever
+        raise UserError(f"{path} is not a regular file (a named pipe or a device): re-extract it")
     try:
         with open(path, "rb") as f:
             batch = _ArraysOnly(f, encoding="latin1").load()

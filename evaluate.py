@@ -12,10 +12,10 @@ script's agree. The validation split is rebuilt with the checkpoint's own --seed
 """
 import argparse
 import importlib
-import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import common
 from support import records, run
 from support.errors import UserError
-from support.files import check_writable, load_checkpoint
+from support.files import check_writable, load_checkpoint, remove_orphans
 
 # ---- Metrics, on CPU tensors (each checked against a hand-computed answer in tests/test_evaluate.py) -------------
 def confusion_matrix(preds, labels, num_classes=len(common.CLASSES)):
@@ -243,7 +243,11 @@ def get_args_parser():
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: auto)")
     parser.add_argument("--compare", metavar="B.pth", help="compare the checkpoint with B.pth on the same images: "
                         "paired bootstrap CIs, McNemar's exact test (default: off)")
-    parser.add_argument("--resamples", type=run.positive_int, default=2000, help="bootstrap resamples of --compare (default: 2000)")
+    # A 95 % percentile interval needs enough resamples to have a 2.5th and a 97.5th percentile; each takes about
+    # 2 ms for 10,000 images on 2 CPU cores, so 100,000 take minutes.
+    parser.add_argument("--resamples", type=run.number(int, at_least=100, at_most=100_000, why="a percentile interval "
+                        "needs 100, and 100,000 take minutes"), default=2000,
+                        help="bootstrap resamples of --compare, 100 to 100,000 (default: 2000)")
     parser.add_argument("--images", nargs="+", metavar="PATH",
                         help="predict your own JPEG/PNG files, or folders of them, instead of a split (default: off)")
     parser.add_argument("--corruptions", metavar="DIR|generated",
@@ -267,11 +271,35 @@ def load_model(path):
         checkpoint = {**checkpoint, "model": checkpoint["state_dict"]}  # timm's train.py layout
     if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)):
         checkpoint = {"model": checkpoint}  # a bare state_dict
+    if not isinstance(checkpoint.get("args"), dict):  # hand-made: None, absent, another type
+        checkpoint = {**checkpoint, "args": {}}
     model = common.build_model("none")
     common.load_weights(model, checkpoint, path)  # anything but a ResNet-50 is a one-line error there
     if not any(k.endswith("fc.weight") and v.shape[0] == len(common.CLASSES) for k, v in checkpoint["model"].items()):
         raise UserError(f"{path} has no 10-class head: it is not a CIFAR-10 model of this suite")
     return model, checkpoint
+
+def input_size(args, train_args, path):
+    """--img-size, else the checkpoint's own, else 224; a stored size that the command line would refuse (not an
+    integer from 32 to run.LIMITS' bound) is one line, not a measurement at 8 px or a traceback."""
+    if args.img_size:
+        return args.img_size
+    size = train_args.get("img_size") or 224
+    largest = run.LIMITS["img_size"][0]
+    if type(size) is not int or not 32 <= size <= largest:
+        raise UserError(f"{path} stores img_size {size!r}, which is not a size in px from 32 to {largest}: give "
+                        f"--img-size")
+    return size
+
+def tta_set_of(args, train_args, path):
+    """The TTA set measured: --tta's, or with plain --tta the checkpoint's own (a name unknown here is one line)."""
+    tta_set = args.tta
+    if args.tta == "default":
+        tta_set = train_args.get("tta_set", "flip")
+    if not isinstance(tta_set or "none", str) or (tta_set or "none") not in common.TTA_SETS:
+        raise UserError(f"{path} names the TTA set {tta_set!r}, unknown here: give --tta with one of "
+                        f"{', '.join(common.TTA_SETS)}")
+    return tta_set
 
 def choose_temperature(checkpoint, args, tta_set):
     """The T fitted for the views measured: Level 4 stores one per TTA set (`temperatures`, for its --tta-average),
@@ -286,13 +314,20 @@ def choose_temperature(checkpoint, args, tta_set):
                          "at_bound": checkpoint.get("temperature_at_bound", False)}}
     if not fits:
         return 1.0
+    if not isinstance(fits, dict) or not all(isinstance(fit, dict) for fit in fits.values()):
+        print("warning: the checkpoint's temperatures are not {set: {temperature, at_bound}}: T = 1")
+        return 1.0
     train_args = checkpoint.get("args") or {}
     fitted_average = train_args.get("tta_average", "softmax")
     if tta_set not in fits or (tta_set != "none" and args.tta_average != fitted_average):
         print(f"warning: the checkpoint holds no temperature fitted for TTA set {tta_set} with {args.tta_average} "
               f"averaging: T = 1")
         return 1.0
-    fit = {"temperature": float(fits[tta_set]["temperature"]), "at_bound": fits[tta_set]["at_bound"]}
+    stored = fits[tta_set].get("temperature")
+    if isinstance(stored, bool) or not isinstance(stored, (int, float)):
+        print(f"warning: the stored temperature {stored!r} is not a number: not applied")
+        return 1.0
+    fit = {"temperature": float(stored), "at_bound": fits[tta_set].get("at_bound") is True}  # absent: no bound hit
     if not (math.isfinite(fit["temperature"]) and fit["temperature"] > 0):
         print(f"warning: the stored temperature {fit['temperature']} is not a positive number: not applied")
         return 1.0
@@ -344,8 +379,9 @@ def recompute_statistics(model, checkpoint, args, device, img_size):
             or "epoch" not in checkpoint):
         raise UserError(f"--bn-stats {args.bn_stats} needs a levelN_best.pth of this suite (its level, epoch and "
                         f"args give the training images, augmentation and trained stages): use --bn-stats checkpoint")
-    train_args = argparse.Namespace(**train_args)
     level = importlib.import_module(checkpoint["level"])  # one of the four level scripts, for its train_transform
+    # The level's defaults under the stored flags: a hand-edited or older checkpoint may lack some of them
+    train_args = argparse.Namespace(**{**vars(level.get_args_parser().parse_args([])), **train_args})
     train_set, _, _ = common.cifar10_datasets(args.data_dir, train_args.seed, train_args.subset,
                                               train_on_all=train_args.train_on_all)
     transform = None
@@ -361,14 +397,19 @@ def recompute_statistics(model, checkpoint, args, device, img_size):
 def load_as_cifar(path):
     """An image file -> uint8 3 x 32 x 32, made as CIFAR-10's were: a centre square, area-averaged down to 32 px."""
     from PIL import Image  # torchvision depends on Pillow
-    with Image.open(path) as image:
-        if image.mode.startswith("I"):  # 16 bits per pixel (a 16-bit PNG): scaled to 8, not clipped at 255
-            image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
-        image = image.convert("RGB")
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        square = image.crop((left, top, left + side, top + side)).resize((32, 32), Image.BOX)
-        return np.asarray(square).transpose(2, 0, 1)
+    # Pillow warns (3 lines, at open and at crop) above 89 megapixels and refuses above twice that (a decompression
+    # bomb, skipped by the caller); a photo between the two is read and reduced like any other, without the warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            if image.mode.startswith("I"):  # 16 bits per pixel (a 16-bit PNG): scaled to 8, not clipped at 255
+                image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255)
+                                        .astype(np.uint8))
+            image = image.convert("RGB")
+            side = min(image.size)
+            left, top = (image.width - side) // 2, (image.height - side) // 2
+            square = image.crop((left, top, left + side, top + side)).resize((32, 32), Image.BOX)
+            return np.asarray(square).transpose(2, 0, 1)
 
 def predict_images(args, model, device, img_size, views, temperature, json_path):
     """Top-3 classes for the user's own images: printed, and written as a JSON and a PNG sheet under --out."""
@@ -376,6 +417,9 @@ def predict_images(args, model, device, img_size, views, temperature, json_path)
              if f.suffix.lower() in (".png", ".jpg", ".jpeg") or not p.is_dir()]
     images, names = [], []
     for path in files:
+        if path.exists() and not path.is_file():  # a named pipe would block open() for ever
+            print(f"skipped {path}: not a regular file (a folder, a named pipe or a device)")
+            continue
         try:
             images.append(load_as_cifar(path))
             names.append(str(path))
@@ -398,63 +442,80 @@ def predict_images(args, model, device, img_size, views, temperature, json_path)
     print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
 
 def output_path(args, tta_set):
-    """--out/eval_RUN-NAME_SPLIT[_tta-SET][_bn-SOURCE].json, eval_RUN-NAME_corruptions[_tta-SET].json or
+    """--out/eval_RUN-NAME_SPLIT[_tta-SET][_bn-SOURCE].json, eval_RUN-NAME_corruptions[-official][_tta-SET].json or
     predictions_RUN-NAME.json: named by the checkpoint's folder and name, checked before the work; another
     checkpoint's file is kept unless --overwrite."""
     name = f"{Path(args.checkpoint).resolve().parent.name}-{Path(args.checkpoint).stem}"
     tag = f"eval_{name}_{args.split}"
     if args.corruptions:
         tag = f"eval_{name}_corruptions"
+    if args.corruptions and args.corruptions != "generated" and _holds_npy(Path(args.corruptions)):
+        tag += "-official"  # the official files' results beside the generated ones', not over them
     if tta_set:
         tag += f"_tta-{tta_set}"
     if args.bn_stats != "checkpoint":
         tag += f"_bn-{args.bn_stats}"
     if args.images:
         tag = f"predictions_{name}"
+    return claim_output(args, tag, {"checkpoint": args.checkpoint})
+
+def _holds_npy(folder):
+    """Whether --corruptions DIR holds the official .npy files (in it or its CIFAR-10-C/), as support.corruptions'
+    read_official finds them; without any, the generated corruptions are measured."""
+    return any(folder.glob("*.npy")) or any((folder / "CIFAR-10-C").glob("*.npy"))
+
+def claim_output(args, tag, owner):
+    """--out/TAG.json, checked before the work: the folder writable, an earlier TAG.json of other checkpoints
+    (`owner`: {"checkpoint": A} or {"a": A, "b": B}, as the JSON records them) kept unless --overwrite, the temp
+    files of a killed write of TAG removed."""
     path = Path(args.out) / f"{tag}.json"
     check_writable(args.out, "--out")
     try:
-        earlier = json.loads(path.read_text())["checkpoint"] if path.is_file() else args.checkpoint
+        earlier = records.read_json(path) if path.exists() else owner
+        earlier = {key: earlier[key] for key in owner}
+        same = all(Path(earlier[key]).resolve() == Path(value).resolve() for key, value in owner.items())
     except (OSError, ValueError, KeyError, TypeError):
-        earlier = "something else (not a JSON of evaluate.py)"
-    if not args.overwrite and Path(earlier).resolve() != Path(args.checkpoint).resolve():
-        raise UserError(f"{path} holds the results of {earlier}: keep them with another --out, or replace them "
-                               f"with --overwrite")
+        earlier, same = {"file": "something else (not a JSON of evaluate.py)"}, False
+    if not args.overwrite and not same:
+        raise UserError(f"{path} holds the results of {' vs '.join(map(str, earlier.values()))}: keep them with "
+                        f"another --out, or replace them with --overwrite")
+    remove_orphans([args.out], f".{tag}.*.tmp", min_age_s=60)  # no lock here: one in flight is younger
     return path
 
 def compare(args, device):
     """A.pth --compare B.pth: both on the same images and views (plain --tta: A's set), each at its own temperature
     and input size unless told otherwise; prints a table, writes compare_<A>_vs_<B>_<split>.{json,png} under --out."""
-    loaded = [load_model(path) for path in (args.checkpoint, args.compare)]
-    train_args = [checkpoint.get("args", {}) for _, checkpoint in loaded]
-    tta_set = train_args[0].get("tta_set", "flip") if args.tta == "default" else args.tta
+    paths = (args.checkpoint, args.compare)
+    loaded = [load_model(path) for path in paths]
+    train_args = [checkpoint["args"] for _, checkpoint in loaded]
+    tta_set = tta_set_of(args, train_args[0], args.checkpoint)
+    img_sizes = [input_size(args, own_args, path) for own_args, path in zip(train_args, paths)]
     seeds = {a.get("seed", 0) for a in train_args}
     if args.split == "val" and (len(seeds) > 1 or any(a.get("train_on_all") for a in train_args)):
         raise UserError("--split val needs two checkpoints trained with the same --seed and not "
                                "--train-on-all (the same validation images): use --split test")
-    _, val_set, test_set = common.cifar10_datasets(args.data_dir, seeds.pop(), eval_subset=args.subset)
-    dataset = val_set if args.split == "val" else test_set
-    scored, temperatures, img_sizes = [], [], []
-    for (model, checkpoint), own_args in zip(loaded, train_args):
-        model = model.to(device, memory_format=torch.channels_last)
-        img_sizes.append(args.img_size or own_args.get("img_size", 224))
-        temperatures.append(choose_temperature(checkpoint, args, tta_set))
-        view_logits, labels = common.predict(model, dataset, device, img_sizes[-1], common.TTA_SETS[tta_set or "none"],
-                                             args.batch_size)
-        scored.append(per_image(view_logits, labels, temperatures[-1], args.tta_average))
-    from support import evidence  # the statistics of a comparison: loaded only by --compare
-    figures = evidence.compare_figures(*scored, args.resamples, seed=0)
-    resolved = [Path(p).resolve().with_suffix("") for p in (args.checkpoint, args.compare)]
+    resolved = [Path(p).resolve().with_suffix("") for p in paths]
     names = [p.name for p in resolved]
     if names[0] == names[1]:  # seed1/level4_best.pth against seed2/level4_best.pth: name the folders that differ
         shared = len(Path(os.path.commonpath(resolved)).parts)
         names = ["-".join(p.parts[shared:]) or p.name for p in resolved]
-    out, tag = Path(args.out), f"compare_{names[0]}_vs_{names[1]}_{args.split}" + (f"_tta-{tta_set}" if tta_set else "")
-    out.mkdir(parents=True, exist_ok=True)
+    tag = f"compare_{names[0]}_vs_{names[1]}_{args.split}" + (f"_tta-{tta_set}" if tta_set else "")
+    json_path = claim_output(args, tag, {"a": args.checkpoint, "b": args.compare})  # before the work
+    _, val_set, test_set = common.cifar10_datasets(args.data_dir, seeds.pop(), eval_subset=args.subset)
+    dataset = val_set if args.split == "val" else test_set
+    scored, temperatures = [], []
+    for (model, checkpoint), img_size in zip(loaded, img_sizes):
+        model = model.to(device, memory_format=torch.channels_last)
+        temperatures.append(choose_temperature(checkpoint, args, tta_set))
+        view_logits, labels = common.predict(model, dataset, device, img_size, common.TTA_SETS[tta_set or "none"],
+                                             args.batch_size)
+        scored.append(per_image(view_logits, labels, temperatures[-1], args.tta_average))
+    from support import evidence  # the statistics of a comparison: loaded only by --compare
+    figures = evidence.compare_figures(*scored, args.resamples, seed=0)
     setup = {"a": args.checkpoint, "b": args.compare, "split": args.split, "tta": tta_set, "img_sizes": img_sizes,
              "temperatures": temperatures, "num_images": len(dataset), "resamples": args.resamples, "bootstrap_seed": 0}
-    records.write_json(out / f"{tag}.json", {**setup, **figures, **records.run_info(device)})
-    plot_disagreements(dataset, *scored, out / f"{tag}.png", f"A = {names[0]}, B = {names[1]}")
+    records.write_json(json_path, {**setup, **figures, **records.run_info(device)})
+    plot_disagreements(dataset, *scored, json_path.with_suffix(".png"), f"A = {names[0]}, B = {names[1]}")
     print(f"A = {args.checkpoint} (T = {temperatures[0]:.3g}), B = {args.compare} (T = {temperatures[1]:.3g}): "
           f"{args.split}, {len(dataset)} images, TTA {tta_set or 'off'}")
     print(f"{'':8}{'A':>8}{'B':>9}{'A - B':>10}   95 % CI (paired bootstrap, {args.resamples} resamples)")
@@ -466,7 +527,7 @@ def compare(args, device):
     mcnemar = figures["mcnemar"]
     print(f"McNemar: b = {mcnemar['b']} (A right, B wrong), c = {mcnemar['c']} (B right, A wrong), exact two-sided "
           f"p = {mcnemar['p']:.4g}")
-    print(f"wrote {out / f'{tag}.json'} and {out / f'{tag}.png'}")
+    print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
     print(f"final: acc1_a={figures['acc1']['a']:.4f} acc1_b={figures['acc1']['b']:.4f} "
           f"difference={figures['acc1']['difference']:.4f} p={mcnemar['p']:.4g} images={len(dataset)}")
 
@@ -493,7 +554,7 @@ def robustness(args, model, device, img_size, views, temperature, test_set, tta_
     if args.baseline:
         baseline_model, baseline_checkpoint = load_model(args.baseline)
         baseline_model = baseline_model.to(device, memory_format=torch.channels_last)
-        baseline_size = args.img_size or baseline_checkpoint.get("args", {}).get("img_size", 224)
+        baseline_size = input_size(args, baseline_checkpoint["args"], args.baseline)
         baseline_temperature = choose_temperature(baseline_checkpoint, args, tta_set)
         print(f"baseline {args.baseline} ({baseline_size} px):")
         baseline = corruptions.corruption_report(baseline_model, test_set, device, baseline_size, views,
@@ -522,12 +583,9 @@ def main(args):
         return compare(args, device)
     model, checkpoint = load_model(args.checkpoint)
     model = model.to(device, memory_format=torch.channels_last)
-    train_args = checkpoint["args"] if isinstance(checkpoint.get("args"), dict) else {}  # hand-made: None, absent
-    img_size = args.img_size or train_args.get("img_size") or 224
-    tta_set = train_args.get("tta_set", "flip") if args.tta == "default" else args.tta
-    if (tta_set or "none") not in common.TTA_SETS:
-        raise UserError(f"{args.checkpoint} names the TTA set {tta_set!r}, unknown here: give --tta with one of "
-                               f"{', '.join(common.TTA_SETS)}")
+    train_args = checkpoint["args"]  # {} for a hand-made checkpoint without them
+    img_size = input_size(args, train_args, args.checkpoint)
+    tta_set = tta_set_of(args, train_args, args.checkpoint)
     views = common.TTA_SETS[tta_set or "none"]
     temperature = choose_temperature(checkpoint, args, tta_set)
     if not args.images and args.split == "val" and train_args.get("train_on_all"):

@@ -68,7 +68,8 @@ def get_args_parser():
     parser.add_argument("--weights", default="none", help="imagenet, none or PATH, as in the levels (default: none)")
     parser.add_argument("--epochs", type=run.non_negative_int, default=0,
                         help="(c): epochs of each level's own loop, the first one untimed, 0 = off (default: 0)")
-    parser.add_argument("--epoch-images", type=run.positive_int, default=9000,
+    parser.add_argument("--epoch-images", type=run.number(int, above=0, at_most=45000, why="the training split holds "
+                        "45,000 images"), default=9000,
                         help="(c): training images per epoch, a ninth as many validated, as in the full split; the "
                              "BatchNorm recomputes and the checkpoint copy weigh 45,000 / N times more than in a full "
                              "epoch (default: 9000)")
@@ -230,6 +231,7 @@ def benchmark_level(level, args, device):
             "tta_img_s": round(tta, 1), "peak_mem_mb": round(memory), "peak_mem_kind": memory_kind, **epoch}
 
 def main(args):
+    run.set_stop_hint("the benchmark keeps nothing of a stopped run: start it again")  # not a level's --resume
     device = run.resolve_device(args.device)
     torch.backends.cudnn.benchmark = True  # as in the levels
     info = records.run_info(device)

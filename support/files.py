@@ -5,14 +5,19 @@ support.records (atomic_write, check_writable)."""
 import argparse
 import atexit
 import concurrent.futures
+import contextlib
 import copy
 import errno
 import io
+import itertools
 import json
 import os
+import pickletools
 import re
 import socket
 import tempfile
+import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -29,14 +34,30 @@ def _current_umask():
 
 UMASK = _current_umask()  # atomic_write gives its files the mode a plain open() would
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}  # full, read-only, not allowed
-RUN = {"last": None, "writers": []}  # this process's run: its levelN_last.pth (start_run), its CheckpointWriters
+# This process's run: its levelN_last.pth (start_run), its CheckpointWriters, whether one is handing a save to its
+# thread, and whether a Ctrl-C or SIGTERM came meanwhile (support.run raises it once the save is handed over)
+RUN = {"last": None, "writers": [], "saving": False, "interrupted": False}
+
+
+def folder_gone(error):
+    """Whether an OSError is a write into a folder that no longer exists (removed while the run ran)."""
+    return isinstance(error, FileNotFoundError) and bool(error.filename) and not Path(error.filename).parent.is_dir()
 
 
 def write_error(path, error):
-    """The one line for a failed write; it suggests --resume only where a levelN_last.pth is there to resume."""
+    """The one line for a failed write: what is kept, and --resume only where a levelN_last.pth is there to resume."""
     last = RUN["last"]
+    kept = last is not None and last.is_file()
+    if folder_gone(error) or not Path(path).parent.is_dir():
+        gone = f"cannot write {path}: its folder {Path(path).parent} was removed while the script ran"
+        if kept:
+            return UserError(f"{gone}; the run's checkpoints are whole in {last.parent}: --resume {last} (a finished "
+                             f"run measures and writes its results again)")
+        if last is not None:
+            return UserError(f"{gone}, and no checkpoint of this run is left to resume: start it anew")
+        return UserError(f"{gone}: make the folder again and rerun")
     hint = ""
-    if last is not None and last.is_file():
+    if kept:
         hint = f"; then --resume {last} (a finished run measures and writes its results again)"
     return UserError(f"cannot write {path} ({error.strerror or error}): free space on its disk or make it writable, "
                      f"the earlier files there are kept{hint}")
@@ -58,7 +79,7 @@ def atomic_write(path, data):
     except BaseException as error:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+        if isinstance(error, OSError) and (error.errno in WRITE_ERRNOS or not Path(path).parent.is_dir()):
             raise write_error(path, error) from None
         raise
 
@@ -78,6 +99,8 @@ def load_checkpoint(path, level=None):
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a directory: give the path of a .pth file")
+    if path.exists() and not path.is_file():  # open() of a named pipe would wait for a writer for ever
+        raise UserError(f"{path} is not a regular file (a named pipe or a device): give the path of a .pth file")
     if not path.is_file():
         raise UserError(f"{path} is not there: give the path of a .pth file")
     try:
@@ -86,8 +109,11 @@ def load_checkpoint(path, level=None):
     except Exception as error:
         found = re.search(r"unsupported (global: )?GLOBAL (\S+)", str(error), re.IGNORECASE)  # a class or function
         if found:
+            weights = "['model']"  # a checkpoint dict whose weights come with other objects
+            if not _holds_a_dict(path):
+                weights = ".state_dict()"  # a whole pickled model, torch.save(model)
             raise UserError(f"{path} was refused: it holds a pickled {found[2]}, which could run code; if you trust "
-                            f"the file, convert it: torch.save(torch.load(PATH, weights_only=False)['model'], "
+                            f"the file, convert it: torch.save(torch.load(PATH, weights_only=False){weights}, "
                             f"'weights.pth')") from None
         raise UserError(f"{path} is not a PyTorch checkpoint (empty, truncated, or another kind of file)") from None
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), argparse.Namespace):
@@ -96,6 +122,19 @@ def load_checkpoint(path, level=None):
     if level and not is_last:
         raise UserError(f"{path} is not a {level}_last.pth: --resume takes the last checkpoint of the same level")
     return checkpoint
+
+
+def _holds_a_dict(path):
+    """Whether a torch.save file's pickle starts with a dict (a checkpoint), read without unpickling anything: the
+    first opcode after the protocol. False for a whole model (its class comes first) or an unreadable file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+            opcodes = pickletools.genops(io.BytesIO(archive.read(name)[:64]))
+            _, (first, argument, _) = itertools.islice(opcodes, 2)  # PROTO, then what the object starts with
+    except Exception:  # not a zip archive (an old torch.save format), a truncated pickle
+        return True
+    return first.name == "EMPTY_DICT" or argument == "collections OrderedDict"
 
 
 def resume(args, level, flags, model, optimizer, scaler, averages=None):
@@ -115,7 +154,22 @@ def resume(args, level, flags, model, optimizer, scaler, averages=None):
     optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint["scaler"]:  # empty when it was saved by a bf16 or fp32 run
         scaler.load_state_dict(checkpoint["scaler"])
-    return checkpoint["epoch"], checkpoint["best_acc"], checkpoint["history"]
+    return checkpoint["epoch"], _best_acc(checkpoint, args), checkpoint["history"]
+
+
+def _best_acc(checkpoint, args):
+    """The best validation accuracy to beat. levelN_best.pth is written before levelN_last.pth: a run killed between
+    the two left a best.pth of an epoch that last.pth does not hold, which the resumed run trains again (with other
+    weights). Its history would not describe that best.pth, so the epoch run again replaces it whatever its score
+    (-1.0, as at a fresh start); the weights of the earlier best epoch were already replaced by the killed run."""
+    best_path = Path(args.resume).resolve().parent / f"{checkpoint['level']}_best.pth"
+    best_epoch = load_checkpoint(best_path).get("epoch", 0)
+    if best_epoch <= checkpoint["epoch"]:
+        return checkpoint["best_acc"]
+    print(f"warning: {best_path} is of epoch {best_epoch}, which {Path(args.resume).name} (epoch "
+          f"{checkpoint['epoch']}) does not hold: the run stopped between the two writes; epoch "
+          f"{checkpoint['epoch'] + 1} runs again and replaces it")
+    return -1.0
 
 
 def check_resume(checkpoint, args, flags):
@@ -171,12 +225,24 @@ def start_run(level, checkpoint_dir, results_dir, resume=None, overwrite=False):
     if results.is_file() and not overwrite and not (resume and _results_of(results, level, resume)):
         raise UserError(f"{results} holds the results of another run: keep them with another --results-dir, or "
                         f"replace them with --overwrite")
-    orphans = {p for folder in (checkpoint_dir, results_dir) for p in Path(folder).glob(f".{level}*.tmp")}
+    remove_orphans([checkpoint_dir, results_dir], f".{level}*.tmp")
+
+
+def remove_orphans(folders, pattern, min_age_s=0):
+    """The temp files of atomic writes that a killed process left (`pattern`, e.g. ".level1*.tmp"), removed with one
+    line. start_run holds the folder's lock, so none of its level's is in flight; without a lock (evaluate.py, the
+    studies) only files older than `min_age_s` go: a JSON in flight is renamed within a second."""
+    now, orphans = time.time(), {}  # path -> bytes
+    for folder in folders:
+        for path in Path(folder).glob(pattern):
+            with contextlib.suppress(OSError):  # removed meanwhile
+                stat = path.stat()
+                if path.is_file() and now - stat.st_mtime >= min_age_s:
+                    orphans[path] = stat.st_size
     if orphans:
-        print(f"removed {len(orphans)} temp files of interrupted saves: "
-              f"{sum(p.stat().st_size for p in orphans) / 2**20:.0f} MB freed")
-        for p in orphans:
-            p.unlink()
+        print(f"removed {len(orphans)} temp files of interrupted saves: {sum(orphans.values()) / 2**20:.0f} MB freed")
+        for path in orphans:
+            path.unlink(missing_ok=True)
 
 
 def _results_of(results, level, resume):
@@ -195,6 +261,9 @@ def _take_lock(path):
         with open(path, "x") as f:  # "x": fails if it exists, so two runs starting at once cannot both succeed
             f.write(me)
     except FileExistsError:
+        if not path.is_file():  # reading a named pipe would wait for ever, a directory cannot be read
+            raise UserError(f"{path} is not a lock file (a directory or a named pipe): remove it, or choose another "
+                            f"--checkpoint-dir") from None
         _take_over(path, me)
     except OSError as error:  # disk full: no empty lock left behind
         path.unlink(missing_ok=True)
@@ -247,27 +316,42 @@ class CheckpointWriter:
         RUN["writers"].append(self)  # so that Ctrl-C or SIGTERM waits for its save
 
     def save(self, files):
-        self.wait()
-        memo = {}  # shared by the files: the weights that best and last both hold are copied once
-        copies = {path: _cpu_copy(checkpoint, memo) for path, checkpoint in files.items()}
-        if any(tensor.is_cuda for tensor, _ in memo.values()):
-            torch.cuda.synchronize()  # the non-blocking copies have landed
-        self.pending = self.executor.submit(_write_all, copies)
+        RUN["saving"] = True  # a Ctrl-C inside submit() would leave a write that no stop waits for, and a hung exit
+        try:
+            self.wait()
+            memo = {}  # shared by the files: the weights that best and last both hold are copied once
+            copies = {path: _cpu_copy(checkpoint, memo) for path, checkpoint in files.items()}
+            if any(tensor.is_cuda for tensor, _ in memo.values()):
+                torch.cuda.synchronize()  # the non-blocking copies have landed
+            self.pending = self.executor.submit(_write_all, copies)
+        finally:
+            RUN["saving"] = False
+        if RUN["interrupted"]:  # the signal that came during the hand-over, now that the stop can wait for it
+            RUN["interrupted"] = False
+            raise KeyboardInterrupt
 
-    def wait(self):
+    def busy(self):
+        return self.pending is not None and not self.pending.done()
+
+    def wait(self, timeout=None):
+        """The save in flight finished, its error raised here (once); TimeoutError after `timeout` s in flight."""
         pending = self.pending
+        if pending is None:
+            return
+        concurrent.futures.wait([pending], timeout)
+        if not pending.done():
+            raise TimeoutError(f"the checkpoint write in flight did not end in {timeout} s")
         self.pending = None
-        if pending is not None:
-            pending.result()  # re-raises the writer thread's exception in this one
+        pending.result()  # re-raises the writer thread's exception in this one
 
 
 def _write_all(copies):
     for path, checkpoint in copies.items():
         try:
             save_checkpoint(path, checkpoint)
-        except OSError as error:  # a full disk, a folder that vanished: the previous file is still whole
-            raise UserError(f"writing {path} failed ({error.strerror or error}); the previous one is intact: free "
-                            f"space or restore the folder, then --resume") from None
+        except OSError as error:  # an I/O error atomic_write does not name: the previous file is still whole
+            raise UserError(f"writing {path} failed ({error.strerror or error}); the previous one is intact: fix the "
+                            f"disk, then --resume") from None
 
 
 def _cpu_copy(value, memo):

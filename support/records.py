@@ -118,6 +118,19 @@ def _finite(obj):
     return obj
 
 
+def _refuse(constant):
+    raise ValueError(f"{constant} is not strict JSON")
+
+
+def read_json(path):
+    """A JSON file read back as strictly as write_json writes it: bare NaN and Infinity (which json.loads accepts)
+    and a path that is not a regular file (a named pipe would block the read for ever) raise ValueError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} is not a regular file")
+    return json.loads(path.read_text(), parse_constant=_refuse)
+
+
 def write_json(path, obj):
     files.atomic_write(path, (json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n").encode())
 

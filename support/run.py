@@ -10,41 +10,50 @@ import os
 import re
 import signal
 import sys
+from pathlib import Path
 
 import torch
 
 from support import files
 from support.errors import UserError, fail
 
-_STOP = {"signal": None}  # the signal that is stopping this process, once one came
+# The signal that is stopping this process, once one came; whether further ones are ignored; what to do next
+_STOP = {"signal": None, "held": False, "hint": None}
+WRITE_WAIT_S = 300  # how long a stop waits for the checkpoint write in flight (472 MB at Level 4) before it gives up
 
 
 # ---- The runner: one line and exit code 2 for every failure a user can fix ----------------------------------------
 def run_main(main, parser, validate):
-    """Parse, validate, run: a UserError, a bad flag, a full or read-only disk or running out of memory is one line and
-    exit code 2; Ctrl-C and SIGTERM one line and 128 + the signal's number."""
+    """Parse, check each flag against LIMITS, validate, run: a UserError, a bad flag, a full or read-only disk, a
+    folder removed mid-run or running out of memory is one line and exit code 2; Ctrl-C and SIGTERM one line and 128 +
+    the signal's number (the first one's: a second is ignored while the stop finishes its writes)."""
     parser.error = _one_line_usage_error
     args = parser.parse_args()
+    check_flags(args)
     handlers = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
-    _STOP["signal"] = None
+    _STOP.update(signal=None, held=False, hint=None)
+    files.RUN.update(last=None, interrupted=False)  # last: set by a level's start_run (evaluate.py has none)
     try:
         validate(args)
         return main(args)
     except UserError as error:
         fail(error)
     except KeyboardInterrupt:
-        _finish_writes()
         _stop(_STOP["signal"] or signal.SIGINT)
     except OSError as error:  # a write outside atomic_write, e.g. a plot
-        if error.errno not in files.WRITE_ERRNOS:
+        if error.errno not in files.WRITE_ERRNOS and not files.folder_gone(error):
             raise
         fail(files.write_error(error.filename or "a file", error))
     except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
         _fail_runtime(error, args)
         raise
     finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+        # A script that stops on a signal (or whose torchrun peer is gone) keeps ignoring further ones until the
+        # process has ended: a Ctrl-C during Python's exit would print "Exception ignored in threading._shutdown",
+        # torchrun's SIGTERM would replace exit code 2. Called in-process (the tests), the handlers are put back.
+        if not _STOP["held"] or main.__module__ != "__main__":
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
 
 
 def _one_line_usage_error(message):
@@ -63,35 +72,100 @@ def _fail_runtime(error, args):
     text = str(error).lower()
     if "dataloader worker" in text and _STOP["signal"]:  # it ended in the same Ctrl-C or SIGTERM
         _stop(_STOP["signal"])
-    if os.environ.get("RANK", "0") != "0" and isinstance(error, torch.distributed.DistBackendError):
-        sys.exit(2)  # torchrun: rank 0 stopped (with its own one line) while this rank waited for it
-    if "overflow" in text:  # e.g. AdamW given --lr 1e38
+    rank = os.environ.get("RANK")  # set by torchrun
+    if rank not in (None, "0") and (isinstance(error, torch.distributed.DistBackendError) or _lost_peer(text)):
+        _hold_signals()  # torchrun sends SIGTERM to the ranks left: this one is ending already
+        sys.exit(2)  # torchrun: rank 0 stopped (with its own line) or was killed while this rank waited for it
+    if rank == "0" and _lost_peer(text):
+        _hold_signals()
+        fail(f"torchrun: another process of this run stopped or was killed ({text.splitlines()[0][:80]}); its line "
+             f"or torchrun's table says why{_resume_hint()}")
+    memory = isinstance(error, MemoryError) or "out of memory" in text or "allocate memory" in text
+    if "overflow" in text and "storage size" not in text:  # e.g. AdamW given --lr 1e38
         fail(f"a number overflowed ({text.splitlines()[0][:80]}): lower --lr/--head-lr")
-    if isinstance(error, MemoryError) or "out of memory" in text or "allocate memory" in text:
-        fail(f"out of memory at --batch-size {getattr(args, 'batch_size', '?')} and --img-size "
-             f"{getattr(args, 'img_size', '?')}: halve --batch-size, or lower --img-size")
+    if memory or "storage size" in text:  # "storage size calculation overflowed": a tensor larger than any memory
+        sizes = [f"--{flag.replace('_', '-')} {getattr(args, flag)}" for flag in ("batch_size", "img_size")
+                 if getattr(args, flag, None) is not None]
+        fail(f"out of memory at {' and '.join(sizes) or 'these sizes'}: halve --batch-size, or lower --img-size")
+
+
+def _lost_peer(text):
+    """Whether an error's text says that another process of the run is gone: gloo's (from a barrier, or from DDP's
+    all-reduce inside backward), NCCL's."""
+    gone = ("connection closed by peer", "connection reset by peer", "broken pipe", "remote process exited",
+            "communicator was aborted")
+    return any(phrase in text for phrase in gone)
 
 
 # ---- Ctrl-C and SIGTERM (what Colab, Kaggle, Slurm, Kubernetes send at preemption) -------------------------------
 def _on_signal(signum, frame):
     _STOP["signal"] = signum
+    _hold_signals()  # a second Ctrl-C or SIGTERM must not break the stop while it finishes the checkpoint write
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # a DataLoader worker that ends now is part of the stop, no error
+    if files.RUN["saving"]:  # inside CheckpointWriter.save: raised there once the save is in its thread's hands
+        files.RUN["interrupted"] = True
+        return
     raise KeyboardInterrupt
 
 
+def _hold_signals():
+    """SIGINT and SIGTERM ignored from now on (the first signal set the exit code). SIG_IGN, not a Python function:
+    Python's exit resets a function handler to the default (a second SIGTERM then killed the process as it unloaded
+    torch, exit code -15), but keeps SIG_IGN."""
+    _STOP["held"] = True
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def set_stop_hint(text):
+    """What the line of a Ctrl-C or SIGTERM tells the user to do next, instead of a level's --resume (the ablation:
+    run the same command again)."""
+    _STOP["hint"] = text
+
+
 def _stop(signum):
-    print(f"\n{signal.Signals(signum).name}: interrupted (a level's levelN_last.pth holds its last finished epoch: "
-          f"--resume it)", file=sys.stderr)
+    """Ctrl-C or SIGTERM: the checkpoint write in flight finished first (further signals ignored), then one line and
+    exit code 128 + signum; a write that failed before the stop has its own line first."""
+    _hold_signals()
+    error = _finish_writes(signum)
+    hint = _resume_hint()
+    if _STOP["hint"]:
+        hint = f"; {_STOP['hint']}"
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
+        hint = ""  # the write error's line says what is kept and what to do
+    print(f"\n{signal.Signals(signum).name}: interrupted{hint}", file=sys.stderr)
     sys.exit(128 + signum)
 
 
-def _finish_writes():
-    """A stop first lets the save in flight end: levelN_last.pth then holds the last finished epoch."""
+def _resume_hint():
+    """"; --resume it" where a level's levelN_last.pth holds a finished epoch, nothing where no run folder is open."""
+    last = files.RUN["last"]
+    if last is None:
+        return ""
+    if not last.is_file():
+        return f"; no epoch had finished: there is no {last.name} to resume, start anew"
+    return f"; {last} holds the last finished epoch: --resume {last}"
+
+
+def _finish_writes(signum):
+    """A stop first lets the save in flight end, up to WRITE_WAIT_S: levelN_last.pth then holds the last finished
+    epoch. Returns the write's UserError if it failed (the previous file is whole), else None. A write stuck longer
+    (a hung network disk) is abandoned: one line, and the process ends without waiting for its thread."""
     for writer in files.RUN["writers"]:
+        if writer.busy():
+            print("stopping: waiting for the checkpoint write in flight (a second Ctrl-C is ignored)", flush=True)
         try:
-            writer.wait()
-        except UserError:  # a failed write leaves the previous file whole; the stop's line is the one to print
-            pass
+            writer.wait(timeout=WRITE_WAIT_S)
+        except UserError as error:
+            return error
+        except TimeoutError:
+            print(f"\n{signal.Signals(signum).name}: interrupted; the checkpoint write in flight did not end in "
+                  f"{WRITE_WAIT_S} s and was abandoned: the previous checkpoint files are whole", file=sys.stderr)
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(128 + signum)  # sys.exit would wait for the writer thread at the interpreter's exit
+    return None
 
 
 def worker_init(worker_id):
@@ -101,12 +175,15 @@ def worker_init(worker_id):
 
 
 # ---- Flags: a range beside each flag, the run-flag group every level shares ---------------------------------------
-def number(kind, above=None, at_least=None, at_most=None, below=None):
+def number(kind, above=None, at_least=None, at_most=None, below=None, why=None):
     """An argparse `type`: the text parsed as `kind` (int or float), finite (nan passes every `x <= 0` check), and
-    within each bound given; else argparse's one line, which names the flag."""
+    within each bound given; else argparse's one line, which names the flag (and `why`, the reason of a bound)."""
     bounds = [(above, ">", lambda v, b: v > b), (at_least, ">=", lambda v, b: v >= b),
               (at_most, "<=", lambda v, b: v <= b), (below, "<", lambda v, b: v < b)]
     wanted = " and ".join(f"{sign} {bound}" for bound, sign, _ in bounds if bound is not None)
+    reason = ""
+    if why:
+        reason = f": {why}"
 
     def parse(text):
         try:
@@ -117,9 +194,43 @@ def number(kind, above=None, at_least=None, at_most=None, below=None):
             raise argparse.ArgumentTypeError(f"must be a finite number (got {value})")
         for bound, _, holds in bounds:
             if bound is not None and not holds(value, bound):
-                raise argparse.ArgumentTypeError(f"must be {wanted} (got {value})")
+                raise argparse.ArgumentTypeError(f"must be {wanted} (got {value}){reason}")
         return value
     return parse
+
+
+# The largest value of a flag that can run, and why, checked by run_main in every script that has the flag (the
+# levels, evaluate.py, the benchmark, the ablation's sizes): beyond these a run hangs, forks without end, overflows or
+# asks for more memory than any machine has, rather than failing.
+LIMITS = {
+    "img_size": (1024, "the 32-px images hold no more detail, and activation memory grows with its square"),
+    "ablate_sizes": (1024, "the 32-px images hold no more detail, and activation memory grows with its square"),
+    "workers": (max(8, 4 * (os.cpu_count() or 1)), f"more than 4 worker processes per CPU core (this machine has "
+                f"{os.cpu_count()}) only compete for the cores, and each holds a copy of the data"),
+    # torchvision's RandAugment draws each operation from 14; its paper searched N in 1..3 (Cubuk et al. 2020, 4.1)
+    "randaug_n": (14, "RandAugment draws from 14 operations, and each is one more transform per image"),
+    # AdamW's decoupled decay multiplies each weight by 1 - lr x wd at every step (Loshchilov & Hutter 2019)
+    "weight_decay": (10, "AdamW multiplies each weight by 1 - lr x wd at every step; common values are 0.01 to 0.1"),
+    "warmup_epochs": (1000, "a warmup in epochs, longer than any run: larger values overflow the step count"),
+    "unfreeze_warmup_epochs": (1000, "a warmup in epochs, longer than any run: larger values overflow the step count"),
+}
+
+
+def check_flags(args):
+    """Each flag of LIMITS that `args` has, within its bound, and a --data-dir that is a folder (not a file, which
+    would be taken for a missing dataset and downloaded): else argparse's one line, naming the flag and why."""
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
+        _one_line_usage_error(f"argument --data-dir: {data_dir} is a file, not the folder holding "
+                              f"cifar-10-batches-py")
+    for name, (at_most, why) in LIMITS.items():
+        values = getattr(args, name, None)
+        if not isinstance(values, list):
+            values = [values]
+        for value in values:
+            if value is not None and value > at_most:
+                _one_line_usage_error(f"argument --{name.replace('_', '-')}: must be <= {at_most} (got {value}): "
+                                      f"{why}")
 
 
 positive_int = number(int, above=0)
@@ -152,7 +263,7 @@ def add_arguments(parser):
 
 def check_args(args, quick):
     """--quick's sizes applied first (in quick/ folders, which keep real runs' files apart), then what every level
-    needs: at least one batch of training images."""
+    needs: at least one batch of training images; Level 4's SWA averaging at least once."""
     if args.quick:
         vars(args).update(quick, checkpoint_dir=f"{args.checkpoint_dir}/quick", results_dir=f"{args.results_dir}/quick")
     train_images = 45000  # the training split; all 50,000 with --train-on-all
@@ -163,6 +274,20 @@ def check_args(args, quick):
     if train_images < args.batch_size:
         raise UserError(f"need --subset >= --batch-size: {train_images} training images, --batch-size "
                         f"{args.batch_size}")
+    _check_swa_every(args, train_images)
+
+
+def _check_swa_every(args, train_images):
+    """Level 4: --swa-every N steps must fit in the SWA phase, or SWA would never average (and never be chosen)."""
+    if not getattr(args, "swa_every", 0) or not args.swa_epochs:
+        return
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun: each process takes 1 / world_size of a batch
+    steps_per_epoch = train_images // world_size // max(1, args.batch_size // world_size)  # DistributedSampler
+    phase_steps = args.swa_epochs * steps_per_epoch
+    if args.swa_every > phase_steps:
+        raise UserError(f"--swa-every {args.swa_every} is more steps than the SWA phase has ({phase_steps}: "
+                        f"--swa-epochs {args.swa_epochs} x {steps_per_epoch} steps): SWA would never average; give "
+                        f"at most {phase_steps}, or 0 (once per epoch)")
 
 
 # ---- torchrun: the start and the end of a run ---------------------------------------------------------------------
@@ -175,7 +300,7 @@ def resolve_device(name):
         if torch.cuda.is_available():
             name = "cuda"
     try:
-        torch.empty(1, device=name)
+        torch.ones(1, device=name).sum().item()  # a value computed and read back: "meta" holds no data
     except (RuntimeError, AssertionError) as error:
         raise UserError(f"device {name!r} is not usable here ({str(error)[:80]}): use --device cpu or auto") from None
     return torch.device(name)

@@ -19,7 +19,7 @@ import common
 import evaluate
 from support import evidence, files, records, run as runner
 from support.errors import UserError
-from support.files import check_writable, load_checkpoint
+from support.files import check_writable, load_checkpoint, remove_orphans
 
 # --quick: the study's part of Level 4's smoke run
 QUICK = {"corruption_images": 16, "ablate_sizes": [48], "ablate_epochs": 1}
@@ -237,10 +237,12 @@ def run_ablation(args, train):
     baseline's checkpoints of each seed, no retraining. Runs done earlier with the same settings are kept. Writes
     results/ablation.{json,md,png}."""
     path = Path(args.results_dir) / "ablation.json"
+    runner.set_stop_hint("run the same --ablate command again (finished rows are reused)")  # not --resume
+    remove_orphans([args.results_dir], ".ablation.*.tmp", min_age_s=60)
     try:
-        runs = json.loads(path.read_text())["runs"] if path.is_file() else []
-        done = {(run["name"], run["seed"]): run for run in runs}
-    except (ValueError, KeyError, TypeError) as error:
+        runs = records.read_json(path)["runs"] if path.exists() else []
+        done = {(run["name"], run["seed"]): _finished_run(run) for run in runs}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise UserError(f"{path} is not this suite's ablation table ({type(error).__name__}): move it away")
     train_set, _, _ = common.cifar10_datasets(args.data_dir, args.seed, args.subset)
     steps_per_epoch = len(train_set) // args.batch_size  # one process (--ablate refuses torchrun), drop_last
@@ -266,6 +268,16 @@ def run_ablation(args, train):
                 records.write_json(path, {"runs": list(done.values())})  # an interrupted grid keeps finished runs
             table[name].append(done[(name, seed)])
     return write_ablation_table(table, path, args, list(done.values()))
+
+def _finished_run(run):
+    """A run of ablation.json as the table reads it back: its settings, and each figure a number or null (a figure
+    with no validation); else KeyError or TypeError, and the file is not reused."""
+    if not isinstance(run["args"], dict) or not isinstance(run["change"], dict):
+        raise TypeError("args and change must be objects")
+    for figure in ("val_acc1", "acc1", "tta_acc1", "ece"):
+        if run[figure] is not None:
+            number(run[figure])
+    return run
 
 def ablation_arguments(args, recipe, name, seed):
     """The flags of one (row, seed) run: the scaled recipe, the seed, its own folders, no corruption report."""
@@ -473,19 +485,32 @@ def interval_text_ci(figure):
     low, high = figure["ci95"]
     return f"{figure['difference']:+.4f} [{low:+.4f}, {high:+.4f}]"
 
+def number(value):
+    """A figure read from a results JSON: a finite int or float, else TypeError (a string, a bool, a list)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{value!r} is not a finite number")
+    return float(value)
+
+def optional(section, key):
+    """A figure that a results JSON may lack (no TTA, no temperature, no corruptions): None, or number()."""
+    if section is None or section.get(key) is None:
+        return None
+    return number(section[key])
+
 def write_summary(args):
     """results/summary.{md,json,png}: one row per level, pooling results/levelN.json with results/seed*/levelN.json
     (the same level run with other seeds) as mean ± SD over n runs; a malformed file is skipped, with a warning.
     Then "Each level against the one before" (level_pairs), from the per-image files of the final tests."""
     results_dir, runs = Path(args.results_dir), {}
+    remove_orphans([results_dir], ".summary.*.tmp", min_age_s=60)
     for path in sorted([*results_dir.glob("level[1-4].json"), *results_dir.glob("seed*/level[1-4].json")]):
         try:
-            r = json.loads(path.read_text())
+            r = records.read_json(path)  # strict: a bare NaN or Infinity is no figure
             corruption = (r.get("corruptions_generated") or {}).get("benchmark") or {}  # {}: not measured
-            run = {"test acc1": float(r["test"]["acc1"]), "with TTA": r.get("test_tta", {}).get("acc1"),
-                   "ECE": float(r["test"]["ece"]), "ECE (T)": r.get("test_calibrated", {}).get("ece"),
-                   "corruption acc": corruption.get("mean_acc1"), "epochs": len(r["history"]),
-                   "seconds": float(r["seconds"]), "device": r["device"], "commit": r["commit"]}
+            run = {"test acc1": number(r["test"]["acc1"]), "with TTA": optional(r.get("test_tta"), "acc1"),
+                   "ECE": number(r["test"]["ece"]), "ECE (T)": optional(r.get("test_calibrated"), "ece"),
+                   "corruption acc": optional(corruption, "mean_acc1"), "epochs": len(r["history"]),
+                   "seconds": number(r["seconds"]), "device": str(r["device"]), "commit": str(r["commit"])}
             runs.setdefault(path.stem, []).append(run)  # after the reads: a malformed file adds nothing
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             print(f"warning: skipped {path}: not a results file of this suite ({type(error).__name__})")

@@ -1,16 +1,22 @@
 """Nothing lost, nothing stuck, every error one line, round three (issue 19): results never replaced by another run,
 SIGTERM and Ctrl-C with workers, stale locks, full and read-only disks, checkpoints of torchvision's and timm's
-train.py, one message per condition. Test names carry the issue's point number; almost all call functions or
-`run_cli`: two subprocess runs check the signals as a user meets them."""
+train.py, one message per condition; round four (issue 27, tests named test_27_POINT_...): results replaced on resume
+and compare, kills between two writes, named pipes and absurd sizes, a dozen tracebacks. Test names carry the issue's
+point number; almost all call functions or `run_cli`: a few subprocesses check signals, kills and hangs as a user
+meets them."""
 import argparse
+import contextlib
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,11 +24,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, TINY, assert_one_line_error, level_args, run_cli
+from conftest import ROOT, TINY, TINY_LEVEL, assert_one_line_error, level_args, run_cli, summary_table
 
 import common
 import evaluate
 import level1
+import level2
 import level3
 import level4
 from support import files, records, run
@@ -421,7 +428,8 @@ def test_19_commit_of_an_enclosing_repository_is_not_recorded(tmp_path, monkeypa
 
 def test_12_a_rank_whose_rank_zero_stopped_mid_run_exits_2_without_a_traceback(monkeypatch, capsys):
     """Later in a run (a nan loss on rank 0's validation, say): rank 0 prints its line and exits; the others, waiting
-    at a barrier, get a DistBackendError from gloo/NCCL: they exit 2 silently. Rank 0's own such error is not hidden."""
+    at a barrier, get a DistBackendError from gloo/NCCL: they exit 2 silently. Rank 0, whose peer is gone (issue 27
+    point 13, the mirror case), says so in one line; its other errors are not hidden."""
     def main(args):
         raise torch.distributed.DistBackendError("Connection closed by peer [127.0.0.1]:29500")
     parser = argparse.ArgumentParser()
@@ -431,5 +439,400 @@ def test_12_a_rank_whose_rank_zero_stopped_mid_run_exits_2_without_a_traceback(m
         run.run_main(main, parser, lambda args: None)
     assert exit_.value.code == 2 and capsys.readouterr().err == ""
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(torch.distributed.DistBackendError):
+    with pytest.raises(SystemExit) as exit_:
         run.run_main(main, parser, lambda args: None)
+    assert exit_.value.code == 2 and "another process of this run stopped" in capsys.readouterr().err
+
+    def bug(args):
+        raise torch.distributed.DistBackendError("NCCL error: invalid usage")
+    with pytest.raises(torch.distributed.DistBackendError):
+        run.run_main(bug, parser, lambda args: None)
+
+
+# ==== Round four (issue 27): the writer under repeated signals, results replaced, hangs, tracebacks, messages =========
+# The signal cases run in subprocesses in tests/test_writer.py (point 1) and tests/test_distributed.py (point 13).
+
+def saved_files(folder):
+    """{name: fingerprint} of every file in `folder` but the lock: what a refused command must leave as it was."""
+    return {path.name: (path.stat().st_ino, path.stat().st_mtime_ns, path.read_bytes()) for path in folder.iterdir()
+            if path.suffix != ".lock"}
+
+
+def refused_before_the_work(module, monkeypatch):
+    """`module.main` replaced by a stand-in that fails with "the work started": a flag that should be refused at
+    parse time fails the test at once, rather than hanging it (a --randaug-n of 1e12 never ends an epoch)."""
+    def started(args):
+        raise UserError("the work started")
+    monkeypatch.setattr(module, "main", started)
+
+
+def test_27_2_a_finished_run_resumed_at_another_img_size_is_refused_and_kept(tmp_path, data_root):
+    """A finished 32-px Level 4 run resumed with --img-size 64: one line naming the flag (RESUME_FLAGS), exit 2, and
+    level4.json and level4_best.pth as they were (before, the final test was measured again at 64 px)."""
+    history = [{"epoch": 1, "train_loss": 2.0}]
+    saved = {"level": "level4", "optimizer": {}, "model": {}, "epoch": 3, "best_acc": 0.5, "history": history,
+             "args": vars(level_args(level4, tmp_path, data_root))}
+    torch.save(saved, tmp_path / "level4_last.pth")
+    torch.save(saved, tmp_path / "level4_best.pth")
+    (tmp_path / "level4.json").write_text(json.dumps({"history": history}))
+    before = saved_files(tmp_path)
+    result = run_cli(level4, *TINY, *TINY_LEVEL[4], "--data-dir", data_root, "--checkpoint-dir", tmp_path,
+                     "--results-dir", tmp_path, "--resume", tmp_path / "level4_last.pth", "--img-size", 64)
+    assert_one_line_error(result, "--img-size was 32 in the saved run, 64 now")
+    assert saved_files(tmp_path) == before
+
+
+def test_27_3_20_compare_keeps_another_pairs_file_and_removes_its_old_temp_files(tmp_path, state_dict,
+                                                                               synthetic_root, monkeypatch):
+    """x/level1_best.pth --compare y/level4_best.pth, then z/level1_best.pth --compare w/level4_best.pth: the same
+    file name; the second is refused before the work (one line naming the first pair and --overwrite) and the first
+    pair's JSON kept. A compare removes the temp files a killed write of its JSON left (older than a minute)."""
+    monkeypatch.setattr(evaluate, "plot_disagreements", lambda *args: Path(args[3]).write_bytes(b""))
+    torch.save({"model": state_dict, "args": {"img_size": 32}}, tmp_path / "weights.pth")
+    paths = {}
+    for folder, name in (("x", "level1_best"), ("y", "level4_best"), ("z", "level1_best"), ("w", "level4_best")):
+        (tmp_path / folder).mkdir()
+        paths[folder] = tmp_path / folder / f"{name}.pth"
+        os.link(tmp_path / "weights.pth", paths[folder])
+    out = tmp_path / "out"
+    out.mkdir()
+    old, fresh = (out / f".compare_level1_best_vs_level4_best_test.json.{key}.tmp" for key in ("killed", "inflight"))
+    old.write_bytes(b"x" * 2**20)
+    fresh.write_bytes(b"x")
+    os.utime(old, (time.time() - 120, time.time() - 120))
+    flags = ["--data-dir", synthetic_root, "--device", "cpu", "--subset", 16, "--resamples", 100, "--out", out]
+    first = run_cli(evaluate, paths["x"], "--compare", paths["y"], *flags)
+    assert first.returncode == 0, first.stderr
+    assert "removed 1 temp files of interrupted saves" in first.stdout and not old.exists() and fresh.exists()
+    written = out / "compare_level1_best_vs_level4_best_test.json"
+    before = written.read_bytes()
+    second = run_cli(evaluate, paths["z"], "--compare", paths["w"], *flags)
+    assert_one_line_error(second, str(written), f"{paths['x']} vs {paths['y']}", "--overwrite")
+    assert written.read_bytes() == before
+
+
+def test_27_3b_corruption_results_are_named_by_their_source(tmp_path):
+    """--corruptions generated and --corruptions DIR (the official .npy files) write two files, not one over the
+    other; a DIR without .npy files is measured on generated corruptions, and named so."""
+    args = argparse.Namespace(checkpoint=str(tmp_path / "run" / "level4_best.pth"), split="test", images=None,
+                              bn_stats="checkpoint", out=str(tmp_path / "out"), overwrite=False,
+                              corruptions="generated")
+    assert evaluate.output_path(args, None).name == "eval_run-level4_best_corruptions.json"
+    (tmp_path / "empty").mkdir()
+    args.corruptions = str(tmp_path / "empty")
+    assert evaluate.output_path(args, None).name == "eval_run-level4_best_corruptions.json"
+    (tmp_path / "official" / "CIFAR-10-C").mkdir(parents=True)
+    np.save(tmp_path / "official" / "CIFAR-10-C" / "fog.npy", np.zeros(5, dtype=np.uint8))
+    args.corruptions = str(tmp_path / "official")
+    assert evaluate.output_path(args, "flip").name == "eval_run-level4_best_corruptions-official_tta-flip.json"
+
+
+KILLED_BETWEEN_BEST_AND_LAST = """
+import sys, time
+import evaluate, level1
+from support import files, run
+scores, loss_and_accuracy, save_checkpoint = [], evaluate.loss_and_accuracy, files.save_checkpoint
+
+def improving(*args):  # each epoch validates better than the one before: epoch 2 writes level1_best.pth
+    scores.append(0.1 * (len(scores) + 1))
+    return loss_and_accuracy(*args)[0], scores[-1]
+
+def killed_after_best(path, checkpoint):  # the process is killed between the two renames of epoch 2
+    save_checkpoint(path, checkpoint)
+    if path.name == "level1_best.pth" and checkpoint["epoch"] == 2:
+        print("best written", flush=True)
+        time.sleep(120)
+
+evaluate.loss_and_accuracy, files.save_checkpoint = improving, killed_after_best
+sys.argv = ["level1.py", *sys.argv[1:]]
+run.run_main(level1.main, level1.get_args_parser(), level1.validate_args)
+"""
+
+
+def test_27_4_a_resume_after_a_kill_between_best_and_last_measures_what_the_history_describes(tmp_path, data_root,
+                                                                                            monkeypatch):
+    """Killed (-9) after epoch 2's level1_best.pth, before its level1_last.pth: the resumed run trains epoch 2 again,
+    with other weights, which validate worse than epoch 1 did. The killed session's best.pth must not survive: the
+    final test measures the weights of the epoch 2 that the history holds (support.files._best_acc)."""
+    flags = [*TINY, "--subset", 32, "--data-dir", data_root, "--checkpoint-dir", tmp_path, "--results-dir", tmp_path]
+    child = subprocess.Popen([sys.executable, "-c", KILLED_BETWEEN_BEST_AND_LAST, *map(str, flags)], cwd=ROOT,
+                             text=True, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        while child.poll() is None and child.stdout.readline().strip() != "best written":
+            pass
+        assert child.poll() is None, "the child ended before epoch 2's level1_best.pth"
+    finally:
+        child.kill()
+        child.wait(30)
+    killed_best = files.load_checkpoint(tmp_path / "level1_best.pth")
+    assert killed_best["epoch"] == 2 and files.load_checkpoint(tmp_path / "level1_last.pth")["epoch"] == 1
+    loss_and_accuracy = evaluate.loss_and_accuracy
+    monkeypatch.setattr(evaluate, "loss_and_accuracy", lambda *args: (loss_and_accuracy(*args)[0], 0.0))
+    result = run_cli(level1, *flags, "--resume", tmp_path / "level1_last.pth")
+    assert result.returncode == 0, result.stderr
+    assert "epoch 2 runs again and replaces it" in result.stdout
+    history = json.loads((tmp_path / "level1.json").read_text())["history"]
+    best = files.load_checkpoint(tmp_path / "level1_best.pth")
+    assert best["epoch"] == 2 and best["history"][-1]["session_started"] == history[1]["session_started"]
+    assert best["history"][-1]["session_started"] != killed_best["history"][-1]["session_started"]
+
+
+def test_27_4b_swa_every_longer_than_the_swa_phase_is_refused(tmp_path):
+    result = run_cli(level4, *TINY, "--swa-epochs", 1, "--swa-every", 1000, "--data-dir", tmp_path,
+                     "--checkpoint-dir", tmp_path / "ck", "--results-dir", tmp_path / "res")
+    assert_one_line_error(result, "--swa-every 1000", "SWA phase has (4:", "never average")
+    assert not (tmp_path / "ck").exists()
+
+
+@contextlib.contextmanager
+def unblocked_after(fifo, seconds=5):
+    """The test of a named pipe bounded in time: a reader the code under test left blocked on `fifo` is released
+    after `seconds` (its writer opens and closes the pipe: the reader gets an empty file), so that a hang fails the
+    test instead of stopping the suite."""
+    def release():
+        with contextlib.suppress(OSError):  # ENXIO: nobody is reading it, nothing to release
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    timer = threading.Timer(seconds, release)
+    timer.start()
+    started = time.time()
+    try:
+        yield
+    finally:
+        timer.cancel()
+    assert time.time() - started < seconds, f"blocked on {fifo}"
+
+
+def test_27_5_11_named_pipes_as_a_batch_a_lock_or_among_images_do_not_hang(tmp_path):
+    """open() of a named pipe waits for a writer for ever: a FIFO as data_batch_2 or as level1.lock is one line, one
+    in an --images folder is skipped with a line (each bounded by unblocked_after: before, they hung)."""
+    os.mkfifo(tmp_path / "data_batch_2")
+    with unblocked_after(tmp_path / "data_batch_2"), pytest.raises(UserError, match="is not a regular file"):
+        common.read_batch(tmp_path / "data_batch_2")
+    (tmp_path / "photos").mkdir()
+    os.mkfifo(tmp_path / "photos" / "cat.png")
+    with unblocked_after(tmp_path / "photos" / "cat.png"), pytest.raises(UserError, match="no readable JPEG/PNG"):
+        evaluate.predict_images(argparse.Namespace(images=[tmp_path / "photos"]), None, None, 32, ["identity"], 1.0,
+                                None)
+    os.mkfifo(tmp_path / "level1.lock")
+    with unblocked_after(tmp_path / "level1.lock"), pytest.raises(UserError, match="level1.lock is not a lock file"):
+        files.start_run("level1", tmp_path, tmp_path)
+
+
+@pytest.mark.parametrize("module, flags, fragment", [
+    (evaluate, ["x.pth", "--resamples", "1000000000000"], "--resamples must be >= 100 and <= 100000"),
+    (evaluate, ["x.pth", "--resamples", "1"], "--resamples must be >= 100"),  # point 18: no interval from 1
+    (level2, ["--randaug-n", "1000000000000"], "--randaug-n must be <= 14"),
+    (level1, ["-j", "1000000000000"], "--workers must be <= "),
+    (level1, ["--img-size", "1000000000000"], "--img-size must be <= 1024"),
+    (evaluate, ["x.pth", "--img-size", "1000000000000"], "--img-size must be <= 1024"),
+    (level4, ["--ablate", "--ablate-sizes", "64", "5000"], "--ablate-sizes must be <= 1024 (got 5000)"),
+    (level2, ["--warmup-epochs", "1e308"], "--warmup-epochs must be <= 1000"),  # point 12: OverflowError
+    (level3, ["--unfreeze-warmup-epochs", "1e308"], "--unfreeze-warmup-epochs must be <= 1000"),
+    (level1, ["--wd", "1e308"], "--weight-decay must be <= 10")])  # point 17: it blamed --lr
+def test_27_6_12_17_18_values_beyond_what_can_run_are_refused_naming_the_flag_and_why(module, flags, fragment,
+                                                                                    tmp_path, monkeypatch):
+    refused_before_the_work(module, monkeypatch)
+    line = assert_one_line_error(run_cli(module, *flags, "--data-dir", tmp_path), fragment)
+    assert line.count(":") >= 2 and "--lr" not in line  # the reason, after the bound
+
+
+def test_27_6_benchmark_epoch_images_beyond_the_training_split_is_refused(monkeypatch):
+    from support import benchmark
+    refused_before_the_work(benchmark, monkeypatch)
+    assert_one_line_error(run_cli(benchmark, "--epochs", 2, "--epoch-images", 10**12), "--epoch-images must be",
+                          "<= 45000", "45,000 images")
+
+
+def test_27_7_14_a_folder_removed_mid_run_says_what_survived(tmp_path):
+    """The results folder removed before the final JSON: one line saying the checkpoints are whole, where, and to
+    --resume; the checkpoint folder removed before a save: one line saying nothing is left to resume (no --resume).
+    A plot into a removed folder (a write outside atomic_write) is one line too."""
+    checkpoints, results = tmp_path / "ck", tmp_path / "res"
+
+    def results_removed(args):
+        files.start_run("level1", checkpoints, results)
+        files.save_checkpoint(checkpoints / "level1_last.pth", {"model": {"w": torch.ones(3)}})
+        shutil.rmtree(results)
+        records.write_json(results / "level1.json", {"test": 1})
+
+    assert_one_line_error(run_cli(fake_script(results_removed)), f"{results} was removed",
+                          f"checkpoints are whole in {checkpoints}", f"--resume {checkpoints / 'level1_last.pth'}")
+
+    def checkpoints_removed(args):
+        files.start_run("level1", tmp_path / "ck2", tmp_path / "res2")
+        shutil.rmtree(tmp_path / "ck2")
+        writer = files.CheckpointWriter()
+        writer.save({tmp_path / "ck2" / "level1_last.pth": {"model": {"w": torch.ones(3)}}})
+        writer.wait()
+
+    line = assert_one_line_error(run_cli(fake_script(checkpoints_removed)), "ck2 was removed",
+                                 "no checkpoint of this run is left to resume")
+    assert "--resume" not in line and "intact" not in line
+
+    def plot_removed(args):
+        files.start_run("level1", tmp_path / "ck3", tmp_path / "res3")
+        files.save_checkpoint(tmp_path / "ck3" / "level1_last.pth", {"model": {"w": torch.ones(3)}})
+        shutil.rmtree(tmp_path / "res3")
+        evaluate.plot_curves([{"epoch": 1, "train_loss": 1.0}], tmp_path / "res3" / "level1_curves.png", "curves")
+
+    assert_one_line_error(run_cli(fake_script(plot_removed)), "res3 was removed", "--resume")
+
+
+def test_27_8_compare_of_hand_made_checkpoints_is_one_line_or_runs(tmp_path, state_dict, synthetic_root, monkeypatch):
+    """--compare of a checkpoint whose args is None gets past its checks (before: AttributeError); one whose stored
+    tta_set is unknown, or whose img_size is a string, is one line (before: KeyError, TypeError)."""
+    def reached(*args, **kwargs):
+        raise UserError("the checks passed")
+    monkeypatch.setattr(common, "cifar10_datasets", reached)
+    paths = {}
+    for name, saved_args in (("none", None), ("bogus", {"tta_set": "bogus"}), ("text", {"img_size": "32"}),
+                             ("good", {"img_size": 32})):
+        paths[name] = tmp_path / f"{name}.pth"
+        torch.save({"model": state_dict, "args": saved_args}, paths[name])
+    flags = ["--data-dir", synthetic_root, "--device", "cpu", "--out", tmp_path / "out"]
+    assert_one_line_error(run_cli(evaluate, paths["none"], "--compare", paths["good"], *flags), "the checks passed")
+    assert_one_line_error(run_cli(evaluate, paths["bogus"], "--compare", paths["good"], "--tta", *flags),
+                          "names the TTA set 'bogus'")
+    assert_one_line_error(run_cli(evaluate, paths["good"], "--compare", paths["text"], *flags),
+                          "stores img_size '32'", "give --img-size")
+
+
+@pytest.mark.parametrize("stored, expected", [({"img_size": 8}, "stores img_size 8"), ({"img_size": 10**9}, "10000"),
+                                              ({"img_size": None}, None), ({}, None)])
+def test_27_4b_8_17_a_stored_img_size_the_command_line_would_refuse_is_one_line(stored, expected):
+    """A checkpoint storing img_size 8 was measured at 8 px (the command line refuses < 32); an absurd one overflowed
+    with a line blaming --lr. None or absent: 224."""
+    args = argparse.Namespace(img_size=None)
+    if expected is None:
+        assert evaluate.input_size(args, stored, "x.pth") == 224
+    else:
+        with pytest.raises(UserError, match=f"{expected}.*from 32 to 1024: give --img-size"):
+            evaluate.input_size(args, stored, "x.pth")
+    assert evaluate.input_size(argparse.Namespace(img_size=64), stored, "x.pth") == 64
+
+
+def test_27_8_temperatures_without_at_bound_or_not_a_number(capsys):
+    args = argparse.Namespace(no_temperature=False, tta_average="softmax")
+    assert evaluate.choose_temperature({"temperatures": {"none": {"temperature": 1.5}}}, args, None) == 1.5
+    assert evaluate.choose_temperature({"temperatures": {"none": {"temperature": "warm"}}}, args, None) == 1.0
+    assert evaluate.choose_temperature({"temperatures": {"none": 1.5}}, args, None) == 1.0
+    assert capsys.readouterr().out.count("warning:") == 2
+
+
+def test_27_9_bn_stats_of_a_checkpoint_with_partial_args(tmp_path, state_dict, synthetic_root, fast_plots):
+    """--bn-stats train on a level checkpoint whose args lack some flags: the level's defaults fill them in."""
+    path = tmp_path / "run" / "level2_best.pth"
+    path.parent.mkdir()
+    torch.save({"model": state_dict, "level": "level2", "args": {"seed": 0, "subset": 16, "img_size": 32}}, path)
+    result = evaluate_cli(path, synthetic_root, tmp_path / "out", "--bn-stats", "train")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "eval_run-level2_best_test_bn-train.json").is_file()
+
+
+def test_27_10_20_summary_skips_nan_strings_and_missing_figures_and_ablation_checks_its_runs(tmp_path):
+    """--summary: a bare NaN, a string where a figure belongs, a test_tta that is not an object: each file skipped
+    with a warning (before: "nan" as a mean, or a traceback); an old temp file of summary.md removed. An ablation.json
+    whose run lacks its args (or holds NaN) is one line (before: KeyError)."""
+    good = {"test": {"acc1": 0.5, "ece": 0.1}, "history": [{}], "seconds": 1.0, "device": "cpu", "commit": "abc"}
+    (tmp_path / "level1.json").write_text(json.dumps(good))
+    (tmp_path / "seed1").mkdir()
+    (tmp_path / "seed1" / "level1.json").write_text(json.dumps(good).replace('"acc1": 0.5', '"acc1": NaN'))
+    (tmp_path / "level2.json").write_text(json.dumps({**good, "test_tta": {"acc1": "high"}}))
+    (tmp_path / "level3.json").write_text(json.dumps({**good, "test_tta": "none"}))
+    orphan = tmp_path / ".summary.md.abc123.tmp"
+    orphan.write_bytes(b"x")
+    os.utime(orphan, (time.time() - 120, time.time() - 120))
+    result = run_cli(level4, "--summary", "--results-dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    skipped = [line for line in result.stdout.splitlines() if line.startswith("warning: skipped")]
+    assert len(skipped) == 3 and not orphan.exists(), result.stdout
+    _, rows = summary_table(tmp_path)
+    assert rows["level1"][2] == "0.5000" and rows["level1"][7] == "1" and set(rows) == {"level1"}
+    runs = [{"name": "baseline", "seed": 0, "change": {}}]
+    (tmp_path / "ablation.json").write_text(json.dumps({"runs": runs}))
+    assert_one_line_error(run_cli(level4, "--ablate", "--results-dir", tmp_path), "ablation.json is not this suite's")
+    (tmp_path / "ablation.json").write_text('{"runs": [{"name": "baseline", "seed": 0, "acc1": NaN}]}')
+    assert_one_line_error(run_cli(level4, "--ablate", "--results-dir", tmp_path), "ablation.json is not this suite's")
+
+
+def test_27_11_a_lock_that_is_a_directory_is_one_line(tmp_path):
+    """(Before: IsADirectoryError; a named pipe as the lock: test_27_5_11.)"""
+    (tmp_path / "level1.lock").mkdir()
+    with pytest.raises(UserError, match="level1.lock is not a lock file"):
+        files.start_run("level1", tmp_path, tmp_path)
+
+
+def test_27_12_a_device_that_holds_no_data_is_one_line(tmp_path):
+    """--device meta: tensors without data ("unsupported scalarType" tracebacks in the levels and evaluate.py)."""
+    with pytest.raises(UserError, match="device 'meta' is not usable here"):
+        run.resolve_device("meta")
+    assert_one_line_error(run_cli(level1, *TINY, "--device", "meta", "--data-dir", tmp_path, "--checkpoint-dir",
+                                  tmp_path / "ck"), "device 'meta'")
+
+
+def test_27_16_17_an_interrupt_says_what_to_do_for_each_script(tmp_path, state_dict, monkeypatch):
+    """Ctrl-C in --ablate: run the same command again (it refuses --resume); in evaluate.py and the benchmark no
+    levelN_last.pth to resume; in a level before its first epoch ended, nothing to resume."""
+    from support import benchmark, study
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(study, "ablation_run", interrupted)
+    monkeypatch.setattr(evaluate, "load_model", interrupted)
+    monkeypatch.setattr(benchmark, "benchmark_level", interrupted)
+    monkeypatch.setattr(level1, "load_data", interrupted)
+    results = {
+        "ablate": run_cli(level4, "--ablate", "--results-dir", tmp_path, "--checkpoint-dir", tmp_path),
+        "evaluate": run_cli(evaluate, tmp_path / "x.pth"),
+        "benchmark": run_cli(benchmark, "--device", "cpu"),
+        "level1": run_cli(level1, *TINY, "--data-dir", tmp_path, "--checkpoint-dir", tmp_path / "ck",
+                          "--results-dir", tmp_path / "ck")}
+    lines = {}
+    for name, result in results.items():
+        lines[name] = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 130 and len(lines[name]) == 1, (name, result.stderr)
+    assert lines["ablate"][0] == ("SIGINT: interrupted; run the same --ablate command again (finished rows are "
+                                  "reused)")
+    assert lines["evaluate"][0] == "SIGINT: interrupted"
+    assert "levelN_last.pth" not in lines["benchmark"][0] and "--resume" not in lines["benchmark"][0]
+    assert "no level1_last.pth to resume" in lines["level1"][0] and "--resume" not in lines["level1"][0]
+
+
+class _Tiny(torch.nn.Linear):
+    """A whole model pickled with torch.save(model), as some tutorials save them."""
+
+
+def test_27_17_messages_that_name_the_right_thing(tmp_path):
+    """A pickled whole model: convert with .state_dict() (not ['model'] of a module); out of memory in evaluate.py
+    without --img-size: no "--img-size None"; --data-dir naming a file: no line about downloading."""
+    torch.save(_Tiny(2, 2), tmp_path / "model.pth")
+    with pytest.raises(UserError, match=r"weights_only=False\)\.state_dict\(\)") as error:
+        files.load_checkpoint(tmp_path / "model.pth")
+    assert "['model']" not in str(error.value)
+    torch.save({"model": _Tiny(2, 2)}, tmp_path / "checkpoint.pth")
+    with pytest.raises(UserError, match=r"weights_only=False\)\['model'\]"):
+        files.load_checkpoint(tmp_path / "checkpoint.pth")
+
+    def out_of_memory(args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    parser = evaluate.get_args_parser()
+    script = SimpleNamespace(__file__="evaluate.py", main=out_of_memory, get_args_parser=lambda: parser,
+                             validate_args=lambda args: None)
+    line = assert_one_line_error(run_cli(script, "x.pth"), "out of memory at --batch-size 256")
+    assert "None" not in line
+    (tmp_path / "afile").write_text("x")
+    result = run_cli(level1, *TINY, "--data-dir", tmp_path / "afile", "--checkpoint-dir", tmp_path / "ck")
+    assert "download" not in assert_one_line_error(result, "--data-dir", "is a file, not the folder")
+
+
+def test_27_19_a_large_photo_is_read_without_pillows_warning(tmp_path, monkeypatch):
+    """Pillow warns (3 lines) above Image.MAX_IMAGE_PIXELS, 89 megapixels (lowered here, so that a small image
+    stands for a 100-megapixel photo); the image is read and reduced like any other, without the warning."""
+    from PIL import Image
+    Image.fromarray(np.full((64, 48, 3), 200, dtype=np.uint8)).save(tmp_path / "large.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 64 x 48 = 3,072 pixels: above it, below twice it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = evaluate.load_as_cifar(tmp_path / "large.png")
+    assert image.shape == (3, 32, 32) and (image == 200).all()
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
