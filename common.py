@@ -1,7 +1,6 @@
-"""The hand-written techniques of the four levels, in the order the levels introduce them, each under a banner that
-names its level and tested against a library or a hand-computed answer (random erasing and the zoom view by their
-properties; tests/test_techniques.py); then CIFAR-10 and the ResNet-50, with their input checks. The levels own
-their recipes and loops, evaluate.py the measurement, support/ the run machinery, which a learner may skip."""
+"""The hand-written techniques of the four levels, in the order the levels introduce them, each under a banner naming
+its level and tested against a library or a hand-computed answer (random erasing and the zoom view by their
+properties); then CIFAR-10 and the ResNet-50 with their input checks. The machinery is in support/."""
 import copy
 import functools
 import math
@@ -161,8 +160,7 @@ BN_IMAGES = 2560  # training images the averages' statistics come from: 0.34 s a
 
 def bn_images(dataset, count=BN_IMAGES, transform=None, seed=0):
     """The first `count` images of `dataset` (uint8 N x 3 x 32 x 32), each through `transform` (a level's training
-    augmentation: crop, flip, RandAugment), with the global RNG seeded by `seed` inside fork_rng, so that the same
-    images come out every time and the run's own random stream is restored after. Without `transform`: clean."""
+    augmentation), drawn in fork_rng seeded by `seed`: the same images each time, the run's RNG untouched."""
     images, labels = dataset.images[:count], dataset.labels[:count]
     if transform is not None:
         with torch.random.fork_rng(devices=[]):  # the training run's own random stream is not disturbed
@@ -228,7 +226,7 @@ def fit_temperature(view_logits, labels, average="softmax", low=1e-2, high=1e2, 
     grid = np.linspace(math.log(low), math.log(high), points).tolist()
     best = min(range(points), key=lambda i: nll(grid[i]))
     lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, points - 1)]  # the best point's neighbours
-    golden = (math.sqrt(5) - 1) / 2
+    golden = (math.sqrt(5) - 1) / 2  # each step keeps this share (0.618) of the bracket
     for _ in range(iterations):
         a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
         if nll(a) < nll(b):

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 import common
-from support import records, run
+from support import inputs, records, run
 from support.errors import UserError
-from support.files import check_writable, load_checkpoint, remove_orphans
+from support.files import load_checkpoint
 
 # ---- Metrics, on CPU tensors (each checked against a hand-computed answer in tests/test_evaluate.py) -------------
 def confusion_matrix(preds, labels, num_classes=len(common.CLASSES)):
@@ -231,8 +231,10 @@ def get_args_parser():
     parser.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py (default: ./data)")
     parser.add_argument("--out", default="results", help="folder for the JSON and PNG (default: results)")
     parser.add_argument("--overwrite", action="store_true", help="replace another checkpoint's results (default: off)")
-    parser.add_argument("-b", "--batch-size", type=run.positive_int, default=256, help="images per batch (default: 256)")
-    parser.add_argument("--img-size", type=run.number(int, at_least=32), help="input side in px (default: the checkpoint's, else 224)")
+    parser.add_argument("-b", "--batch-size", type=run.positive_int, default=256,
+                        help="images per batch (default: 256)")
+    parser.add_argument("--img-size", type=run.number(int, at_least=32),
+                        help="input side in px (default: the checkpoint's, else 224)")
     parser.add_argument("--subset", type=run.positive_int, help="evaluate the first N images only (default: all)")
     parser.add_argument("--no-temperature", action="store_true",
                         help="ignore a calibration temperature stored in the checkpoint (default: apply it)")
@@ -260,7 +262,7 @@ def get_args_parser():
 def validate_args(args):
     if args.compare and (args.images or args.corruptions or args.bn_stats != "checkpoint"):
         raise UserError("--compare measures two checkpoints as they are, on a split: not with --images, "
-                               "--corruptions or --bn-stats")
+                        "--corruptions or --bn-stats")
     if args.baseline and not args.corruptions:
         raise UserError("--baseline needs --corruptions DIR|generated")
 
@@ -278,28 +280,6 @@ def load_model(path):
     if not any(k.endswith("fc.weight") and v.shape[0] == len(common.CLASSES) for k, v in checkpoint["model"].items()):
         raise UserError(f"{path} has no 10-class head: it is not a CIFAR-10 model of this suite")
     return model, checkpoint
-
-def input_size(args, train_args, path):
-    """--img-size, else the checkpoint's own, else 224; a stored size that the command line would refuse (not an
-    integer from 32 to run.LIMITS' bound) is one line, not a measurement at 8 px or a traceback."""
-    if args.img_size:
-        return args.img_size
-    size = train_args.get("img_size") or 224
-    largest = run.LIMITS["img_size"][0]
-    if type(size) is not int or not 32 <= size <= largest:
-        raise UserError(f"{path} stores img_size {size!r}, which is not a size in px from 32 to {largest}: give "
-                        f"--img-size")
-    return size
-
-def tta_set_of(args, train_args, path):
-    """The TTA set measured: --tta's, or with plain --tta the checkpoint's own (a name unknown here is one line)."""
-    tta_set = args.tta
-    if args.tta == "default":
-        tta_set = train_args.get("tta_set", "flip")
-    if not isinstance(tta_set or "none", str) or (tta_set or "none") not in common.TTA_SETS:
-        raise UserError(f"{path} names the TTA set {tta_set!r}, unknown here: give --tta with one of "
-                        f"{', '.join(common.TTA_SETS)}")
-    return tta_set
 
 def choose_temperature(checkpoint, args, tta_set):
     """The T fitted for the views measured: Level 4 stores one per TTA set (`temperatures`, for its --tta-average),
@@ -351,7 +331,8 @@ def trained_stages(checkpoint):
     rule: Levels 1-2 train the head alone for --head-epochs, the backbone in eval mode, then every stage; Levels 3-4
     unfreeze one stage more every --unfreeze-every epochs (their unfreeze_epoch). The others kept ImageNet's."""
     level = importlib.import_module(checkpoint["level"])  # one of the four level scripts
-    train_args = argparse.Namespace(**checkpoint["args"])
+    defaults = vars(level.get_args_parser().parse_args([]))  # for flags an older or hand-made checkpoint lacks
+    train_args = argparse.Namespace(**{**defaults, **checkpoint["args"]})
     epoch = checkpoint["epoch"] - 1  # 0-based, as the levels count: the checkpoint holds the end of this epoch
     if hasattr(level, "unfreeze_epoch"):  # Levels 3-4: progressive unfreezing
         return [stage for stage in BN_STAGES if level.unfreeze_epoch(stage, train_args) <= epoch]
@@ -435,52 +416,11 @@ def predict_images(args, model, device, img_size, views, temperature, json_path)
         top = [(common.CLASSES[i], float(p[i])) for i in ranked[:3]]
         print(f"{name}: " + ", ".join(f"{c} {q:.3f}" for c, q in top))
         rows.append({"file": name, "top3": top})
-    records.write_json(json_path, {"checkpoint": args.checkpoint, "temperature": temperature, "views": views, "images": rows,
-                           **records.run_info(device)})
+    records.write_json(json_path, {"checkpoint": args.checkpoint, "temperature": temperature, "views": views,
+                                   "images": rows, **records.run_info(device)})
     plot_images(images, [f"{Path(r['file']).name[:18]}\n{r['top3'][0][0]} {r['top3'][0][1]:.2f}" for r in rows],
                 json_path.with_suffix(".png"), f"{Path(args.checkpoint).name}: top-1")
     print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
-
-def output_path(args, tta_set):
-    """--out/eval_RUN-NAME_SPLIT[_tta-SET][_bn-SOURCE].json, eval_RUN-NAME_corruptions[-official][_tta-SET].json or
-    predictions_RUN-NAME.json: named by the checkpoint's folder and name, checked before the work; another
-    checkpoint's file is kept unless --overwrite."""
-    name = f"{Path(args.checkpoint).resolve().parent.name}-{Path(args.checkpoint).stem}"
-    tag = f"eval_{name}_{args.split}"
-    if args.corruptions:
-        tag = f"eval_{name}_corruptions"
-    if args.corruptions and args.corruptions != "generated" and _holds_npy(Path(args.corruptions)):
-        tag += "-official"  # the official files' results beside the generated ones', not over them
-    if tta_set:
-        tag += f"_tta-{tta_set}"
-    if args.bn_stats != "checkpoint":
-        tag += f"_bn-{args.bn_stats}"
-    if args.images:
-        tag = f"predictions_{name}"
-    return claim_output(args, tag, {"checkpoint": args.checkpoint})
-
-def _holds_npy(folder):
-    """Whether --corruptions DIR holds the official .npy files (in it or its CIFAR-10-C/), as support.corruptions'
-    read_official finds them; without any, the generated corruptions are measured."""
-    return any(folder.glob("*.npy")) or any((folder / "CIFAR-10-C").glob("*.npy"))
-
-def claim_output(args, tag, owner):
-    """--out/TAG.json, checked before the work: the folder writable, an earlier TAG.json of other checkpoints
-    (`owner`: {"checkpoint": A} or {"a": A, "b": B}, as the JSON records them) kept unless --overwrite, the temp
-    files of a killed write of TAG removed."""
-    path = Path(args.out) / f"{tag}.json"
-    check_writable(args.out, "--out")
-    try:
-        earlier = records.read_json(path) if path.exists() else owner
-        earlier = {key: earlier[key] for key in owner}
-        same = all(Path(earlier[key]).resolve() == Path(value).resolve() for key, value in owner.items())
-    except (OSError, ValueError, KeyError, TypeError):
-        earlier, same = {"file": "something else (not a JSON of evaluate.py)"}, False
-    if not args.overwrite and not same:
-        raise UserError(f"{path} holds the results of {' vs '.join(map(str, earlier.values()))}: keep them with "
-                        f"another --out, or replace them with --overwrite")
-    remove_orphans([args.out], f".{tag}.*.tmp", min_age_s=60)  # no lock here: one in flight is younger
-    return path
 
 def compare(args, device):
     """A.pth --compare B.pth: both on the same images and views (plain --tta: A's set), each at its own temperature
@@ -488,19 +428,19 @@ def compare(args, device):
     paths = (args.checkpoint, args.compare)
     loaded = [load_model(path) for path in paths]
     train_args = [checkpoint["args"] for _, checkpoint in loaded]
-    tta_set = tta_set_of(args, train_args[0], args.checkpoint)
-    img_sizes = [input_size(args, own_args, path) for own_args, path in zip(train_args, paths)]
+    tta_set = inputs.tta_set_of(args, train_args[0], args.checkpoint)
+    img_sizes = [inputs.input_size(args, own_args, path) for own_args, path in zip(train_args, paths)]
     seeds = {a.get("seed", 0) for a in train_args}
     if args.split == "val" and (len(seeds) > 1 or any(a.get("train_on_all") for a in train_args)):
         raise UserError("--split val needs two checkpoints trained with the same --seed and not "
-                               "--train-on-all (the same validation images): use --split test")
+                        "--train-on-all (the same validation images): use --split test")
     resolved = [Path(p).resolve().with_suffix("") for p in paths]
     names = [p.name for p in resolved]
     if names[0] == names[1]:  # seed1/level4_best.pth against seed2/level4_best.pth: name the folders that differ
         shared = len(Path(os.path.commonpath(resolved)).parts)
         names = ["-".join(p.parts[shared:]) or p.name for p in resolved]
     tag = f"compare_{names[0]}_vs_{names[1]}_{args.split}" + (f"_tta-{tta_set}" if tta_set else "")
-    json_path = claim_output(args, tag, {"a": args.checkpoint, "b": args.compare})  # before the work
+    json_path = inputs.claim_output(args, tag, {"a": args.checkpoint, "b": args.compare})  # before the work
     _, val_set, test_set = common.cifar10_datasets(args.data_dir, seeds.pop(), eval_subset=args.subset)
     dataset = val_set if args.split == "val" else test_set
     scored, temperatures = [], []
@@ -554,7 +494,7 @@ def robustness(args, model, device, img_size, views, temperature, test_set, tta_
     if args.baseline:
         baseline_model, baseline_checkpoint = load_model(args.baseline)
         baseline_model = baseline_model.to(device, memory_format=torch.channels_last)
-        baseline_size = input_size(args, baseline_checkpoint["args"], args.baseline)
+        baseline_size = inputs.input_size(args, baseline_checkpoint["args"], args.baseline)
         baseline_temperature = choose_temperature(baseline_checkpoint, args, tta_set)
         print(f"baseline {args.baseline} ({baseline_size} px):")
         baseline = corruptions.corruption_report(baseline_model, test_set, device, baseline_size, views,
@@ -584,14 +524,14 @@ def main(args):
     model, checkpoint = load_model(args.checkpoint)
     model = model.to(device, memory_format=torch.channels_last)
     train_args = checkpoint["args"]  # {} for a hand-made checkpoint without them
-    img_size = input_size(args, train_args, args.checkpoint)
-    tta_set = tta_set_of(args, train_args, args.checkpoint)
+    img_size = inputs.input_size(args, train_args, args.checkpoint)
+    tta_set = inputs.tta_set_of(args, train_args, args.checkpoint)
     views = common.TTA_SETS[tta_set or "none"]
     temperature = choose_temperature(checkpoint, args, tta_set)
     if not args.images and args.split == "val" and train_args.get("train_on_all"):
         raise UserError(f"{args.checkpoint} was trained on all 50,000 training images (--train-on-all): it has "
-                               f"no validation split; use --split test")
-    json_path = output_path(args, tta_set)
+                        f"no validation split; use --split test")
+    json_path = inputs.output_path(args, tta_set)
     bn_stages = None  # the stages whose statistics --bn-stats recomputed
     if args.bn_stats != "checkpoint":
         bn_stages = recompute_statistics(model, checkpoint, args, device, img_size)
@@ -604,9 +544,9 @@ def main(args):
     result, _ = report(model, val_set if args.split == "val" else test_set, device, img_size, views, temperature,
                        args.tta_average, args.batch_size)
     confusion_path = json_path.with_name(f"{json_path.stem}_confusion.png")
-    records.write_json(json_path, {**result, "checkpoint": args.checkpoint, "split": args.split, "img_size": img_size,
-                           "tta": tta_set, "bn_stats": args.bn_stats, "bn_stages": bn_stages,
-                           **records.run_info(device)})
+    records.write_json(json_path, {**result, "checkpoint": args.checkpoint, "split": args.split,
+                                   "img_size": img_size, "tta": tta_set, "bn_stats": args.bn_stats,
+                                   "bn_stages": bn_stages, **records.run_info(device)})
     plot_confusion(result["confusion_matrix"], confusion_path,
                    f"{Path(args.checkpoint).name} on {args.split} ({result['num_images']} images)")
     print_report(result, f"{args.checkpoint} on {args.split} ({result['num_images']} images, {img_size} px, TTA "

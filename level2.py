@@ -223,7 +223,7 @@ def main(args):
     scaler = torch.amp.GradScaler(device.type, enabled=common.amp_dtype(device) == torch.float16)  # fp16 only
     # --resume: every state of levelN_last.pth restored (a changed flag of RESUME_FLAGS is refused); else epoch 0
     start_epoch, best_acc, history = resume(args, LEVEL, RESUME_FLAGS, model, optimizer, scaler)
-    info = records.start(LEVEL, args, device, world_size, start_epoch, (train_set, val_set, test_set), master)
+    info = records.start_session(LEVEL, args, device, world_size, start_epoch, (train_set, val_set, test_set), master)
 
     writer = CheckpointWriter()  # one save in flight at most
     total_epochs = args.head_epochs + args.epochs
@@ -258,7 +258,7 @@ def main(args):
 
 # ---- Run plumbing: not part of the lesson ----------------------------------------------------------------------
 def validate_args(args):
-    run.check_args(args, QUICK)  # --quick's sizes; at least one batch of training images
+    run.prepare_args(args, QUICK)  # --quick's sizes applied; at least one batch of training images
 
 if __name__ == "__main__":
     run.run_main(main, get_args_parser(), validate_args)

@@ -19,7 +19,7 @@ model share the same cores there.
     python -m support.benchmark --level 2 --img-size 128 --json results/benchmark.json --markdown results/benchmark.md
     python -m support.benchmark --level 1 --compile --warmup-steps 20              # compiling happens in the warm-up
     python -m support.benchmark --epochs 3 --epoch-images 9000                     # (c): 3 epochs of 9,000 images each
-    python -m support.benchmark --level 1 2 --img-size 32 -b 8 --steps 2 --warmup-steps 1 -j 0 --device cpu   # smoke test
+    python -m support.benchmark --level 1 2 --img-size 32 -b 8 --steps 2 --warmup-steps 1 -j 0 --device cpu  # smoke
 """
 import argparse
 import contextlib
@@ -52,8 +52,10 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--level", type=int, nargs="+", choices=sorted(LEVELS), default=sorted(LEVELS),
                         help="levels whose step is timed (default: 1 2 3 4)")
-    parser.add_argument("--img-size", type=run.number(int, at_least=32), default=224, help="side the images are upsampled to (default: 224)")
-    parser.add_argument("-b", "--batch-size", type=run.number(int, at_least=2), default=256, help="images per training step (default: 256)")
+    parser.add_argument("--img-size", type=run.number(int, at_least=32), default=224,
+                        help="side the images are upsampled to (default: 224)")
+    parser.add_argument("-b", "--batch-size", type=run.number(int, at_least=2), default=256,
+                        help="images per training step (default: 256)")
     parser.add_argument("--steps", type=run.positive_int, default=50, help="timed steps of each kind (default: 50)")
     parser.add_argument("--warmup-steps", type=run.non_negative_int, default=10,
                         help="untimed steps first: cuDNN autotuning, compiling, workers starting (default: 10)")
@@ -61,7 +63,8 @@ def get_args_parser():
                         help="views of the TTA evaluation (default: flip+translate)")
     parser.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py (default: ./data)")
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: auto)")
-    parser.add_argument("-j", "--workers", type=run.non_negative_int, default=level1.get_args_parser().get_default("workers"),
+    parser.add_argument("-j", "--workers", type=run.non_negative_int,
+                        default=level1.get_args_parser().get_default("workers"),
                         help="DataLoader workers of the levels' loader (default: the levels' default)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both steps (default: off)")
     # A step costs the same whatever the weights, and the ImageNet file may not be on the machine.
@@ -254,15 +257,15 @@ def main(args):
         print("benchmark: " + " ".join(f"{key}={value}" for key, value in row.items()))
     if args.json:
         records.write_json(args.json, [{**row, **info, "compile": args.compile, "steps": args.steps,
-                                         "workers": args.workers} for row in rows])
+                                        "workers": args.workers} for row in rows])
     if args.markdown:
         header = ["level", "px", "batch", "bare step img/s", "level step img/s", "level / bare", "eval img/s",
                   f"TTA ({len(common.TTA_SETS[args.tta_set])} views) img/s", "peak memory MB"]
         if args.epochs:
             header += ["epoch line img/s", "epoch / level step", "s per epoch outside the steps"]
         records.write_table(args.markdown, f"`{info['command']}` on {info['device']}, {info['precision']}, torch "
-                             f"{info['torch']}, commit {info['commit']}, {'compiled' if args.compile else 'eager'}, "
-                             f"{args.workers} workers:", header, [markdown_cells(row, args) for row in rows])
+                            f"{info['torch']}, commit {info['commit']}, {'compiled' if args.compile else 'eager'}, "
+                            f"{args.workers} workers:", header, [markdown_cells(row, args) for row in rows])
     return rows
 
 def markdown_cells(row, args):

@@ -393,26 +393,26 @@ def read_official(folder, test_labels):
             arrays[name] = np.load(path, mmap_mode="r")  # 150 MB each: read a severity at a time, never all
         except Exception as error:  # truncated, not a .npy, pickled objects
             raise UserError(f"{path} is not a readable .npy array ({type(error).__name__}): re-extract "
-                                   f"CIFAR-10-C.tar") from None
+                            f"CIFAR-10-C.tar") from None
     labels = arrays.pop("labels", None)
     if labels is None or labels.ndim != 1 or labels.dtype.kind not in "iu" or not len(labels) or len(labels) % 5:
         raise UserError(f"{folder / 'labels.npy'} must hold the labels of 5 severities (a multiple of 5 "
-                               f"integers): re-extract CIFAR-10-C.tar")
+                        f"integers): re-extract CIFAR-10-C.tar")
     if not any(name in arrays for name in BENCHMARK):
         raise UserError(f"{folder} holds none of CIFAR-10-C's 15 benchmark corruptions ({', '.join(BENCHMARK)}.npy): "
                         f"re-extract CIFAR-10-C.tar")
     per_severity, n = len(labels) // 5, len(test_labels)
     if n > per_severity:
         raise UserError(f"{files['labels']} holds {per_severity} images per severity, fewer than the {n} "
-                               f"test images: use --subset {per_severity}")
+                        f"test images: use --subset {per_severity}")
     for name, images in arrays.items():
         if images.dtype != np.uint8 or images.shape != (len(labels), 32, 32, 3):
             raise UserError(f"{files[name]} must be a uint8 array of shape ({len(labels)}, 32, 32, 3), not "
-                                   f"{images.dtype} {images.shape}: re-extract CIFAR-10-C.tar")
+                            f"{images.dtype} {images.shape}: re-extract CIFAR-10-C.tar")
     for start in range(0, len(labels), per_severity):
         if not np.array_equal(labels[start:start + n], np.asarray(test_labels)):
             raise UserError(f"{files['labels']}: the labels of images {start} to {start + n - 1} are not the "
-                                   f"test set's first {n}: it is not CIFAR-10-C's, or not in test-set order")
+                            f"test set's first {n}: it is not CIFAR-10-C's, or not in test-set order")
     return arrays
 
 def severity_images(source, name, severity, clean, seed, device, batch_size):

@@ -1,5 +1,5 @@
 """Run records: what produced each number (command, device, precision, commit, versions), every session of a
-resumed run, and the strict JSON and Markdown the results are written as. Called by the levels (start,
+resumed run, and the strict JSON and Markdown the results are written as. Called by the levels (start_session,
 print_epoch, write_results, write_per_image), evaluate.py (run_info, write_json), support.study and support.benchmark
 (write_json, write_table)."""
 import io
@@ -45,7 +45,7 @@ def run_info(device):
             "precision": precision, "commit": commit or "unknown", "torch": torch.__version__}
 
 
-def start(level, args, device, world_size, start_epoch, datasets, master):
+def start_session(level, args, device, world_size, start_epoch, datasets, master):
     """A level's session record (run_info, the training images, the start time), and its first line on rank 0."""
     train_set, val_set, test_set = datasets
     info = {**run_info(device), "train_images": len(train_set), "started": time.time()}

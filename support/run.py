@@ -1,7 +1,7 @@
 """How a script runs: the runner that turns every failure into one line (run_main), Ctrl-C and SIGTERM, the flags
 every level shares and the argparse types that check a flag's range beside it, the start of a run (torchrun's
 processes, the device, the run folder and its lock) and its end. Each level calls these in one line per concern:
-run.add_arguments, run.check_args, run.start, run.rank_zero_first, run.worker_init, run.check_finite, run.barrier,
+run.add_arguments, run.prepare_args, run.start, run.rank_zero_first, run.worker_init, run.check_finite, run.barrier,
 run.finish, run.run_main; evaluate.py and support.benchmark use run_main, number and resolve_device."""
 import argparse
 import contextlib
@@ -261,7 +261,7 @@ def add_arguments(parser):
     return run
 
 
-def check_args(args, quick):
+def prepare_args(args, quick):
     """--quick's sizes applied first (in quick/ folders, which keep real runs' files apart), then what every level
     needs: at least one batch of training images; Level 4's SWA averaging at least once."""
     if args.quick:

@@ -3,7 +3,7 @@ down, each row switching one technique off, over paired seeds, with 95 % interva
 validation, Holm-corrected over the rows; rows that change only the measurement reuse the baseline's checkpoints)
 and the summary across levels and seeds, each level against the one before on the same test images; and the
 robustness report of Level 4's final test. They train nothing themselves: `run_ablation` calls the level's own
-`main` for every trained (row, seed). Called by level4.py: add_arguments, check_arguments, run, robustness."""
+`main` for every trained (row, seed). Called by level4.py: add_arguments, prepare_arguments, run, robustness."""
 import argparse
 import collections
 import json
@@ -46,7 +46,7 @@ def add_arguments(parser):
     studies.add_argument("--summary", action="store_true", help="only write results/summary.{md,png} (default: off)")
 
 
-def check_arguments(args):
+def prepare_arguments(args):
     """The study's --quick sizes, then the checks of its flags against each other and Level 4's."""
     if args.quick:
         vars(args).update(QUICK)
@@ -201,9 +201,9 @@ def validation_acc1(model, val_set, device, args, tta_set):
 
 def measure_row(change, checkpoint_dir, datasets, device, args):
     """An evaluation row on one seed: the baseline's run in `checkpoint_dir` measured with `change`: other TTA views,
-    T = 1, the chosen weights' BatchNorm statistics recomputed on clean training images (as evaluate.py --bn-stats clean:
-    in the stages that trained at its epoch; bn_clean names the candidate and the stages), or the raw weights at the
-    end of the run (level4_last.pth, with a T of their own fitted on validation, as the final test fits one)."""
+    T = 1, the chosen weights' BatchNorm statistics recomputed on clean training images (as evaluate.py --bn-stats
+    clean: in the stages that trained at its epoch; bn_clean names the candidate and the stages), or the raw weights
+    at the end of the run (level4_last.pth, with a T of their own fitted on validation, as the final test fits one)."""
     train_set, val_set, test_set = datasets
     raw_last = change.get("weights") == "raw, last epoch"
     checkpoint_name = "level4_best.pth"
@@ -246,6 +246,8 @@ def run_ablation(args, train):
         raise UserError(f"{path} is not this suite's ablation table ({type(error).__name__}): move it away")
     train_set, _, _ = common.cifar10_datasets(args.data_dir, args.seed, args.subset)
     steps_per_epoch = len(train_set) // args.batch_size  # one process (--ablate refuses torchrun), drop_last
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(train_set)} training images hold no batch of --batch-size {args.batch_size}: lower it")
     recipe, seeds = scaled_recipe(args, steps_per_epoch), [args.seed + i for i in range(args.ablate_seeds)]
     print(f"ablation recipe (--epochs {args.epochs} scaled by {args.ablate_epochs / args.epochs:.3g}): "
           + ", ".join(f"{name} {value:g}" for name, value in recipe.items()) + f"; seeds {seeds}; "
@@ -265,7 +267,7 @@ def run_ablation(args, train):
             if earlier is None or earlier["args"] != settings or earlier["change"] != change:
                 done[(name, seed)] = ablation_run(name, seed, change, evaluation_only, row_args, settings, args,
                                                   train)
-                records.write_json(path, {"runs": list(done.values())})  # an interrupted grid keeps finished runs
+                records.write_json(path, {"runs": list(done.values())})  # an interrupted grid keeps its runs
             table[name].append(done[(name, seed)])
     return write_ablation_table(table, path, args, list(done.values()))
 

@@ -32,7 +32,7 @@ import level1
 import level2
 import level3
 import level4
-from support import files, records, run
+from support import files, inputs, records, run
 from support.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -517,14 +517,14 @@ def test_27_3b_corruption_results_are_named_by_their_source(tmp_path):
     args = argparse.Namespace(checkpoint=str(tmp_path / "run" / "level4_best.pth"), split="test", images=None,
                               bn_stats="checkpoint", out=str(tmp_path / "out"), overwrite=False,
                               corruptions="generated")
-    assert evaluate.output_path(args, None).name == "eval_run-level4_best_corruptions.json"
+    assert inputs.output_path(args, None).name == "eval_run-level4_best_corruptions.json"
     (tmp_path / "empty").mkdir()
     args.corruptions = str(tmp_path / "empty")
-    assert evaluate.output_path(args, None).name == "eval_run-level4_best_corruptions.json"
+    assert inputs.output_path(args, None).name == "eval_run-level4_best_corruptions.json"
     (tmp_path / "official" / "CIFAR-10-C").mkdir(parents=True)
     np.save(tmp_path / "official" / "CIFAR-10-C" / "fog.npy", np.zeros(5, dtype=np.uint8))
     args.corruptions = str(tmp_path / "official")
-    assert evaluate.output_path(args, "flip").name == "eval_run-level4_best_corruptions-official_tta-flip.json"
+    assert inputs.output_path(args, "flip").name == "eval_run-level4_best_corruptions-official_tta-flip.json"
 
 
 KILLED_BETWEEN_BEST_AND_LAST = """
@@ -704,11 +704,11 @@ def test_27_4b_8_17_a_stored_img_size_the_command_line_would_refuse_is_one_line(
     with a line blaming --lr. None or absent: 224."""
     args = argparse.Namespace(img_size=None)
     if expected is None:
-        assert evaluate.input_size(args, stored, "x.pth") == 224
+        assert inputs.input_size(args, stored, "x.pth") == 224
     else:
         with pytest.raises(UserError, match=f"{expected}.*from 32 to 1024: give --img-size"):
-            evaluate.input_size(args, stored, "x.pth")
-    assert evaluate.input_size(argparse.Namespace(img_size=64), stored, "x.pth") == 64
+            inputs.input_size(args, stored, "x.pth")
+    assert inputs.input_size(argparse.Namespace(img_size=64), stored, "x.pth") == 64
 
 
 def test_27_8_temperatures_without_at_bound_or_not_a_number(capsys):
@@ -723,7 +723,8 @@ def test_27_9_bn_stats_of_a_checkpoint_with_partial_args(tmp_path, state_dict, s
     """--bn-stats train on a level checkpoint whose args lack some flags: the level's defaults fill them in."""
     path = tmp_path / "run" / "level2_best.pth"
     path.parent.mkdir()
-    torch.save({"model": state_dict, "level": "level2", "args": {"seed": 0, "subset": 16, "img_size": 32}}, path)
+    torch.save({"model": state_dict, "level": "level2", "epoch": 3, "args": {"seed": 0, "subset": 16, "img_size": 32}},
+               path)
     result = evaluate_cli(path, synthetic_root, tmp_path / "out", "--bn-stats", "train")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "eval_run-level2_best_test_bn-train.json").is_file()
@@ -770,7 +771,7 @@ def test_27_12_a_device_that_holds_no_data_is_one_line(tmp_path):
                                   tmp_path / "ck"), "device 'meta'")
 
 
-def test_27_16_17_an_interrupt_says_what_to_do_for_each_script(tmp_path, state_dict, monkeypatch):
+def test_27_16_17_an_interrupt_says_what_to_do_for_each_script(tmp_path, state_dict, monkeypatch, synthetic_root):
     """Ctrl-C in --ablate: run the same command again (it refuses --resume); in evaluate.py and the benchmark no
     levelN_last.pth to resume; in a level before its first epoch ended, nothing to resume."""
     from support import benchmark, study
@@ -782,7 +783,8 @@ def test_27_16_17_an_interrupt_says_what_to_do_for_each_script(tmp_path, state_d
     monkeypatch.setattr(benchmark, "benchmark_level", interrupted)
     monkeypatch.setattr(level1, "load_data", interrupted)
     results = {
-        "ablate": run_cli(level4, "--ablate", "--results-dir", tmp_path, "--checkpoint-dir", tmp_path),
+        "ablate": run_cli(level4, "--ablate", "--results-dir", tmp_path, "--checkpoint-dir", tmp_path, "--data-dir",
+                          synthetic_root, "-b", "16"),
         "evaluate": run_cli(evaluate, tmp_path / "x.pth"),
         "benchmark": run_cli(benchmark, "--device", "cpu"),
         "level1": run_cli(level1, *TINY, "--data-dir", tmp_path, "--checkpoint-dir", tmp_path / "ck",
