@@ -316,13 +316,13 @@ def cifar10_datasets(data_dir, seed, subset=None, eval_subset=None, train_on_all
         except Exception as error:
             raise UserError(f"CIFAR-10 is not at {folder} and could not be downloaded ({type(error).__name__}): "
                             f"extract cifar-10-python.tar.gz so that {folder}/data_batch_1 exists") from None
-    parts = [read_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
+    parts = [files.read_once(read_batch, folder / f"data_batch_{i}") for i in range(1, 6)]  # once per process
     images, labels = np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
-    test_images, test_labels = read_batch(folder / "test_batch")
+    test_images, test_labels = files.read_once(read_batch, folder / "test_batch")
     train, val = split_indices(labels, seed, val_per_class=0 if train_on_all else 500)
     train, val = train[:subset], val[:eval_subset]
     return (CifarDataset(images[train], labels[train], transform), CifarDataset(images[val], labels[val]),
-            CifarDataset(test_images[:eval_subset], test_labels[:eval_subset]))
+            CifarDataset(test_images[:eval_subset].copy(), test_labels[:eval_subset].copy()))  # not the shared arrays
 
 def batches(dataset, batch_size, device, drop_last=False):
     """Evaluation batches: slices of the uint8 tensors, pinned on CUDA; no DataLoader workers to start or wait for."""

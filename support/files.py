@@ -84,6 +84,25 @@ def atomic_write(path, data):
         raise
 
 
+_READ = {}  # (reader, path) -> ((size, mtime), what it read): the files read_once has read, as they were
+
+
+def read_once(reader, path):
+    """reader(path), read again only when the file changed (its size or modification time): --ablate, which runs
+    the level once per row and seed in one process, and the tests read the six CIFAR-10 batches once, not each run.
+    What it returns is shared: the caller must not change it in place."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return reader(path)  # missing or unreadable: the reader's own one-line error
+    version = (stat.st_size, stat.st_mtime_ns)
+    cached = _READ.get((reader, str(path)))
+    if cached is None or cached[0] != version:
+        cached = (version, reader(path))
+        _READ[(reader, str(path))] = cached
+    return cached[1]
+
+
 def save_checkpoint(path, checkpoint):
     """torch.save through atomic_write; weights that are not all finite are refused, never written."""
     if not all(v.isfinite().all() for v in checkpoint["model"].values() if v.is_floating_point()):

@@ -34,19 +34,22 @@ def run_main(main, parser, validate):
     _STOP.update(signal=None, held=False, hint=None)
     files.RUN.update(last=None, interrupted=False)  # last: set by a level's start_run (evaluate.py has none)
     try:
-        validate(args)
-        return main(args)
-    except UserError as error:
-        fail(error)
+        try:
+            validate(args)
+            return main(args)
+        except UserError as error:
+            fail(error)
+        except OSError as error:  # a write outside atomic_write, e.g. a plot
+            if error.errno not in files.WRITE_ERRNOS and not files.folder_gone(error):
+                raise
+            fail(files.write_error(error.filename or "a file", error))
+        except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
+            _fail_runtime(error, args)
+            raise
+    # Ctrl-C or SIGTERM during main, or while a handler above was writing its line (torchrun's SIGTERM reaches a
+    # rank whose peer is gone as it reads the error); one signal at most: the first one holds the rest
     except KeyboardInterrupt:
         _stop(_STOP["signal"] or signal.SIGINT)
-    except OSError as error:  # a write outside atomic_write, e.g. a plot
-        if error.errno not in files.WRITE_ERRNOS and not files.folder_gone(error):
-            raise
-        fail(files.write_error(error.filename or "a file", error))
-    except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
-        _fail_runtime(error, args)
-        raise
     finally:
         # A script that stops on a signal (or whose torchrun peer is gone) keeps ignoring further ones until the
         # process has ended: a Ctrl-C during Python's exit would print "Exception ignored in threading._shutdown",

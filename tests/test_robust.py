@@ -449,6 +449,25 @@ def test_12_a_rank_whose_rank_zero_stopped_mid_run_exits_2_without_a_traceback(m
         run.run_main(bug, parser, lambda args: None)
 
 
+def test_a_sigterm_while_the_runner_reads_an_error_is_one_line(monkeypatch, capsys):
+    """torchrun's SIGTERM reaches rank 1 just as it reads the error of its lost peer (seen in CI: DDP's broadcast
+    lost rank 0, the SIGTERM came inside the handler): the stop's one line and 143, not a KeyboardInterrupt
+    traceback."""
+    def main(args):
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:25789")
+
+    def lost_peer_as_torchrun_stops_us(text):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered at once to run_main's handler, which raises
+        return True
+    monkeypatch.setattr(run, "_lost_peer", lost_peer_as_torchrun_stops_us)
+    monkeypatch.setattr(sys, "argv", ["level1.py"])
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exit_:
+        run.run_main(main, argparse.ArgumentParser(), lambda args: None)
+    assert exit_.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().startswith("SIGTERM: interrupted")
+
+
 # ==== Round four (issue 27): the writer under repeated signals, results replaced, hangs, tracebacks, messages =========
 # The signal cases run in subprocesses in tests/test_writer.py (point 1) and tests/test_distributed.py (point 13).
 
