@@ -111,6 +111,17 @@ def report(model, dataset, device, img_size, views=("identity",), temperature=1.
     result, probs = from_logits(view_logits, labels, temperature, average)
     return {**result, "views": list(views), "images_per_s": len(labels) / (time.time() - started)}, probs
 
+def views_of(view_logits, views):
+    """The logits of `views` out of predict()'s logits of all of common.TTA_VIEWS (in its order): every TTA set
+    measured from one pass per view."""
+    all_views = list(common.TTA_VIEWS)
+    return view_logits[[all_views.index(view) for view in views]]
+
+def views_report(all_view_logits, labels, views, temperature=1.0, average="softmax"):
+    """from_logits() of the TTA set `views`, from the logits of every view (predict(..., common.TTA_VIEWS))."""
+    result, probs = from_logits(views_of(all_view_logits, views), labels, temperature, average)
+    return {**result, "views": list(views)}, probs
+
 def loss_and_accuracy(model, dataset, device, img_size):
     """Validation loss (cross-entropy) and top-1 of one view, with one wait for the device."""
     logits, labels = common.predict(model, dataset, device, img_size)

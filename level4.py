@@ -383,11 +383,10 @@ def fit_temperatures(model, val_set, device, args):
     {set: {"temperature": T, "at_bound": bool}}; with --train-on-all no image is held out: T = 1 for every set."""
     if args.train_on_all:
         return {name: {"temperature": 1.0, "at_bound": False} for name in common.TTA_SETS}
-    all_views = list(common.TTA_VIEWS)
-    view_logits, labels = common.predict(model, val_set, device, args.img_size, all_views)  # each view once
+    view_logits, labels = common.predict(model, val_set, device, args.img_size, common.TTA_VIEWS)  # each view once
     fits = {}
     for name, views in common.TTA_SETS.items():
-        set_logits = view_logits[[all_views.index(view) for view in views]]
+        set_logits = evaluate.views_of(view_logits, views)
         temperature, at_bound = common.fit_temperature(set_logits, labels, args.tta_average)
         fits[name] = {"temperature": temperature, "at_bound": at_bound}
     return fits
@@ -406,7 +405,8 @@ def final_test(model, val_set, test_set, device, args, history, info):
     save_checkpoint(path, {**best, "temperatures": fits, "temperature": one_view["temperature"],
                            "temperature_at_bound": one_view["at_bound"], "swa_snapshots": snapshots})
     calibrated_t = common.applied_temperature(one_view)  # T = 1 where the fit ended at its search bound
-    logits, labels = common.predict(model, test_set, device, args.img_size)
+    view_logits, labels = common.predict(model, test_set, device, args.img_size, common.TTA_VIEWS)  # each view once
+    logits = evaluate.views_of(view_logits, ["identity"])  # the one-view test
     test, probs = evaluate.from_logits(logits, labels)  # T = 1: the raw calibration, as at every level
     calibrated, calibrated_probs = evaluate.from_logits(logits, labels, calibrated_t)
     records.write_per_image(results_dir, LEVEL, logits, labels, calibrated_t)  # one view at T, as --compare measures
@@ -417,9 +417,9 @@ def final_test(model, val_set, test_set, device, args, history, info):
     tta = {}
     for name, views in common.TTA_SETS.items():  # each set at its own T; predictions from the T = 1 average
         temperature = common.applied_temperature(fits[name])
-        tta[name], _ = evaluate.report(model, test_set, device, args.img_size, views, temperature, args.tta_average)
+        tta[name], _ = evaluate.views_report(view_logits, labels, views, temperature, args.tta_average)
     print("TTA, each set at its own T: " + ", ".join(f"{name} ({len(r['views'])} views) acc1 {r['acc1']:.4f} T "
-          f"{r['temperature']:.3g} ece {r['ece']:.4f} {r['images_per_s']:.0f} img/s" for name, r in tta.items()))
+          f"{r['temperature']:.3g} ece {r['ece']:.4f}" for name, r in tta.items()))
     evaluate.plot_reliability({"T = 1": (probs, labels), f"T = {calibrated_t:.3g}": (calibrated_probs, labels)},
                               results_dir / f"{LEVEL}_reliability.png", f"{LEVEL}: test set")
     evaluate.plot_confusion(test["confusion_matrix"], results_dir / f"{LEVEL}_confusion.png", f"{LEVEL}: test set")

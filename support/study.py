@@ -225,8 +225,9 @@ def measure_row(change, checkpoint_dir, datasets, device, args):
     else:
         temperature = common.applied_temperature(checkpoint["temperatures"][tta_set])
     views = common.TTA_SETS[tta_set]
-    test, _ = evaluate.report(model, test_set, device, args.img_size, views, temperature, args.tta_average)
-    one_view, _ = evaluate.report(model, test_set, device, args.img_size)
+    test_logits, test_labels = common.predict(model, test_set, device, args.img_size, views)  # each view once
+    test, _ = evaluate.from_logits(test_logits, test_labels, temperature, args.tta_average)
+    one_view, _ = evaluate.from_logits(test_logits[[views.index("identity")]], test_labels)  # every set has it
     model_source = "raw (last epoch)" if raw_last else checkpoint["model_source"]
     return {"acc1": one_view["acc1"], "tta_acc1": test["acc1"], "ece": test["ece"], "val_acc1": val_acc1,
             "model_source": model_source, "swa_snapshots": None, **measured}  # None: the baseline's run, see its row

@@ -255,6 +255,19 @@ def test_report_is_the_metrics_of_predict(average):
     assert result["confusion_matrix"] == evaluate.confusion_matrix(preds, labels).tolist()
 
 
+def test_every_tta_set_from_one_pass_per_view_is_its_own_report():
+    """Level 4's final test runs each view once (predict over common.TTA_VIEWS) and measures every TTA set from
+    those logits: views_report gives what report() gives running the set's views itself."""
+    model, dataset = tiny_model(), random_dataset(30)
+    all_logits, labels = common.predict(model, dataset, CPU, 32, common.TTA_VIEWS)
+    for views in common.TTA_SETS.values():
+        alone, alone_probs = evaluate.report(model, dataset, CPU, 32, views, 1.5, "softmax")
+        shared, shared_probs = evaluate.views_report(all_logits, labels, views, 1.5, "softmax")
+        torch.testing.assert_close(shared_probs, alone_probs)
+        assert shared["views"] == list(views) and shared["nll"] == pytest.approx(alone["nll"])
+        assert shared["acc1"] == alone["acc1"] and shared["confusion_matrix"] == alone["confusion_matrix"]
+
+
 # ---- Command line ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
