@@ -1,8 +1,8 @@
 """Measure any checkpoint of this suite, or a bare 10-class ResNet-50 state_dict, on CIFAR-10.
 
 Top-1, per-class accuracy, precision, recall and F1, ECE (15 equal-width bins), NLL and Brier score, the confusion
-matrix; a JSON and a PNG under --out. The levels call `report` for their final test, so a level's figures and this
-script's agree. The validation split is rebuilt with the checkpoint's own --seed: the images the run chose on.
+matrix; a JSON and a PNG under --out. The levels measure their final test with this script's functions (report,
+from_logits), so a level's figures and this script's agree. The validation split is rebuilt with the checkpoint's own --seed: the images the run chose on.
 
     python evaluate.py checkpoints/level1_best.pth
     python evaluate.py checkpoints/level4_best.pth --tta                        # the level's own TTA views
@@ -495,12 +495,12 @@ def robustness(args, model, device, img_size, views, temperature, test_set, tta_
     """--corruptions: support.corruptions' report (and --baseline's checkpoint's first), a JSON and a heat map; the
     final line gives the benchmark's figures, never the extras'."""
     from support import corruptions  # the corruptions and their report: loaded only by --corruptions
-    source = "generated"
+    official = None  # {name: memory-mapped array} of CIFAR-10-C's files; None: the corruptions are generated
     if args.corruptions != "generated":
-        source = corruptions.read_official(args.corruptions, test_set.labels)
-    if source is None:
-        print(f"{args.corruptions} holds no .npy file: using generated CIFAR-10-C-style corruptions instead")
-        source = "generated"
+        official = corruptions.read_official(args.corruptions, test_set.labels)
+        if official is None:
+            print(f"{args.corruptions} holds no .npy file: using generated CIFAR-10-C-style corruptions instead")
+    source = official or "generated"  # what corruption_report takes
     baseline, baseline_acc1 = None, None
     if args.baseline:
         baseline_model, baseline_checkpoint = load_model(args.baseline)
@@ -518,7 +518,7 @@ def robustness(args, model, device, img_size, views, temperature, test_set, tta_
     records.write_json(json_path, {**result, "checkpoint": args.checkpoint, "img_size": img_size, "tta": tta_set,
                                    "bn_stats": args.bn_stats, "bn_stages": bn_stages, "baseline": baseline,
                                    **records.run_info(device)})
-    label = "generated CIFAR-10-C-style corruptions" if source == "generated" else result["source"]
+    label = "generated CIFAR-10-C-style corruptions" if official is None else result["source"]
     corruptions.plot_corruptions(result, json_path.with_suffix(".png"), f"{Path(args.checkpoint).name}: {label}")
     print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
     benchmark = result["benchmark"]  # the published figures' set: the extras are never in these means

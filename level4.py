@@ -40,9 +40,9 @@ RESUME_FLAGS = ("seed", "subset", "train_on_all", "img_size", "batch_size", "wei
                 "lr", "epochs", "warmup_epochs", "min_lr", "tta_set", "unfreeze_every", "unfreeze_warmup_epochs",
                 "lr_decay", "final_epochs", "final_lr", "swa_epochs", "swa_every", "swa_lr", "swa_schedule",
                 "tta_average")
-# --quick: a smoke run that shows every stage working, in a minute or two on a CPU; its numbers mean nothing.
+# --quick: every stage in a minute or two on a CPU, numbers meaningless; SWA averages each step (4 snapshots, not 1).
 QUICK = {"subset": 128, "eval_subset": 128, "img_size": 32, "batch_size": 32, "head_epochs": 1, "epochs": 1,
-         "overwrite": True, "swa_epochs": 1}
+         "overwrite": True, "swa_epochs": 1, "swa_every": 1}
 # Progressive unfreezing walks ResNet-50's stages from the output back to the input.
 GROUPS = ("fc", "layer4", "layer3", "layer2", "layer1", "stem")
 # The stage of each of torchvision's top-level modules; the others (layer1 ... layer4, fc) are stages themselves.
