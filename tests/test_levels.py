@@ -472,6 +472,19 @@ def test_summary_has_a_raw_and_a_calibrated_ece_column(tmp_path):
     assert rows["level1"][corrupted] == "-" and rows["level4"][corrupted] == "0.7000"
 
 
+def test_quick_swa_averages_and_the_quick_ablation_is_small():
+    """--quick: Level 4's one SWA epoch averages after every step (4 snapshots of 4 steps, not 1); with --ablate, two
+    seeds and 64 images to validate and test on, so that the whole grid is a smoke run of minutes."""
+    args = level4.get_args_parser().parse_args(["--quick"])
+    level4.validate_args(args)
+    steps_per_epoch = args.subset // args.batch_size
+    assert study.swa_snapshots(args.swa_epochs, args.swa_every, steps_per_epoch) == 4
+    assert args.ablate_seeds == 3 and args.eval_subset == 128
+    args = level4.get_args_parser().parse_args(["--quick", "--ablate"])
+    level4.validate_args(args)
+    assert args.ablate_seeds == 2 and args.eval_subset == 64 and args.subset == 128
+
+
 def test_ablation_runs_its_rows_keeps_finished_ones_and_names_unknown_rows(tmp_path, data_root, monkeypatch):
     """Real tiny runs: the baseline and no_ema (one seed) train, no_ema's weights are not the EMA's; another
     --ablate-rows reuses the finished runs; unknown rows, torchrun and a malformed ablation.json are one line each.
