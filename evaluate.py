@@ -2,7 +2,8 @@
 
 Top-1, per-class accuracy, precision, recall and F1, ECE (15 equal-width bins), NLL and Brier score, the confusion
 matrix; a JSON and a PNG under --out. The levels measure their final test with this script's functions (report,
-from_logits), so a level's figures and this script's agree. The validation split is rebuilt with the checkpoint's own --seed: the images the run chose on.
+from_logits), so a level's figures and this script's agree. The validation split is rebuilt with the checkpoint's
+own --seed: the images the run chose on.
 
     python evaluate.py checkpoints/level1_best.pth
     python evaluate.py checkpoints/level4_best.pth --tta                        # the level's own TTA views
