@@ -116,6 +116,8 @@ def views_of(view_logits, views):
     """The logits of `views` out of predict()'s logits of all of common.TTA_VIEWS (in its order): every TTA set
     measured from one pass per view."""
     all_views = list(common.TTA_VIEWS)
+    if len(view_logits) != len(all_views):
+        raise ValueError(f"views_of takes the logits of all {len(all_views)} views, got {len(view_logits)}")
     return view_logits[[all_views.index(view) for view in views]]
 
 def views_report(all_view_logits, labels, views, temperature=1.0, average="softmax"):

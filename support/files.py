@@ -84,18 +84,18 @@ def atomic_write(path, data):
         raise
 
 
-_READ = {}  # (reader, path) -> ((size, mtime), what it read): the files read_once has read, as they were
+_READ = {}  # (reader, path) -> ((inode, size, mtime, ctime), what it read): the files read_once read, as they were
 
 
 def read_once(reader, path):
-    """reader(path), read again only when the file changed (its size or modification time): --ablate, which runs
+    """reader(path), read again only when the file changed (replaced, resized or modified): --ablate, which runs
     the level once per row and seed in one process, and the tests read the six CIFAR-10 batches once, not each run.
     What it returns is shared: the caller must not change it in place."""
     try:
         stat = os.stat(path)
     except OSError:
         return reader(path)  # missing or unreadable: the reader's own one-line error
-    version = (stat.st_size, stat.st_mtime_ns)
+    version = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     cached = _READ.get((reader, str(path)))
     if cached is None or cached[0] != version:
         cached = (version, reader(path))

@@ -266,6 +266,10 @@ def test_every_tta_set_from_one_pass_per_view_is_its_own_report():
         torch.testing.assert_close(shared_probs, alone_probs)
         assert shared["views"] == list(views) and shared["nll"] == pytest.approx(alone["nll"])
         assert shared["acc1"] == alone["acc1"] and shared["confusion_matrix"] == alone["confusion_matrix"]
+    views = ["zoom", "identity", "shift_up"]  # not a prefix of TTA_VIEWS, not in its order: picked by name
+    torch.testing.assert_close(evaluate.views_of(all_logits, views), common.predict(model, dataset, CPU, 32, views)[0])
+    with pytest.raises(ValueError):
+        evaluate.views_of(all_logits[:2], ["identity"])  # logits of two views only
 
 
 # ---- Command line ------------------------------------------------------------------------------------------------

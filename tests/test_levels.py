@@ -62,16 +62,20 @@ def link_checkpoint(source, target):
         shutil.copy(source, target)
 
 
-BASELINES = {}
+@pytest.fixture(scope="module")
+def baseline_epoch():
+    """baseline_epoch(module, flags, epoch, ...): short_epoch() of a baseline that several flag tests compare against,
+    run once: short_epoch is deterministic (the same initial weights, seed and images), so a second run would give
+    the same tensors. The weights are let go after this module (a ResNet-50 and its averages each)."""
+    cache = {}
 
-
-def baseline_epoch(module, flags=(), epoch=None, **kwargs):
-    """short_epoch() of a baseline that several flag tests compare against, run once: short_epoch is deterministic
-    (the same initial weights, seed and images), so a second run would give the same tensors."""
-    key = repr((module.LEVEL, list(flags), epoch, kwargs))
-    if key not in BASELINES:
-        BASELINES[key] = short_epoch(module, flags, epoch, **kwargs)
-    return BASELINES[key]
+    def run(module, flags=(), epoch=None, **kwargs):
+        key = repr((module.LEVEL, list(flags), epoch, kwargs))
+        if key not in cache:
+            cache[key] = short_epoch(module, flags, epoch, **kwargs)
+        return cache[key]
+    yield run
+    cache.clear()
 
 
 # ---- Level 1: the two stages -----------------------------------------------------------------------------------
@@ -118,7 +122,7 @@ LEVEL2_FLAGS = [(["--randaug-n", "0"], [], None), (["--randaug-m", "20"], [], No
 
 
 @pytest.mark.parametrize("flags, baseline, epoch", LEVEL2_FLAGS, ids=[f[0][0] for f in LEVEL2_FLAGS])
-def test_each_level2_flag_changes_the_trained_weights(flags, baseline, epoch):
+def test_each_level2_flag_changes_the_trained_weights(flags, baseline, epoch, baseline_epoch):
     assert not torch.equal(baseline_epoch(level2, baseline, epoch)[0], short_epoch(level2, baseline + flags, epoch)[0])
 
 
@@ -129,7 +133,7 @@ LEVEL3_FLAGS = [(["--dropout", "0.5"], None), (["--lr-decay", "0.3"], None), (["
 
 
 @pytest.mark.parametrize("flags, epoch", LEVEL3_FLAGS, ids=[f[0][0] for f in LEVEL3_FLAGS])
-def test_each_level3_flag_changes_the_trained_weights(flags, epoch):
+def test_each_level3_flag_changes_the_trained_weights(flags, epoch, baseline_epoch):
     assert not torch.equal(baseline_epoch(level3, [], epoch)[0], short_epoch(level3, flags, epoch)[0])
 
 
@@ -149,7 +153,7 @@ def test_ema_decay_changes_the_ema_and_not_the_weights():
 
 @pytest.mark.parametrize("flags", [["--swa-lr", "5e-5"], ["--swa-schedule", "cyclic"], ["--swa-every", "1"]],
                          ids=lambda f: f[0])
-def test_each_swa_flag_changes_the_average(flags):
+def test_each_swa_flag_changes_the_average(flags, baseline_epoch):
     """In the SWA phase (epoch 4 of 1 + 1 + 2), 2 steps per epoch: the LR flags change the weights, and
     --swa-every 1 takes a snapshot after each step instead of one at the end of the epoch."""
     base = ["--swa-epochs", "2"]
