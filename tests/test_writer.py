@@ -155,7 +155,11 @@ def main(args):
     files.save_checkpoint = slow_disk
     last = f"{args.folder}/level1_last.pth"
     files.CheckpointWriter().save({last: {"model": {"w": torch.ones(10**6)}, "epoch": 1}})
-    time.sleep(60)  # the next epoch trains: the signals come here, and during the stop's wait for the writer
+    # The next epoch trains: the signals come here, and during the stop's wait for the writer. Python code between
+    # short waits, as a training loop is: a signal that lands just before one long C-level sleep (after the hand-over)
+    # would have its handler run only when that sleep ends (CPython runs handlers at bytecode checks, not on arrival).
+    for _ in range(600):
+        time.sleep(0.1)
 
 parser = argparse.ArgumentParser()
 parser.add_argument("folder")
